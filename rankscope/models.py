@@ -264,3 +264,36 @@ def match_name(key: str, names: list[str] | set[str]) -> str | None:
     if not hits:
         return None
     return max(hits, key=len)
+
+
+def save_slice(name: str | Path, out_dir: str | Path, *, n_layers: int) -> Path:
+    """Save the first ``n_layers`` blocks of a model (with its tokenizer) as a new model folder.
+
+    Small real models for tests and quick checks: the weights are the pretrained ones.
+
+    Raises:
+        InputError: ``n_layers`` is not in [1, the model's layer count].
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    config = AutoConfig.from_pretrained(path)
+    total = getattr(config, "num_hidden_layers", None)
+    if total is None or not 1 <= n_layers <= total:
+        raise InputError(f"n_layers must be in [1, {total}], got {n_layers}")
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    model = load_pretrained(AutoModelForCausalLM if causal else AutoModel, path)
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == total:
+            del mod[n_layers:]
+            break
+    else:
+        raise InputError(f"cannot find the {total} blocks of {name}")
+    model.config.num_hidden_layers = n_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n_layers]
+    out_dir = Path(out_dir)
+    with quiet_transformers():
+        model.save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(path).save_pretrained(out_dir)
+    return out_dir
