@@ -57,5 +57,62 @@ def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device):
     click.echo(f"{len(modules)} modules analysed; wrote {out}/spectra.csv, modules.csv, manifest.json")
 
 
+
+def _ints(text):
+    return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _strs(text):
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _check_ranks(ranks):
+    if ranks is not None and any(r <= 0 for r in ranks):
+        raise ValueError(f"ranks: every rank must be a positive integer, got {list(ranks)}")
+    return ranks
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Sweep folder.")
+@click.option("--profile", type=click.Choice(["quick", "paper"]), help="Sizing preset.")
+@click.option("--model", help="Registry name, local folder or hub id.")
+@click.option("--task", help="Shipped task: news, qa, sentiment, topic.")
+@click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
+@click.option("--task-kind", type=click.Choice(["lm", "sft", "cls"]), help="Schema of --data.")
+@click.option("--methods", help="Comma list: full,lora.")
+@click.option("--ranks", help="Comma list of LoRA ranks, e.g. 1,2,4,8.")
+@click.option("--seeds", help="Comma list of seeds.")
+@click.option("--targets", help="Comma list of LoRA target modules, or all-linear.")
+@click.option("--alpha-policy", type=click.Choice(["fixed", "scaled", "rslora"]))
+@click.option("--alpha", type=float, help="α (fixed, rslora) or c in α = c·r (scaled).")
+@click.option("--steps", type=int, help="Optimizer steps per run.")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch (global).")
+@click.option("--grad-accum", type=int, help="Micro-batches per step.")
+@click.option("--max-len", type=int, help="Tokens per sequence.")
+@click.option("--lr-full", type=float, help="Peak learning rate, full fine-tuning.")
+@click.option("--lr-lora", type=float, help="Peak learning rate, LoRA.")
+@click.option("--checkpoint-every", type=int, help="Save a resumable checkpoint every N steps.")
+@click.option("--max-eval-examples", type=int, help="Cap on held-out examples (blocks for lm).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (weights stay float32).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def sweep(config, out, quiet, **flags):
+    """Fine-tune full and LoRA runs over ranks and seeds into OUT (resumable)."""
+    from .config import build_sweep
+    from .sweep import grid_table, run_sweep
+
+    flags["ranks"] = _check_ranks(_ints(flags["ranks"]))
+    flags["seeds"] = _ints(flags["seeds"])
+    flags["methods"], flags["targets"] = _strs(flags["methods"]), _strs(flags["targets"])
+    cfg = build_sweep(yaml_path=config, overrides=flags)
+    manifests = run_sweep(cfg, out, progress=not quiet, log=click.echo)
+    table = grid_table(manifests)
+    if len(table):
+        click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        click.echo(f"{len(table)} runs in {out}")
+
+
 if __name__ == "__main__":
     main()

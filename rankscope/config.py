@@ -1,0 +1,192 @@
+"""Typed, frozen configurations: a sweep (the grid) and one run of it, with YAML in and out.
+
+Precedence when building a sweep: defaults < ``--profile`` < YAML file < command-line flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import InputError
+
+METHODS = ("full", "lora")
+ALPHA_POLICIES = ("fixed", "scaled", "rslora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that defines a sweep: model, data, schedule, and the grid of runs."""
+
+    model: str = _f("smollm2-135m", "registry name, local folder or hub id")
+    task: str | None = _f("news", "shipped task (news, qa, sentiment, topic); None with --data")
+    data: str | None = _f(None, "the user's own JSONL/CSV/text file instead of a shipped task")
+    task_kind: str | None = _f(None, "lm, sft or cls: the schema of --data")
+    methods: tuple[str, ...] = _f(("full", "lora"), "full and/or lora")
+    ranks: tuple[int, ...] = _f((1, 2, 4, 8, 16, 64), "LoRA ranks")
+    seeds: tuple[int, ...] = _f((0,), "seeds: LoRA init, data order, dropout")
+    targets: tuple[str, ...] = _f(("q_proj", "v_proj"), "LoRA target modules, or all-linear")
+    alpha_policy: str = _f("scaled", "fixed: α = alpha; scaled: α = alpha·r; rslora: α = alpha, s = α/√r")
+    alpha: float = _f(2.0, "α (fixed) or the ratio c in α = c·r (scaled, rslora)")
+    steps: int = _f(30, "optimizer steps per run")
+    batch_size: int = _f(8, "sequences per micro-batch, over all processes")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_len: int = _f(128, "tokens per sequence")
+    lr_full: float = _f(3e-5, "peak learning rate of full fine-tuning")
+    lr_lora: float = _f(1e-3, "peak learning rate of LoRA")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup: float = _f(0.1, "share of steps spent in linear warm-up")
+    schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
+    clip: float = _f(1.0, "gradient-norm clipping; 0 disables")
+    split_seed: int = _f(0, "seed of the train/held-out split, shared by every run")
+    eval_fraction: float = _f(0.1, "share of examples held out")
+    max_train_examples: int | None = _f(None, "cap on training examples (blocks for lm)")
+    max_eval_examples: int | None = _f(64, "cap on held-out examples (blocks for lm)")
+    eval_every: int = _f(0, "evaluate every N steps (0: only before and after)")
+    checkpoint_every: int = _f(10, "save a resumable checkpoint every N steps")
+    bf16: bool | None = _f(None, "bf16 autocast (weights stay float32); default: on for CUDA")
+    device: str = _f("auto", "auto, cpu or cuda")
+    profile: str | None = _f(None, "the profile these values started from (quick, paper)")
+
+    def __post_init__(self):
+        _check_choice("methods", self.methods, METHODS)
+        _check_choice("alpha_policy", (self.alpha_policy,), ALPHA_POLICIES)
+        _check_choice("schedule", (self.schedule,), SCHEDULES)
+        if not self.methods:
+            raise InputError("methods: give at least one of full, lora")
+        if "lora" in self.methods and (not self.ranks or any(r <= 0 for r in self.ranks)):
+            raise InputError(f"ranks: every rank must be a positive integer, got {list(self.ranks)}")
+        if not self.seeds:
+            raise InputError("seeds: give at least one seed")
+        if (self.task is None) == (self.data is None):
+            raise InputError("task/data: give a shipped task or a --data file (one of them)")
+        if self.data is not None and self.task_kind not in ("lm", "sft", "cls"):
+            raise InputError("task_kind: --data needs --task-kind lm, sft or cls")
+        for name in ("steps", "batch_size", "grad_accum", "max_len", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("lr_full", "lr_lora", "alpha"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1 or not 0 < self.eval_fraction < 1:
+            raise InputError("warmup and eval_fraction: must lie in [0, 1) and (0, 1)")
+        if not self.targets:
+            raise InputError("targets: give module names or all-linear")
+
+    def runs(self) -> list[tuple[str, int | None, int]]:
+        """The grid: (method, rank, seed) for every run, full first, in a fixed order."""
+        grid = []
+        for seed in self.seeds:
+            if "full" in self.methods:
+                grid.append(("full", None, seed))
+            if "lora" in self.methods:
+                grid.extend(("lora", r, seed) for r in sorted(self.ranks))
+        return grid
+
+    def lora_alpha(self, rank: int) -> float:
+        """α for a LoRA run of rank r under the configured policy."""
+        return self.alpha * rank if self.alpha_policy == "scaled" else self.alpha
+
+    def training_view(self) -> dict:
+        """The fields that change what a run computes (not the grid, not the profile label)."""
+        skip = {"methods", "ranks", "seeds", "profile", "device"}
+        return {k: v for k, v in to_dict(self).items() if k not in skip}
+
+
+def _check_choice(name: str, values, allowed) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise InputError(f"{name}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
+
+
+# Profiles: quick fits a 2-core CPU (the default sweep in ≤ 10 minutes); paper is for a GPU.
+PROFILES = {
+    "quick": dict(model="smollm2-135m", task="news", steps=30, batch_size=8, max_len=128,
+                  ranks=(1, 2, 4, 8, 16, 64), seeds=(0,), max_eval_examples=32,
+                  checkpoint_every=10),
+    "paper": dict(model="smollm2-135m", task="news", steps=1000, batch_size=16, max_len=256,
+                  ranks=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), max_eval_examples=None,
+                  eval_every=100, checkpoint_every=100),
+}
+
+
+def to_dict(cfg) -> dict:
+    """A config as plain YAML-safe values (tuples become lists)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _coerce(cls, values: dict) -> dict:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"unknown config field {unknown[0]!r}; known: {', '.join(known)}")
+    out = {}
+    for k, v in values.items():
+        default = known[k].default
+        if isinstance(default, tuple) and v is not None:
+            v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        out[k] = v
+    return out
+
+
+def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = None,
+                overrides: dict | None = None) -> SweepConfig:
+    """Defaults, then a profile, then a YAML file, then explicit overrides.
+
+    Raises:
+        InputError: unknown profile, unreadable YAML, unknown fields or invalid values.
+    """
+    values: dict = {}
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    profile = (overrides or {}).get("profile") or profile or values.get("profile")
+    if profile is not None:
+        if profile not in PROFILES:
+            raise InputError(f"profile: unknown {profile!r}; choose from {', '.join(PROFILES)}")
+        values = {**PROFILES[profile], **values, "profile": profile}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if values.get("data") is not None and "task" not in (overrides or {}) and \
+            (yaml_path is None or "task" not in load_yaml(yaml_path)):
+        values["task"] = None
+    return SweepConfig(**_coerce(SweepConfig, values))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file.
+
+    Raises:
+        InputError: a missing file, invalid YAML, or a document that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"missing config file {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InputError(f"config {path} must be a mapping of field: value")
+    return doc
+
+
+def dump_yaml(cfg) -> str:
+    """A config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg, **changes):
+    """A copy of a frozen config with some fields changed (validated again)."""
+    return dataclasses.replace(cfg, **changes)
