@@ -62,16 +62,21 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
     total = sum(ds.n_modules or 0 for ds in sets) or None
     bar = tqdm(total=total, desc="analyze", unit="module", disable=not progress, file=sys.stderr)
     spectra, modules = [], []
-    for ds in sets:
-        for d in ds:
-            s = singular_values(d, dtype=dtype, device=device)
-            ids = _ids(ds, d)
-            metrics = spectrum_metrics(s, shape=(d.d_out, d.d_in))
-            modules.append({**ids, "d_out": d.d_out, "d_in": d.d_in, **metrics})
-            spectra.extend({**ids, "index": i, "sigma": float(v)} for i, v in enumerate(s.tolist()))
-            bar.set_postfix_str(f"{ds.run}:{d.name}", refresh=False)
-            bar.update(1)
-    bar.close()
+    try:
+        for ds in sets:
+            for d in ds:
+                s = singular_values(d, dtype=dtype, device=device)
+                ids = _ids(ds, d)
+                metrics = spectrum_metrics(s, shape=(d.d_out, d.d_in))
+                modules.append({**ids, "d_out": d.d_out, "d_in": d.d_in, **metrics})
+                spectra.extend({**ids, "index": i, "sigma": float(v)} for i, v in enumerate(s.tolist()))
+                bar.set_postfix_str(f"{ds.run}:{d.name}", refresh=False)
+                bar.update(1)
+    except BaseException:
+        bar.leave = False       # erase the bar, so that the error is a line of its own
+        raise
+    finally:
+        bar.close()
     if not modules:
         raise InputError("no updated modules found: every ΔW is zero")
     return (_tidy(spectra, ID_COLS + ["index", "sigma"]),
@@ -124,6 +129,7 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
         from .io import check_out_dir
 
         check_out_dir(out, overwrite=overwrite)     # refuse before any work is done
+        _check_out_apart(out, (runs, base, adapter, finetuned))
     sets = resolve_sources(runs, base=base, adapter=adapter, finetuned=finetuned)
     dtype = torch.float64 if float64 else torch.float32
     spectra, modules = analyze_deltas(sets, dtype=dtype, device=device, progress=progress)
@@ -139,6 +145,18 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
             modules.to_csv(tmp / "modules.csv", index=False)
             atomic_write_json(tmp / "manifest.json", manifest)
     return spectra, modules
+
+
+def _check_out_apart(out: str | Path, inputs: tuple) -> None:
+    """Refuse an output folder that is or holds an input: replacing it would delete the input."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        path = Path(str(given)).expanduser() if given is not None else None
+        if path is not None and path.exists():
+            path = path.resolve()
+            if path == target or target in path.parents:
+                raise InputError(f"output folder {out} is or holds the input {given}; "
+                                 "choose another --out")
 
 
 def summary(modules: pd.DataFrame) -> pd.DataFrame:

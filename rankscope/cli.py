@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import click
 
@@ -34,6 +36,8 @@ def one_line_errors(fn):
 def main():
     """rankscope: does the fine-tuning update ΔW have a low intrinsic rank? Measure it."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
 @main.command()
@@ -112,6 +116,48 @@ def sweep(config, out, quiet, **flags):
     if len(table):
         click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         click.echo(f"{len(table)} runs in {out}")
+
+
+
+@main.command()
+@click.argument("runs", type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
+@click.option("--grid-layers", help="Comma list of layers for the φ(i, j) grids (default: middle).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def compare(runs, out, grid_layers, quiet):
+    """Subspace similarity, convergence, ΔW vs W, intruders and the verdict for a sweep RUNS."""
+    from .compare import compare as run_compare
+
+    frames = run_compare(runs, out, grid_layers=list(_ints(grid_layers) or []) or None,
+                         progress=not quiet)
+    click.echo((Path(out) / "verdict.md").read_text())
+    click.echo(f"wrote {', '.join(sorted(frames))} to {out}")
+
+
+@main.command()
+@click.argument("runs", type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
+@click.option("--ks", default="1,2,4,8,16,32,64", show_default=True, help="Truncation ranks.")
+@click.option("--lora-min-rank", type=int, help="Also truncate LoRA runs of at least this rank.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def truncate(runs, out, ks, lora_min_rank, device, quiet):
+    """Re-evaluate W_0 + trunc_k(ΔW) for each k: the functional intrinsic rank."""
+    from .results import prepare_out, save_tables, write_verdict
+    from .truncate import truncate_sweep
+
+    out_dir = prepare_out(out)
+    curve, summary = truncate_sweep(runs, ks=_ints(ks), lora_min_rank=lora_min_rank,
+                                    device=device, progress=not quiet)
+    save_tables(out_dir, {"truncation": curve, "truncation_summary": summary},
+                inputs={"runs": str(runs)})
+    if (out_dir / "metrics.csv").exists():
+        write_verdict(out_dir)
+    cols = ["run", "k", [c for c in curve if c.startswith("eval_")][0], "gain_share"]
+    click.echo(curve[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    click.echo(summary.to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = _f((0,), "seeds: LoRA init, data order, dropout")
     targets: tuple[str, ...] = _f(("q_proj", "v_proj"), "LoRA target modules, or all-linear")
     alpha_policy: str = _f("scaled", "fixed: α = alpha; scaled: α = alpha·r; rslora: α = alpha, s = α/√r")
-    alpha: float = _f(2.0, "α (fixed) or the ratio c in α = c·r (scaled, rslora)")
+    alpha: float = _f(2.0, "α (fixed, rslora) or the ratio c in α = c·r (scaled)")
     steps: int = _f(30, "optimizer steps per run")
     batch_size: int = _f(8, "sequences per micro-batch, over all processes")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -147,17 +147,17 @@ def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = No
     Raises:
         InputError: unknown profile, unreadable YAML, unknown fields or invalid values.
     """
-    values: dict = {}
-    if yaml_path is not None:
-        values.update(load_yaml(yaml_path))
-    profile = (overrides or {}).get("profile") or profile or values.get("profile")
+    from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: flag not given
+    values: dict = dict(from_yaml)
+    profile = flags.get("profile") or profile or values.get("profile")
     if profile is not None:
         if profile not in PROFILES:
             raise InputError(f"profile: unknown {profile!r}; choose from {', '.join(PROFILES)}")
         values = {**PROFILES[profile], **values, "profile": profile}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if values.get("data") is not None and "task" not in (overrides or {}) and \
-            (yaml_path is None or "task" not in load_yaml(yaml_path)):
+    values.update(flags)
+    # --data replaces the default (or profile's) task unless a task was named explicitly
+    if values.get("data") is not None and "task" not in flags and "task" not in from_yaml:
         values["task"] = None
     return SweepConfig(**_coerce(SweepConfig, values))
 

@@ -131,11 +131,13 @@ def load_pretrained(auto_cls, name: str | Path, *, dtype: torch.dtype = torch.fl
     Raises:
         InputError: the folder exists but transformers cannot load it (corrupt weights, …).
     """
+    from safetensors import SafetensorError
+
     path = resolve_model(name)
     try:
         with quiet_transformers():
             return auto_cls.from_pretrained(path, dtype=dtype, **kwargs).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model {name}: {first}") from None
 
@@ -190,10 +192,12 @@ _LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 def parse_names(names: list[str] | tuple[str, ...]) -> dict[str, tuple[int | None, str]]:
     """Parse the layer index and module kind from module paths of any architecture.
 
-    The layer is the last integer component of the path; the kind is the shortest dotted
-    suffix of the path after that integer which no other path's remainder also ends with
-    (``q_proj``, ``query``, ``intermediate.dense`` vs ``output.dense`` …). A path with no integer
-    component has layer None and its full path as kind.
+    The layer is the first integer component of the path, the index of the repeated block
+    (``block.3`` in T5's ``encoder.block.3.layer.1.DenseReluDense.wi``, ``layers.3`` in an MoE's
+    ``layers.3.mlp.experts.5.w1``); the kind is the shortest dotted suffix of the path after
+    its last integer which no other path's remainder also ends with (``q_proj``, ``query``,
+    ``intermediate.dense`` vs ``output.dense`` …). A path with no integer component has layer
+    None and its full path as kind.
 
     Args:
         names: module paths, e.g. ``model.layers.3.self_attn.q_proj``.
@@ -208,7 +212,7 @@ def parse_names(names: list[str] | tuple[str, ...]) -> dict[str, tuple[int | Non
             continue
         m = matches[-1]
         tail = name[m.end():] or name[:m.start()].rsplit(".", 1)[-1]
-        rest[name] = (int(m.group(1)), tail)
+        rest[name] = (int(matches[0].group(1)), tail)
     tails = {tail for layer, tail in rest.values() if layer is not None}
     out = {}
     for name, (layer, tail) in rest.items():

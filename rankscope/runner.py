@@ -19,7 +19,7 @@ from .data import TaskData
 from .errors import InputError
 from .io import atomic_write_text
 from .provenance import provenance
-from .runs import UPDATES, is_finished, run_name, write_manifest, write_updates
+from .runs import OTHERS, UPDATES, is_finished, run_name, write_manifest, write_updates
 
 CKPT = "checkpoint"
 
@@ -200,7 +200,8 @@ def _finish(cfg, task, run_dir, model, metrics, *, method, rank, seed, dist, bf1
     module = model.module if hasattr(model, "module") else model
     module.eval()
     if method == "full":
-        updates = T.full_updates(module, cfg.model)
+        updates, others = T.full_updates(module, cfg.model)
+        write_updates(run_dir / OTHERS, others, method="others")
     else:
         updates = T.lora_updates(module)
         adapter = run_dir / "adapter"

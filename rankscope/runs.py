@@ -8,6 +8,9 @@ A run folder ``<sweep>/<method>-r<rank>-s<seed>/`` (``full-s<seed>`` for full fi
                           LoRA: "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r) and
                           "<module>.scaling" (a 0-d float32 tensor), ΔW = scaling · B @ A;
                           header metadata {"format": "rankscope.updates/1", "method": ...}
+    others.safetensors    full only: the final value of every parameter that is not a linear
+                          weight of the pretrained backbone (norms, biases, embeddings, a new
+                          head), so that W_0 + trunc_k(ΔW) can be rebuilt exactly
     adapter/              LoRA only: the standard PEFT folder (PeftModel.from_pretrained)
     manifest.json         written last, atomically: a folder without it is not a finished run
 
@@ -32,6 +35,7 @@ RUN_FORMAT = "rankscope.run/1"
 UPDATES_FORMAT = "rankscope.updates/1"
 MANIFEST = "manifest.json"
 UPDATES = "updates.safetensors"
+OTHERS = "others.safetensors"
 
 
 def run_name(method: str, rank: int | None, seed: int) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"     # per process: torchrun ranks race
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -67,15 +68,28 @@ def prepare(cfg: SweepConfig):
     return task
 
 
-def base_evaluation(cfg: SweepConfig, task, out: Path, dist: T.Dist) -> dict:
+def load_checked_model(cfg: SweepConfig, task, *, world: int):
+    """The base model with the task's head, once the grid is checked against it and ``world``.
+
+    Raises:
+        InputError: an unloadable model, a target it lacks, a rank a target cannot hold, or a
+            batch that ``world`` processes cannot share.
+    """
+    if cfg.batch_size % world:
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    model = T.load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
+    T.check_targets(model, cfg.targets, cfg.ranks if "lora" in cfg.methods else ())
+    return model
+
+
+def base_evaluation(cfg: SweepConfig, task, out: Path, dist: T.Dist, *, model) -> dict:
     """The base model's held-out metrics, computed once per sweep and cached in ``out``."""
     path = out / "base_eval.json"
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("split_hash") == task.split_hash:
             return cached["metrics"]
-    model = T.load_task_model(cfg, kind=task.kind, num_labels=task.num_labels).to(dist.device)
-    T.check_targets(model, cfg.targets, cfg.ranks if "lora" in cfg.methods else ())
+    model = model.to(dist.device)
     bf16 = cfg.bf16 if cfg.bf16 is not None else dist.device.type == "cuda"
     metrics = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
     if dist.main:
@@ -103,9 +117,11 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
 
     out = Path(out)
     dist = T.setup_dist(cfg.device)
-    claim_sweep_dir(out, cfg)
     task = prepare(cfg)
-    base_eval = base_evaluation(cfg, task, out, dist)
+    base = load_checked_model(cfg, task, world=dist.world)
+    claim_sweep_dir(out, cfg)           # only once the inputs are good: nothing half-written
+    base_eval = base_evaluation(cfg, task, out, dist, model=base)
+    del base
     grid = cfg.runs()
     manifests = []
     bar = tqdm(grid, desc="sweep", unit="run", disable=not (progress and dist.main), file=sys.stderr)

@@ -63,11 +63,19 @@ def task_kind(cfg: SweepConfig) -> str:
 
 
 def load_task_model(cfg: SweepConfig, *, kind: str, num_labels: int | None):
-    """The pretrained model with the head the task needs, float32 on the CPU."""
+    """The pretrained model with the head the task needs, float32 on the CPU.
+
+    A new classification head is drawn from ``split_seed``, not from whatever state the global
+    generator is in, so the base evaluation and every run start from the same head whatever ran
+    before them in the process (other runs, a resume).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind == "cls":
-        model = load_pretrained(AutoModelForSequenceClassification, cfg.model, num_labels=num_labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.split_seed)
+            model = load_pretrained(AutoModelForSequenceClassification, cfg.model,
+                                    num_labels=num_labels)
     else:
         model = load_pretrained(AutoModelForCausalLM, cfg.model)
     if model.config.pad_token_id is None:
@@ -177,24 +185,30 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def full_updates(model, base_name: str) -> dict[str, torch.Tensor]:
-    """ΔW = W_ft − W_0 (float32) for every linear module of the pretrained backbone.
+def full_updates(model, base_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ΔW = W_ft − W_0 (float32) for every linear module of the pretrained backbone, and the
+    final values of every other parameter (norms, biases, embeddings, a new head).
 
-    Modules absent from the pretrained checkpoint (a new classification head) are left out.
+    The second dict lets a truncation test rebuild the fine-tuned model exactly; ΔW is defined
+    only for linear weights that the pretrained checkpoint has (a new head is not an update).
     """
     from .models import load_backbone
 
     base = load_backbone(base_name)
     base_infos = {i.name: i for i in find_linear_modules(base)}
-    out = {}
+    deltas, covered = {}, set()
     for info in find_linear_modules(model):
         hit = match_name(info.name, base_infos.keys())
         if hit is None:
             continue
-        w1 = linear_weight(model.get_submodule(info.name)).detach().float().cpu()
+        mod = model.get_submodule(info.name)
+        w1 = linear_weight(mod).detach().float().cpu()
         w0 = linear_weight(base.get_submodule(hit)).float()
-        out[f"{info.name}.delta"] = w1 - w0
-    return out
+        deltas[f"{info.name}.delta"] = w1 - w0
+        covered.add(id(mod.weight))
+    others = {n: p.detach().float().cpu() for n, p in model.named_parameters()
+              if id(p) not in covered}
+    return deltas, others
 
 
 def lora_updates(peft_model) -> dict[str, torch.Tensor]:
