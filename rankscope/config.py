@@ -108,9 +108,9 @@ def _check_choice(name: str, values, allowed) -> None:
 
 # Profiles: quick fits a 2-core CPU (the default sweep in ≤ 10 minutes); paper is for a GPU.
 PROFILES = {
-    "quick": dict(model="smollm2-135m", task="news", steps=30, batch_size=8, max_len=128,
+    "quick": dict(model="smollm2-135m", task="news", steps=24, batch_size=8, max_len=128,
                   ranks=(1, 2, 4, 8, 16, 64), seeds=(0,), max_eval_examples=32,
-                  checkpoint_every=10),
+                  checkpoint_every=8, bf16=True),
     "paper": dict(model="smollm2-135m", task="news", steps=1000, batch_size=16, max_len=256,
                   ranks=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), max_eval_examples=None,
                   eval_every=100, checkpoint_every=100),
