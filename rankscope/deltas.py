@@ -22,6 +22,7 @@ from .errors import InputError
 from .models import find_linear_modules, linear_weight, load_backbone, match_name, model_type, \
     parse_names
 from .runs import UPDATES, find_runs, read_manifest, read_tensors
+from .spectra import check_finite
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,7 @@ class DeltaSet:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise InputError(f"{what} contains NaN or Inf")
+    check_finite(t, what=what)
 
 
 # ----------------------------------------------------------------------- model pairs

@@ -98,8 +98,17 @@ def write_manifest(run_dir: str | Path, manifest: dict) -> None:
 
 
 def is_finished(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` holds a manifest, i.e. a finished run."""
-    return (Path(run_dir) / MANIFEST).is_file()
+    """Whether ``run_dir`` holds a run manifest, i.e. a finished run.
+
+    An analysis folder inside a sweep also has a manifest.json, of another format: not a run.
+    """
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == RUN_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return True     # a corrupt manifest: read_manifest will say so by name
 
 
 def find_runs(path: str | Path) -> list[Path]:
