@@ -17,8 +17,12 @@ run: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# every figure of experiments/paper into figures/ (PNG + CSV + caption), sweeps under runs/;
+# FIGURES_VARIANT=auto is the gpu profile where CUDA is present, else cpu (~35 min on 2 cores)
+figures: FIGURES_VARIANT ?= auto
 figures: install
-	$(PYTHON) -m rankscope figures experiments/paper --all
+	$(PYTHON) -m rankscope figures experiments/paper --all --variant $(FIGURES_VARIANT) \
+		--out figures --runs-root runs
 
 bench: install
 	$(PYTHON) benchmarks/svd.py

@@ -1,0 +1,288 @@
+"""Plot functions: one per figure kind, each ``(df, *, ax=None) -> Axes``, in one house style.
+
+Every function draws a tidy DataFrame (the columns its docstring names; others are ignored)
+onto ``ax`` (a new figure when None) and returns the Axes. matplotlib and seaborn are imported
+inside; nothing here shows or saves a figure. Draw inside ``with style():`` for the house
+look (``plots_extra.draw_figure`` does).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pandas as pd
+
+PANEL_W, PANEL_H = 3.5, 2.7          # inches: one panel fills a paper column
+DPI = 200
+PALETTE = "colorblind"               # every categorical hue
+CMAP = "rocket"                      # every heatmap: dark = 0, light = 1
+SHARES = (0.9, 0.95)                 # the truncation test's reference shares of the gain
+OVERALL = "all modules"              # the series of medians over every module: drawn black
+
+
+@contextlib.contextmanager
+def style():
+    """The house style: seaborn "paper" context, "ticks" axes, one palette, 200 dpi."""
+    import matplotlib as mpl
+    import seaborn as sns
+    from cycler import cycler
+
+    rc = {**sns.axes_style("ticks"), **sns.plotting_context("paper", font_scale=0.95),
+          "axes.prop_cycle": cycler(color=sns.color_palette(PALETTE)), "image.cmap": CMAP,
+          "figure.dpi": DPI, "savefig.dpi": DPI, "savefig.bbox": "tight",
+          "legend.frameon": True, "legend.framealpha": 0.85, "legend.edgecolor": "none",
+          "legend.fontsize": 6.5, "legend.title_fontsize": 7,     # lines pass under, legibly
+          "axes.spines.top": False, "axes.spines.right": False, "axes.titlesize": 8}
+    with mpl.rc_context(rc):
+        yield
+
+
+def _axes(ax):
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(PANEL_W, PANEL_H))
+    return ax
+
+
+def _colors(n: int):
+    import seaborn as sns
+
+    return sns.color_palette(PALETTE, max(n, 1))
+
+
+def _log2_x(ax, values, label: str) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ticks = sorted({int(v) for v in values if pd.notna(v)})
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel(label)
+
+
+def _label(df: pd.DataFrame, col: str = "quantity", default: str = "") -> str:
+    return str(df[col].dropna().iloc[0]) if col in df and df[col].notna().any() else default
+
+
+def subspace_heatmap(df: pd.DataFrame, *, ax=None):
+    """φ(i, j) as a heatmap (Hu et al. Figures 3 and 4), i down the rows, j along the columns.
+
+    Args:
+        df: columns ``i``, ``j`` (1-based numbers of top directions) and ``phi`` ∈ [0, 1].
+    Returns:
+        The Axes, with a colour bar of φ on a fixed 0–1 scale.
+    """
+    ax = _axes(ax)
+    grid = df.pivot_table(index="i", columns="j", values="phi", aggfunc="mean").sort_index()
+    grid = grid.reindex(sorted(grid.columns), axis=1)
+    ni, nj = grid.shape
+    im = ax.imshow(grid.to_numpy(), cmap=CMAP, vmin=0.0, vmax=1.0, aspect="auto",
+                   interpolation="nearest", extent=(0.5, nj + 0.5, ni + 0.5, 0.5))
+    for axis, n in ((ax.xaxis, nj), (ax.yaxis, ni)):
+        step = max(1, int(np.ceil(n / 8)))
+        axis.set_ticks([1] + list(range(step, n + 1, step))[int(step == 1):])
+    ax.set_xlabel("j")
+    ax.set_ylabel("i", rotation=0, labelpad=6)
+    ax.figure.colorbar(im, ax=ax, label="φ", fraction=0.05, pad=0.03)
+    return ax
+
+
+def _rank_lines(df: pd.DataFrame, ax, *, xlabel: str = "LoRA rank r"):
+    """LoRA rows as mean ± sd over seeds vs r per ``series``; full and base rows as lines."""
+    lora = df[df["method"] == "lora"]
+    series = list(dict.fromkeys(lora["series"]))
+    colors = dict(zip(series, _colors(len(series))))
+    if OVERALL in colors:
+        colors[OVERALL] = "black"
+    for n, s in enumerate(series):
+        g = lora[lora["series"] == s].groupby("rank")["value"].agg(["mean", "std"]).reset_index()
+        dodge = 2 ** (0.04 * (n - (len(series) - 1) / 2))      # equal values stay visible
+        ax.errorbar(g["rank"] * dodge, g["mean"], yerr=g["std"].fillna(0.0), color=colors[s],
+                    marker="o", ms=3, lw=1.2, capsize=2, label=str(s))
+    for (method, s), g in df[df["method"].isin(["full", "base"])].groupby(
+            ["method", "series"], sort=False):
+        mean, std = g["value"].mean(), g["value"].std()
+        own = colors.get(s)
+        color = own if own is not None else ("black" if method == "full" else "0.55")
+        ax.axhline(mean, color=color, lw=1.0, ls="--" if method == "full" else ":",
+                   label=None if own is not None else str(s))
+        if method == "full" and own is None and pd.notna(std) and std > 0:
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.08, lw=0)
+    _log2_x(ax, lora["rank"], xlabel)
+    ax.set_ylabel(_label(df))
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] not in colors)   # LoRA first
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="best")
+    return ax
+
+
+def _headroom_legend(ax, ncol: int) -> None:
+    """A legend in a band above the data of a log-scale axis, so that no bar hides under it."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * (hi / lo) ** 0.35)
+    ax.legend(title=None, loc="upper left", ncol=ncol, columnspacing=0.8, handlelength=1.2)
+
+
+def _plain_log_y(ax, subs=(1.0,)) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def metric_vs_rank(df: pd.DataFrame, *, ax=None):
+    """The task metric vs LoRA rank (Hu et al. Tables 6 and 18), seeds' spread as error bars.
+
+    Args:
+        df: columns ``series`` (e.g. the targets), ``method`` (``lora`` points; ``full``: a
+            dashed line with a ±sd band; ``base``: the model before training, dotted),
+            ``rank``, ``seed``, ``value`` and ``quantity`` (the y label).
+    Returns:
+        The Axes, r on a log₂ axis.
+    """
+    return _rank_lines(df, _axes(ax))
+
+
+def convergence_curves(df: pd.DataFrame, *, ax=None):
+    """A measure of ΔW_r against ΔW_full (or ΔW_r′) vs r, one line per module and overall.
+
+    Args:
+        df: columns ``series`` (module, or "all modules"), ``method`` (``lora``), ``rank``,
+            ``seed``, ``value`` (a median over layers) and ``quantity`` (the y label).
+    """
+    ax = _rank_lines(df, _axes(ax))
+    if df["value"].between(0, 1).all() and any(w in _label(df) for w in ("phi", "share")):
+        ax.set_ylim(-0.02, 1.02)         # φ and energy shares live in [0, 1]
+    return ax
+
+
+def intruder_counts(df: pd.DataFrame, *, ax=None):
+    """Intruder dimensions among the top-k vectors of W_0 + ΔW vs r; full fine-tuning dashed.
+
+    Args:
+        df: columns ``series`` (an ε, or a module), ``method`` (``lora`` or ``full``: a
+            dashed line in the colour of its series), ``rank``, ``seed``, ``value`` (mean count
+            per module) and ``quantity`` (the y label).
+    """
+    ax = _rank_lines(df, _axes(ax))
+    ax.set_ylim(-0.3, max(1.0, 1.1 * float(df["value"].max())))    # counts: 0 at the bottom
+    return ax
+
+
+def relation_bars(df: pd.DataFrame, *, ax=None):
+    """Hu et al. Table 7 as bars: ‖UᵀWV‖_F for ΔW's, W's own and random top-r directions.
+
+    Args:
+        df: columns ``rank`` (r), ``directions`` (whose top-r singular vectors U, V are),
+            ``value`` (‖UᵀWV‖_F), optionally ``seed`` (bars show mean ± sd) and ``quantity``.
+    Returns:
+        The Axes, on a log y scale.
+    """
+    import seaborn as sns
+
+    ax = _axes(ax)
+    d = df.assign(rank=df["rank"].astype(int))
+    hue_order = list(dict.fromkeys(d["directions"]))
+    sns.barplot(d, x="rank", y="value", hue="directions", hue_order=hue_order, errorbar="sd",
+                palette=_colors(len(hue_order)), ax=ax, err_kws={"linewidth": 0.8}, capsize=0.1)
+    ax.set_yscale("log")
+    _plain_log_y(ax)
+    ax.set_xlabel("r (top-r directions)")
+    ax.set_ylabel(_label(df, default="‖UᵀWV‖_F"))
+    _headroom_legend(ax, ncol=len(hue_order))
+    return ax
+
+
+def energy_rank(df: pd.DataFrame, *, ax=None):
+    """The energy rank k_τ of the full update by layer: one line per module, MLP dashed.
+
+    Args:
+        df: columns ``layer``, ``module``, ``group`` (``attention``, ``MLP``, or
+            ``reference``: a horizontal line named by ``module``), ``value`` (k_τ, a mean
+            over seeds is drawn) and ``quantity``.
+    """
+    ax = _axes(ax)
+    data = df[df["group"] != "reference"]
+    modules = list(dict.fromkeys(data.sort_values("group")["module"]))
+    for m, c in zip(modules, _colors(len(modules))):
+        g = data[data["module"] == m]
+        line = g.groupby("layer")["value"].mean()
+        ls = "--" if (g["group"] == "MLP").any() else "-"
+        ax.plot(line.index, line.to_numpy(), ls=ls, color=c, marker=".", ms=3, lw=1.1, label=m)
+    for _, r in df[df["group"] == "reference"].iterrows():
+        ax.axhline(r["value"], color="0.4", ls=":", lw=1.0, label=r["module"])
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_yscale("log")
+    _plain_log_y(ax, subs=(1.0, 2.0, 5.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(_label(df, default="energy rank"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def energy_rank_bars(df: pd.DataFrame, *, ax=None):
+    """Energy ranks k_50, k_90, k_99 of the full update per module, as bars (log scale).
+
+    Args:
+        df: columns ``module``, ``group`` (``reference`` rows: horizontal lines), ``tau``
+            (the label of τ), ``value`` (k_τ, median over layers and seeds) and ``quantity``.
+    """
+    import seaborn as sns
+
+    ax = _axes(ax)
+    data = df[df["group"] != "reference"]
+    taus = list(dict.fromkeys(data["tau"]))
+    sns.barplot(data, x="module", y="value", hue="tau", hue_order=taus, errorbar=None,
+                palette=_colors(len(taus)), ax=ax)
+    for _, r in df[df["group"] == "reference"].iterrows():
+        ax.axhline(r["value"], color="0.4", ls=":", lw=1.0, label=r["module"])
+    ax.set_yscale("log")
+    _plain_log_y(ax)
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", labelrotation=35)
+    for t in ax.get_xticklabels():
+        t.set_horizontalalignment("right")
+    ax.set_ylabel(_label(df, default="energy rank"))
+    _headroom_legend(ax, ncol=len(taus) + 1)
+    return ax
+
+
+def truncation_curve(df: pd.DataFrame, *, ax=None):
+    """Share of full fine-tuning's gain kept by W_0 + trunc_k(ΔW) vs k, beside ΔW's energy.
+
+    Args:
+        df: columns ``curve`` (one line each: a run's gain share, or the energy share
+            Σ_{i≤k} σ_i² / Σ σ_i²), ``k`` and ``value``; dotted lines mark 90% and 95%.
+    """
+    ax = _axes(ax)
+    curves = list(dict.fromkeys(df["curve"]))
+    for c, color in zip(curves, _colors(len(curves))):
+        g = df[df["curve"] == c].groupby("k")["value"].mean()
+        energy = str(c).startswith("energy")
+        ax.plot(g.index, g.to_numpy(), color=color, lw=1.2, ls="--" if energy else "-",
+                marker=None if energy else "o", ms=3, label=str(c))
+    for n, s in enumerate(SHARES):
+        ax.axhline(s, color="0.5", ls=":", lw=0.9,
+                   label=" and ".join(f"{x:.0%}" for x in SHARES) if n == 0 else None)
+    kmax = int(df["k"].max())
+    ticks = [2 ** p for p in range(int(np.log2(kmax)) + 1)]
+    ticks = ticks[::1 if len(ticks) <= 7 else 2]
+    ticks = ticks + [kmax] if kmax / ticks[-1] >= 1.6 else ticks[:-1] + [kmax]   # full rank
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("k (rank of the truncated update)")
+    ax.set_ylabel("share of the full-rank value")
+    ax.legend(loc="lower right")
+    return ax
+
+
+PLOTS = {f.__name__: f for f in (subspace_heatmap, metric_vs_rank, convergence_curves,
+                                  intruder_counts, relation_bars, energy_rank, energy_rank_bars,
+                                  truncation_curve)}
