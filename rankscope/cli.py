@@ -31,7 +31,26 @@ def one_line_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """A click group whose own usage errors (unknown option, missing argument) are one line too."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            click.echo(f"rankscope: error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"rankscope: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("rankscope: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rankscope")
 def main():
     """rankscope: does the fine-tuning update ΔW have a low intrinsic rank? Measure it."""
@@ -158,6 +177,48 @@ def truncate(runs, out, ks, lora_min_rank, device, quiet):
     cols = ["run", "k", [c for c in curve if c.startswith("eval_")][0], "gain_share"]
     click.echo(curve[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     click.echo(summary.to_string(index=False))
+
+
+
+@main.command("run")
+@click.argument("config", required=False, type=click.Path(path_type=str))
+@click.option("--out", default="rankscope-study", show_default=True,
+              type=click.Path(path_type=str), help="Study folder: runs/ and results/ inside.")
+@click.option("--profile", type=click.Choice(["quick", "paper"]),
+              help="Sizing preset; default paper on a GPU, quick on a CPU.")
+@click.option("--model", help="Registry name, local folder or hub id (default smollm2-135m).")
+@click.option("--task", help="Shipped task: news, qa, sentiment, topic.")
+@click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
+@click.option("--task-kind", type=click.Choice(["lm", "sft", "cls"]), help="Schema of --data.")
+@click.option("--ranks", help="Comma list of LoRA ranks.")
+@click.option("--seeds", help="Comma list of seeds.")
+@click.option("--steps", type=int, help="Optimizer steps per run.")
+@click.option("--targets", help="Comma list of LoRA target modules, or all-linear.")
+@click.option("--budget", help="Parameter budget for the recommendation (1.5M, 200k, …).")
+@click.option("--validate", is_flag=True, help="Retrain the recommended config vs a uniform rank.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def run_cmd(config, out, profile, budget, validate, quiet, **flags):
+    """The whole job: sweep, analyses, truncation test, recommendation and report."""
+    from .job import job_config, run_job
+
+    flags["ranks"] = _check_ranks(_ints(flags["ranks"]))
+    flags["seeds"], flags["targets"] = _ints(flags["seeds"]), _strs(flags["targets"])
+    cfg = job_config(config=config, profile=profile, overrides=flags)
+    run_job(cfg, out, budget=budget, validate=validate, progress=not quiet, log=click.echo)
+
+
+def _register() -> None:
+    from .figures import figures_command, plot_command
+    from .recommend import recommend_command
+    from .report import report_command
+
+    for command in (figures_command, plot_command, recommend_command, report_command):
+        main.add_command(command)
+
+
+_register()
 
 
 if __name__ == "__main__":
