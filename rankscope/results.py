@@ -57,7 +57,9 @@ def load_tables(out: str | Path) -> dict[str, pd.DataFrame]:
         if path.exists():
             try:
                 frames[name] = pd.read_csv(path)
-            except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            except pd.errors.EmptyDataError:    # an analysis with no rows (e.g. no rank pairs)
+                frames[name] = pd.DataFrame()
+            except (pd.errors.ParserError, UnicodeDecodeError) as e:
                 raise InputError(f"corrupt table {path}: {e}") from None
     if not frames:
         raise InputError(f"{out} holds no rankscope results (run `rankscope compare` first)")
