@@ -238,7 +238,8 @@ def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
                      **{f"after_{k}": v for k, v in m.get("eval_after", {}).items()},
                      "trainable_params": m.get("trainable_params"), "steps": m.get("steps"),
                      "wall_time_s": m.get("wall_time_s")})
-    return _typed(pd.DataFrame(rows), ("rank", "seed"))
+    df = _typed(pd.DataFrame(rows), ("rank", "seed"))
+    return df.sort_values(["method", "rank", "seed"], na_position="first", ignore_index=True)
 
 
 def _typed(df: pd.DataFrame, cols) -> pd.DataFrame:

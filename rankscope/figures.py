@@ -38,7 +38,7 @@ import pandas as pd
 
 from .config import SweepConfig, build_sweep, load_yaml, replace, to_dict
 from .errors import InputError
-from .io import atomic_write_json, atomic_write_text
+from .io import make_public, atomic_write_json, atomic_write_text
 from .plots import DPI
 from .plots_extra import BUILDERS, draw_figure
 
@@ -232,6 +232,7 @@ def save_png(fig, png: Path) -> None:
     """Save a Figure as PNG through a temporary file in the same folder and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
     os.close(fd)
+    make_public(tmp)
     try:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
         os.replace(tmp, png)

@@ -17,6 +17,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())     # mkstemp's 0600 would hide reports from others
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -26,6 +27,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: str | Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the usual umask permissions."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -63,6 +75,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     out = check_out_dir(out, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+    make_public(tmp)
     try:
         yield tmp
         if out.exists():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, ModelNotFoundError
+from .io import make_public
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTRY = {
@@ -82,6 +83,7 @@ def _save_atomically(write, dest: Path) -> None:
     """Call ``write(tmp_folder)`` and rename the folder to ``dest`` only once it is complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    make_public(tmp)
     try:
         write(tmp)
         os.replace(tmp, dest)

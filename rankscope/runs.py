@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
-from .io import atomic_write_json
+from .io import atomic_write_json, make_public
 
 RUN_FORMAT = "rankscope.run/1"
 UPDATES_FORMAT = "rankscope.updates/1"
@@ -48,6 +48,7 @@ def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    make_public(tmp)
     try:
         contiguous = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata={"format": UPDATES_FORMAT, "method": method})

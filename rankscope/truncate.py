@@ -100,8 +100,9 @@ def gain_shares(curve: pd.DataFrame) -> pd.DataFrame:
         full = g[g["is_full_rank"]][f"eval_{key}"].iloc[0]
         before = g[f"before_{key}"].iloc[0]
         gain = sign * (full - before)
+        # no gain (or a loss) over W_0: a share of it means nothing, so it stays undefined
         g = g.assign(metric=key, gain_share=(sign * (g[f"eval_{key}"] - before)) / gain
-                     if gain != 0 else float("nan"))
+                     if gain > 0 else float("nan"))
         out.append(g)
     return pd.concat(out, ignore_index=True)
 

@@ -39,6 +39,9 @@ def matching_rank(metrics: pd.DataFrame, *, share: float = 0.95) -> dict:
         return {"metric": key, "rank": None, "tolerance": None}
     f_mean, f_std, before = float(full["mean"].iloc[0]), float(full["std"].iloc[0]), float(full["before"].iloc[0])
     gain = (f_mean - before) if higher else (before - f_mean)
+    if gain <= 0:
+        return {"metric": key, "rank": None, "tolerance": None, "full": f_mean, "gain": gain,
+                "no_gain": True}
     for _, row in lora.iterrows():
         tol = max(2 * math.hypot(f_std, row["std"]) / math.sqrt(2), (1 - share) * abs(gain))
         gap = (f_mean - row["mean"]) if higher else (row["mean"] - f_mean)
@@ -99,6 +102,12 @@ def _text(ev: dict) -> str:
                      f"{m['lora']:.4g} vs {m['full']:.4g} (tolerance {m['tolerance']:.3g}, full gain "
                      f"{m['gain']:.3g} over the base model).")
         holds.append(m["rank"] <= 16)
+    elif m.get("no_gain"):
+        lines.append(f"- Full fine-tuning did not improve on the base model ({m['metric']} "
+                     f"{m['full']:.4g}, gain {m['gain']:.3g}): there is no gain whose rank to measure.")
+        lines += ["", "**No verdict:** train longer or with another learning rate until full "
+                  "fine-tuning beats the base model.", ""]
+        return "\n".join(lines) + "\n"
     elif m.get("full") is not None:
         lines.append(f"- No LoRA rank matched full fine-tuning's {m['metric']} {m['full']:.4g}.")
         holds.append(False)
