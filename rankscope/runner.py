@@ -136,13 +136,14 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, *, method: str, r
     tokens, t_loop = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         loss = _step(ddp, task, order[step], cfg=cfg, dist=dist, bf16=bf16, params=params)
+        lr = sched.get_last_lr()[0]             # the rate this step applies, logged with it
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += T.tokens_in(task, order[step])
         tok_s = tokens / max(T.elapsed(t_loop), 1e-9)
-        metrics.append({"step": step + 1, "kind": "train", "loss": loss,
-                        "lr": sched.get_last_lr()[0], "tokens_per_s": tok_s})
+        metrics.append({"step": step + 1, "kind": "train", "loss": loss, "lr": lr,
+                        "tokens_per_s": tok_s})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
             metrics.append({"step": step + 1, "kind": "eval", **ev})

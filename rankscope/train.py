@@ -141,8 +141,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str) -> tuple[torch
     logits = out.logits.float()
     if kind == "cls":
         return F.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel()
-    labels = batch["labels"][:, 1:]                                   # (B, L-1)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+    # shift the labels, not the logits: a (B, L-1, V) slice of the logits would be copied
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)        # (B, L): the next token
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="sum")
     return loss, int((labels != -100).sum())
 
@@ -203,7 +204,7 @@ def full_updates(model, base_name: str) -> tuple[dict[str, torch.Tensor], dict[s
             continue
         mod = model.get_submodule(info.name)
         w1 = linear_weight(mod).detach().float().cpu()
-        w0 = linear_weight(base.get_submodule(hit)).float()
+        w0 = linear_weight(base.get_submodule(hit)).detach().float()
         deltas[f"{info.name}.delta"] = w1 - w0
         covered.add(id(mod.weight))
     others = {n: p.detach().float().cpu() for n, p in model.named_parameters()
