@@ -81,8 +81,13 @@ def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device):
 
 
 
-def _ints(text):
-    return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
+def _ints(text, what: str = "list"):
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
 def _strs(text):
@@ -126,8 +131,8 @@ def sweep(config, out, quiet, **flags):
     from .config import build_sweep
     from .sweep import grid_table, run_sweep
 
-    flags["ranks"] = _check_ranks(_ints(flags["ranks"]))
-    flags["seeds"] = _ints(flags["seeds"])
+    flags["ranks"] = _check_ranks(_ints(flags["ranks"], "--ranks"))
+    flags["seeds"] = _ints(flags["seeds"], "--seeds")
     flags["methods"], flags["targets"] = _strs(flags["methods"]), _strs(flags["targets"])
     cfg = build_sweep(yaml_path=config, overrides=flags)
     manifests = run_sweep(cfg, out, progress=not quiet, log=click.echo)
@@ -148,7 +153,7 @@ def compare(runs, out, grid_layers, quiet):
     """Subspace similarity, convergence, ΔW vs W, intruders and the verdict for a sweep RUNS."""
     from .compare import compare as run_compare
 
-    frames = run_compare(runs, out, grid_layers=list(_ints(grid_layers) or []) or None,
+    frames = run_compare(runs, out, grid_layers=list(_ints(grid_layers, "--grid-layers") or []) or None,
                          progress=not quiet)
     click.echo((Path(out) / "verdict.md").read_text())
     click.echo(f"wrote {', '.join(sorted(frames))} to {out}")
@@ -168,7 +173,7 @@ def truncate(runs, out, ks, lora_min_rank, device, quiet):
     from .truncate import truncate_sweep
 
     out_dir = prepare_out(out)
-    curve, summary = truncate_sweep(runs, ks=_ints(ks), lora_min_rank=lora_min_rank,
+    curve, summary = truncate_sweep(runs, ks=_ints(ks, "--ks"), lora_min_rank=lora_min_rank,
                                     device=device, progress=not quiet)
     save_tables(out_dir, {"truncation": curve, "truncation_summary": summary},
                 inputs={"runs": str(runs)})
@@ -203,8 +208,8 @@ def run_cmd(config, out, profile, budget, validate, quiet, **flags):
     """The whole job: sweep, analyses, truncation test, recommendation and report."""
     from .job import job_config, run_job
 
-    flags["ranks"] = _check_ranks(_ints(flags["ranks"]))
-    flags["seeds"], flags["targets"] = _ints(flags["seeds"]), _strs(flags["targets"])
+    flags["ranks"] = _check_ranks(_ints(flags["ranks"], "--ranks"))
+    flags["seeds"], flags["targets"] = _ints(flags["seeds"], "--seeds"), _strs(flags["targets"])
     cfg = job_config(config=config, profile=profile, overrides=flags)
     run_job(cfg, out, budget=budget, validate=validate, progress=not quiet, log=click.echo)
 
