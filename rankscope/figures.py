@@ -23,7 +23,6 @@ and ``<name>.json`` (the caption and provenance, which ``rankscope plot`` adds w
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import json
@@ -37,6 +36,7 @@ import click
 import pandas as pd
 
 from .config import SweepConfig, build_sweep, load_yaml, replace, to_dict
+from .clitools import one_line_errors
 from .errors import InputError
 from .io import make_public, atomic_write_json, atomic_write_text
 from .plots import DPI
@@ -306,16 +306,6 @@ def experiment_files(target: str | Path, *, all_: bool) -> list[Path]:
     return [target]
 
 
-def _one_line_errors(fn):
-    """``rankscope.cli.one_line_errors``, imported when called (cli imports this module)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import one_line_errors
-
-        return one_line_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command("figures")
@@ -328,7 +318,7 @@ def _one_line_errors(fn):
 @click.option("--runs-root", default="runs", show_default=True, type=click.Path(path_type=str),
               help="Folder of the sweeps and their results.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@_one_line_errors
+@one_line_errors
 def figures_command(experiment, all_, variant, out, runs_root, quiet):
     """Run EXPERIMENT.yaml (or every one in a folder, --all) end to end: sweep, analysis, figure."""
     files = experiment_files(experiment, all_=all_)
@@ -343,7 +333,7 @@ def figures_command(experiment, all_, variant, out, runs_root, quiet):
 @click.command("plot")
 @click.argument("csv", type=click.Path(path_type=str))
 @click.option("--out", type=click.Path(path_type=str), help="PNG path (default: beside the CSV).")
-@_one_line_errors
+@one_line_errors
 def plot_command(csv, out):
     """Re-draw a figure from its CSV alone (e.g. figures/fig3_subspace.csv)."""
     click.echo(f"wrote {redraw(csv, out)}")

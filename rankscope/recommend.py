@@ -12,7 +12,6 @@ budget allocation) and writes into the results folder:
 """
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pandas as pd
 
 from . import recommend_core as core
 from .recommend_text import rationale, validation_text
+from .clitools import one_line_errors
 from .errors import InputError
 from .io import atomic_write_json, atomic_write_text
 
@@ -241,16 +241,6 @@ def recommend(runs: str | Path, out: str | Path, *, budget=None,
     return rec
 
 
-def lazy_one_line_errors(fn):
-    """``rankscope.cli.one_line_errors``, looked up when called (cli imports this module)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import one_line_errors
-
-        return one_line_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command("recommend")
@@ -262,7 +252,7 @@ def lazy_one_line_errors(fn):
 @click.option("--validate", is_flag=True, help="Retrain the recommendation and a uniform rank "
                                                "of the same parameter count, side by side.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@lazy_one_line_errors
+@one_line_errors
 def recommend_command(runs, out, budget, targets, validate, quiet):
     """Recommend a LoRA rank per module of sweep RUNS, with its evidence and a PEFT config."""
     targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None

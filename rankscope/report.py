@@ -21,7 +21,8 @@ import yaml
 from . import plots_extra as PX
 from . import report_figures as RF
 from .errors import InputError
-from .recommend import (VALIDATED, check_runs, ensure_tables, lazy_one_line_errors, recommend,
+from .clitools import one_line_errors
+from .recommend import (VALIDATED, check_runs, ensure_tables, recommend,
                         sweep_root)
 from .verdict import metric_vs_rank
 
@@ -219,7 +220,7 @@ def build_report(runs: str | Path, out: str | Path, *, progress: bool = True,
 @click.argument("runs", type=click.Path(path_type=str))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@lazy_one_line_errors
+@one_line_errors
 def report_command(runs, out, quiet):
     """Write OUT/report.html (self-contained, offline) and OUT/report.md for sweep RUNS."""
     html = build_report(runs, out, progress=not quiet, log=lambda s: click.echo(s, err=True))

@@ -11,23 +11,9 @@ import io
 import numpy as np
 import pandas as pd
 
-from .plots import PALETTE, PANEL_H, PANEL_W, style
+from .plots import PANEL_H, PANEL_W, _axes, _colors, style
 
 REPORT_DPI = 150          # enough for a screen; the paper figures use plots.DPI
-
-
-def _axes(ax):
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        _, ax = plt.subplots(figsize=(PANEL_W, PANEL_H))
-    return ax
-
-
-def _colors(n: int):
-    import seaborn as sns
-
-    return sns.color_palette(PALETTE, max(n, 1))
 
 
 def training_curves(df: pd.DataFrame, *, ax=None):
