@@ -13,7 +13,7 @@ from .deltas import DeltaSet, ModuleDelta
 from .errors import InputError
 from .io import atomic_dir, atomic_write_json
 from .provenance import provenance
-from .spectra import dense_svd, factorized_svdvals, spectrum_metrics
+from .spectra import dense_svd, factorized_svdvals, spectrum_metrics, svd_device
 
 ID_COLS = ["run", "method", "rank", "seed", "layer", "module", "name"]
 METRIC_COLS = ["fro_norm", "spectral_norm", "stable_rank", "entropy_rank", "energy_rank_50",
@@ -121,7 +121,7 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
             atomically (all three or none).
         overwrite: replace an ``out`` folder that has other content.
         float64: dense SVDs in float64 instead of float32.
-        device: where dense SVDs run ("cpu", "cuda"); default CPU.
+        device: where dense SVDs run: "auto" (CUDA when present, the default), "cpu", "cuda".
     Returns:
         ``(spectra, modules)`` DataFrames, see ``analyze_deltas``.
     """
@@ -130,6 +130,7 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
 
         check_out_dir(out, overwrite=overwrite)     # refuse before any work is done
         _check_out_apart(out, (runs, base, adapter, finetuned))
+    device = svd_device(device)
     sets = resolve_sources(runs, base=base, adapter=adapter, finetuned=finetuned)
     dtype = torch.float64 if float64 else torch.float32
     spectra, modules = analyze_deltas(sets, dtype=dtype, device=device, progress=progress)
@@ -138,7 +139,7 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
         manifest = {"inputs": {k: str(v) for k, v in inputs.items() if v is not None},
                     "sources": [{"run": s.run, "method": s.method, "rank": s.rank, "seed": s.seed}
                                 for s in sets],
-                    "svd_dtype": str(dtype).replace("torch.", ""), "device": device or "cpu",
+                    "svd_dtype": str(dtype).replace("torch.", ""), "device": device,
                     **provenance()}
         with atomic_dir(out, overwrite=overwrite) as tmp:
             spectra.to_csv(tmp / "spectra.csv", index=False)

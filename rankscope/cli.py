@@ -47,7 +47,8 @@ def main():
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that has other content.")
 @click.option("--float64", is_flag=True, help="Dense SVDs in float64 (default float32).")
-@click.option("--device", default=None, help="Where dense SVDs run: cpu (default) or cuda.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where dense SVDs run; auto is CUDA when present.")
 @one_line_errors
 def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device):
     """SVD spectra and effective ranks of ΔW, from RUNS (run or sweep folder), an adapter or a model pair."""

@@ -8,7 +8,7 @@ import torch
 
 from .deltas import DeltaSet, ModuleDelta, from_runs
 from .errors import InputError
-from .spectra import dense_svd, factorized_svd
+from .spectra import dense_svd, factorized_svd, svd_device
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
     if delta.factored:
         U, S, Vh = factorized_svd(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
     else:
-        U, S, Vh = dense_svd(delta.dense, dtype=torch.float32)
+        U, S, Vh = dense_svd(delta.dense, dtype=torch.float32, device=svd_device("auto"))
         U, S, Vh = U.double(), S.double(), Vh.double()
     fro = float(torch.linalg.vector_norm(S))
     if keep is not None:

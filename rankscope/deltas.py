@@ -21,7 +21,7 @@ import torch
 from .errors import InputError
 from .models import find_linear_modules, linear_weight, load_backbone, match_name, model_type, \
     parse_names
-from .runs import UPDATES, find_runs, read_manifest, read_tensors
+from .runs import UPDATES, TensorFile, find_runs, read_manifest, read_tensors
 from .spectra import check_finite
 
 
@@ -153,12 +153,35 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"corrupt adapter config {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"corrupt adapter config {path}: not a JSON object")
     method = str(cfg.get("peft_type", "")).upper()
     if method != "LORA":
         raise InputError(f"adapter {adapter_dir} is of method {cfg.get('peft_type')!r}, not LoRA")
     if cfg.get("use_dora"):
         raise InputError(f"adapter {adapter_dir} is DoRA, whose update is not s·B·A")
+    _check_config_numbers(cfg, path)
     return cfg
+
+
+def _check_config_numbers(cfg: dict, path: Path) -> None:
+    """r, lora_alpha and the patterns' values must be positive numbers; pattern keys valid regexes."""
+    def number(value, what):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"adapter config {path}: {what} must be a positive number, got {value!r}")
+
+    number(cfg.get("r", 8), "r")
+    number(cfg.get("lora_alpha", 8), "lora_alpha")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(f"adapter config {path}: {field} must be an object")
+        for key, value in pattern.items():
+            number(value, f"{field}[{key!r}]")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise InputError(f"adapter config {path}: {field} key {key!r} is no regex ({e})") from None
 
 
 def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -256,7 +279,8 @@ def from_run(run_dir: str | Path) -> DeltaSet:
         raise InputError(f"run {run_dir}: unknown method {method!r} in its manifest")
 
     def load() -> Iterator[ModuleDelta]:
-        tensors, meta = read_tensors(run_dir / UPDATES)
+        tensors = TensorFile(run_dir / UPDATES)          # one module's update in memory at a time
+        meta = tensors.metadata
         if meta.get("method") not in (None, method):
             raise InputError(f"run {run_dir}: updates are {meta.get('method')}, manifest says {method}")
         yield from _run_deltas(tensors, method, run_dir)

@@ -58,12 +58,13 @@ def check_out_dir(out: str | Path, *, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"output folder {out} exists with other content (use --overwrite)")
     parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create output folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {parent} is not writable")
+    existing = parent
+    while not existing.exists():            # the folders are made only when the result is ready
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot create output folder {parent}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"output folder {existing} is not writable")
     return out
 
 
@@ -74,6 +75,10 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     On any exception the temporary folder is removed and ``out`` is left as it was.
     """
     out = check_out_dir(out, overwrite=overwrite)
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder {out.absolute().parent}: {e.strerror}") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
     make_public(tmp)
     try:

@@ -86,7 +86,12 @@ def _save_atomically(write, dest: Path) -> None:
     make_public(tmp)
     try:
         write(tmp)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():    # not a concurrent conversion's result
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)      # another process converted it first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -73,6 +74,43 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise InputError(f"corrupt or truncated safetensors file {path} ({e})") from None
+
+
+class TensorFile(Mapping):
+    """The tensors of a safetensors file, each read from disk when it is asked for.
+
+    Only the header is read up front, so a caller that walks the keys holds one tensor in
+    memory at a time, not the whole file (a full run's ΔW for every module).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"missing file {self.path}")
+        with self._open() as f:
+            self.metadata = f.metadata() or {}
+            self._keys = list(f.keys())
+
+    def _open(self):
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise InputError(f"corrupt or truncated safetensors file {self.path} ({e})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with self._open() as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise InputError(f"corrupt or truncated safetensors file {self.path} ({e})") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def read_manifest(run_dir: str | Path) -> dict:

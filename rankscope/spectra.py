@@ -111,6 +111,22 @@ def factorized_svdvals(
     return torch.linalg.svdvals(core)  # (m,)
 
 
+def svd_device(device: str | None = "auto") -> str:
+    """Where dense SVDs run: ``auto`` (or None) is CUDA when present, else the CPU.
+
+    Raises:
+        InputError: an unknown device name, or ``cuda`` without a CUDA device.
+    """
+    name = (device or "auto").lower()
+    if name not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device: expected auto, cpu or cuda, got {device!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda was asked for but no CUDA device is available")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def dense_svd(
     delta: Tensor,
     *,

@@ -298,13 +298,43 @@ def _finetuned_without_base(c):
     return ["--finetuned", c.minilm_slice], ["needs --base"]
 
 
+def _edited_config(c, **changes):
+    a = _copy(c.adapter, c.tmp / "a")
+    cfg = json.loads((a / "adapter_config.json").read_text()) | changes
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    return a
+
+
+def _adapter_config_a_list(c):
+    a = _copy(c.adapter, c.tmp / "a")
+    (a / "adapter_config.json").write_text("[]")
+    return ["--adapter", a], ["not a JSON object"]
+
+
+def _adapter_alpha_null(c):
+    return ["--adapter", _edited_config(c, lora_alpha=None)], ["lora_alpha must be a positive"]
+
+
+def _adapter_rank_pattern_bad_regex(c):
+    a = _edited_config(c, rank_pattern={"(": 2})
+    return ["--adapter", a], ["rank_pattern key '(' is no regex"]
+
+
+def _cuda_without_cuda(c):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return [c.sweep, "--device", "cuda"], ["no CUDA device"]
+
+
 BAD = [_missing_runs, _runs_is_a_file, _no_finished_run, _missing_adapter, _not_an_adapter,
        _missing_base, _missing_finetuned, _base_without_config, _adapter_for_other_model_names,
        _adapter_for_other_model_shapes, _adapter_truncated, _adapter_garbage,
        _adapter_weights_a_folder, _adapter_config_garbage, _adapter_edited_to_ia3,
        _real_loha_adapter, _adapter_nan, _finetuned_nan, _finetuned_truncated, _finetuned_garbage,
        _run_update_inf, _run_updates_truncated, _run_manifest_corrupt, _different_architectures,
-       _unknown_model_name, _hub_id_offline, _two_forms, _nothing, _finetuned_without_base]
+       _unknown_model_name, _hub_id_offline, _two_forms, _nothing, _finetuned_without_base,
+       _adapter_config_a_list, _adapter_alpha_null, _adapter_rank_pattern_bad_regex,
+       _cuda_without_cuda]
 
 
 @pytest.fixture
@@ -350,3 +380,17 @@ def test_usage_errors_are_one_line(args):
     assert result.exit_code == 2
     lines = visible_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("rankscope: error: ")
+
+
+def test_a_failed_analysis_creates_no_output_parents(inputs):
+    out = inputs.tmp / "new" / "sub" / "results"
+    result = invoke(inputs.tmp / "missing", "--out", out)
+    assert result.exit_code == 2 and "missing" in result.stderr
+    assert not (inputs.tmp / "new").exists()
+
+
+def test_out_parents_are_made_when_the_result_is_written(inputs):
+    out = inputs.tmp / "new" / "sub" / "results"
+    result = invoke(inputs.sweep, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == OUTPUTS

@@ -63,7 +63,9 @@ def test_experiment_loads_with_a_header_and_every_variant(path):
     assert all(c.model.endswith("@2l") and c.steps <= 4 and c.max_len <= 32
                for c in quick.values())
     cpu, _, _ = resolve(exp, "cpu")
-    assert all(c.model == "smollm2-135m" and len(c.seeds) >= 2 for c in cpu.values())
+    assert all(c.model == "smollm2-135m" for c in cpu.values())
+    first = next(iter(cpu.values()))         # the shared sweep: the seeds' spread comes from it
+    assert len(first.seeds) >= 2
     gpu, _, _ = resolve(exp, "gpu")
     assert all(c.max_eval_examples is None and c.steps >= 1000 for c in gpu.values())
 
