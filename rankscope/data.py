@@ -61,13 +61,16 @@ class TaskSpec:
     default_model: str
     description: str
     metric: str
+    default_targets: tuple[str, ...] = ("q_proj", "v_proj")   # the default model's Wq, Wv
 
 
 TASKS: dict[str, TaskSpec] = {s.name: s for s in (
     TaskSpec("news", "lm", "smollm2-135m", "Lee news paragraphs (gensim), causal-LM adaptation", "loss"),
     TaskSpec("qa", "sft", "smollm2-135m", "chatterbot-corpus English utterance -> reply pairs", "loss"),
-    TaskSpec("sentiment", "cls", "minilm-l6", "Pang & Lee movie-review polarity (gensim), 2 classes", "accuracy"),
-    TaskSpec("topic", "cls", "minilm-l6", "chatterbot-corpus English questions labelled by topic", "accuracy"),
+    TaskSpec("sentiment", "cls", "minilm-l6", "Pang & Lee movie-review polarity (gensim), 2 classes",
+             "accuracy", ("query", "value")),
+    TaskSpec("topic", "cls", "minilm-l6", "chatterbot-corpus English questions labelled by topic",
+             "accuracy", ("query", "value")),
 )}
 
 

@@ -130,10 +130,13 @@ def resolve_model(name: str | Path) -> Path:
 
 def _hub_snapshot(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
+        files = HfApi().list_repo_files(repo_id)
+        # safetensors where the repo has them, else the older pytorch_model*.bin: never both
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
         return Path(snapshot_download(repo_id, allow_patterns=[
-            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            "*.json", weights, "*.model", "*.txt", "*.jinja"]))
     except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the registry or on disk, and the hub cannot supply "

@@ -59,8 +59,10 @@ def _save_checkpoint(run_dir: Path, step: int, model, opt, sched, metrics: list[
     tmp.mkdir()
     params = {n: p.detach().cpu().contiguous() for n, p in _trainable(model)}
     save_file(params, tmp / "trainable.safetensors")
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     torch.save({"step": step, "optim": opt.state_dict(), "sched": sched.state_dict(),
-                "rng": torch.get_rng_state(), "metrics": metrics}, tmp / "state.pt")
+                "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "metrics": metrics},
+               tmp / "state.pt")
     final, old = run_dir / CKPT, run_dir / f".{CKPT}.old"
     if final.exists():
         os.replace(final, old)
@@ -84,6 +86,8 @@ def _load_checkpoint(run_dir: Path, model, opt, sched) -> tuple[int, list[dict]]
     opt.load_state_dict(state["optim"])
     sched.load_state_dict(state["sched"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])     # dropout on the GPU resumes too
     return int(state["step"]), list(state["metrics"])
 
 
@@ -115,12 +119,16 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, *, method: str, r
 
     t0 = time.perf_counter()
     bf16 = cfg.bf16 if cfg.bf16 is not None else dist.device.type == "cuda"
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)     # this run's peak, not the sweep's
     model = build_model(cfg, task, method=method, rank=rank, seed=seed).to(dist.device)
     if base_eval is None:
         base_eval = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
     params = [p for _, p in _trainable(model)]
     lr = cfg.lr_full if method == "full" else cfg.lr_lora
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    # fused AdamW on CUDA: one kernel for all parameters instead of a dozen per tensor
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay,
+                            fused=dist.device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_lambda(
         s, total=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule))
     start, metrics = _load_checkpoint(run_dir, model, opt, sched)
@@ -176,7 +184,8 @@ def _step(model, task: TaskData, idx: torch.Tensor, *, cfg: SweepConfig, dist: T
     n_targets = max(T.tokens_in(task, idx) if task.kind != "cls" else idx.numel(), 1)
     if cfg.batch_size % dist.world:
         raise InputError(f"batch_size {cfg.batch_size} is not divisible by {dist.world} processes")
-    total = torch.zeros((), dtype=torch.float64)
+    # on the device: NCCL reduces only CUDA tensors, and the loss is read back once a step
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
     micro = idx.view(cfg.grad_accum, cfg.batch_size)
     for a, mb in enumerate(micro):
         shard = mb[dist.rank::dist.world]
@@ -186,7 +195,7 @@ def _step(model, task: TaskData, idx: torch.Tensor, *, cfg: SweepConfig, dist: T
             loss, _ = T.loss_sum(model, batch, kind=task.kind)
         # DDP averages gradients over processes: scale by world so the sum is global.
         (loss * dist.world / n_targets).backward()
-        total += float(loss.detach())
+        total += loss.detach().double()
     if dist.world > 1:
         import torch.distributed as D
 

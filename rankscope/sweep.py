@@ -59,7 +59,20 @@ def load_tokenizer(model: str):
 
 
 def prepare(cfg: SweepConfig):
-    """The sweep's data, validated against the model: one split shared by every run."""
+    """The sweep's data, validated against the model: one split shared by every run.
+
+    Raises:
+        InputError: sequences longer than the model has positions for, or data that fails
+            its task's schema (see ``prepare_task``).
+    """
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        positions = getattr(AutoConfig.from_pretrained(resolve_model(cfg.model)),
+                            "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_len > positions:
+        raise InputError(f"max_len {cfg.max_len} is longer than the {positions} positions of "
+                         f"{cfg.model}")
     tok = load_tokenizer(cfg.model)
     task = prepare_task(cfg.task, tok, seed=cfg.split_seed, max_len=cfg.max_len,
                         data_file=cfg.data, kind=cfg.task_kind, eval_fraction=cfg.eval_fraction,
@@ -138,6 +151,8 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
         elif dist.main:
             log(f"{name:<14} finished earlier, skipped")
         manifests.append(done)
+    bar.close()
+    T.leave_dist()
     return manifests
 
 

@@ -42,6 +42,9 @@ def setup_dist(device: str = "auto") -> Dist:
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device: cuda was asked for but no CUDA device is available")
+    if want_cuda:       # TF32 tensor cores for the float32 matmuls outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(0, 1, torch.device("cuda" if want_cuda else "cpu"))
@@ -54,6 +57,15 @@ def setup_dist(device: str = "auto") -> Dist:
     if want_cuda:
         torch.cuda.set_device(dev)
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def leave_dist() -> None:
+    """Leave the torchrun process group, once every process has finished its runs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def task_kind(cfg: SweepConfig) -> str:
@@ -88,9 +100,16 @@ def check_targets(model, targets: tuple[str, ...], ranks) -> None:
     Raises:
         InputError: a target the model lacks, or a rank above a target's min(d_out, d_in).
     """
-    if tuple(targets) == ("all-linear",):
-        return
     infos = find_linear_modules(model)
+    if tuple(targets) == ("all-linear",):       # peft leaves the output layer out of all-linear
+        heads = {n for n in ("lm_head", "classifier", "score", "cls")}
+        adapted = [i for i in infos if not heads & set(i.name.split("."))]
+        smallest = min(min(i.d_out, i.d_in) for i in adapted)
+        bad = [r for r in ranks if r > smallest]
+        if bad:
+            raise InputError(f"rank {bad[0]} is larger than min(d_out, d_in) = {smallest} of "
+                             "the smallest linear module that all-linear adapts")
+        return
     for t in targets:
         hits = [i for i in infos if i.name == t or i.name.endswith("." + t)]
         if not hits:
@@ -163,11 +182,14 @@ def evaluate(model, data: dict[str, torch.Tensor], *, kind: str, device: torch.d
     for i in range(0, n, batch_size):
         batch = {k: v[i:i + batch_size].to(device) for k, v in data.items()}
         with autocast(device, bf16):
-            loss, m = loss_sum(model, batch, kind=kind)
-            if kind == "cls":
+            if kind == "cls":           # one forward pass for both the loss and the accuracy
                 logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
+                               attention_mask=batch["attention_mask"]).logits.float()
+                loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+                m = batch["labels"].numel()
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                loss, m = loss_sum(model, batch, kind=kind)
         total, count = total + float(loss), count + m
     model.train(was_training)
     result = {"loss": total / max(count, 1)}

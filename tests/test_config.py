@@ -127,6 +127,42 @@ def test_a_profile_flag_beats_the_yaml_profile_and_the_argument(tmp_path):
     assert build_sweep(profile="paper").seeds == PROFILES["paper"]["seeds"]
 
 
+def test_a_profile_flag_resizes_a_yaml_that_pins_its_sizes():
+    """`rankscope sweep experiments/news_smollm2.yaml --profile paper` is the paper sweep."""
+    path = "experiments/news_smollm2.yaml"
+    quick = build_sweep(yaml_path=path)
+    paper = build_sweep(yaml_path=path, overrides={"profile": "paper", "steps": None})
+    assert quick.steps == 24 and quick.seeds == (0,)
+    for key, value in PROFILES["paper"].items():
+        assert getattr(paper, key) == value, key
+    assert paper.targets == quick.targets and paper.task == quick.task     # not sizes: kept
+    assert build_sweep(yaml_path=path, overrides={"profile": "paper", "steps": 5}).steps == 5
+
+
+@pytest.mark.parametrize("task, model, targets", [
+    ("news", "smollm2-135m", ("q_proj", "v_proj")), ("qa", "smollm2-135m", ("q_proj", "v_proj")),
+    ("sentiment", "minilm-l6", ("query", "value")), ("topic", "minilm-l6", ("query", "value"))])
+def test_a_task_brings_its_model_and_that_models_wq_wv(task, model, targets):
+    cfg = build_sweep(profile="quick", overrides={"task": task})
+    assert (cfg.model, cfg.targets) == (model, targets)
+    other = build_sweep(overrides={"task": task, "model": "./my-model", "targets": ("dense",)})
+    assert (other.model, other.targets) == ("./my-model", ("dense",))   # given: kept
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", "ten", "steps: expected an integer, got 'ten'"),
+    ("steps", 2.5, "steps: expected an integer"),
+    ("ranks", ["a"], "ranks: expected a list of integers"),
+    ("alpha", "x", "alpha: expected a number, got 'x'"),
+    ("warmup", True, "warmup: expected a number"),
+    ("targets", [1], "targets: expected a list of names"),
+    ("bf16", "yes", "bf16: expected true, false or null"),
+    ("model", 3, "model: expected a string")])
+def test_a_wrongly_typed_yaml_value_is_named(tmp_path, field, value, message):
+    with pytest.raises(InputError, match="^" + message.replace("(", r"\(")):
+        build_sweep(yaml_path=_yaml(tmp_path, {field: value}))
+
+
 def test_an_unknown_profile_is_named():
     with pytest.raises(InputError, match="profile: unknown 'fast'"):
         build_sweep(profile="fast")

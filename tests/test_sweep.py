@@ -430,7 +430,9 @@ def _files(tmp_path):
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(30)))
     (tmp_path / "file.txt").write_text("not a folder")
-    return SimpleNamespace(empty=empty, few=few, texts=texts)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("alpha: x\n")
+    return SimpleNamespace(empty=empty, few=few, texts=texts, bad_yaml=bad_yaml)
 
 
 BAD = {
@@ -451,6 +453,12 @@ BAD = {
                                   r"10 examples are too few to split"),
     "missing data file": (lambda s, f: ["--data", f.empty.with_name("none.jsonl"),
                                         "--task-kind", "lm"], r"none.jsonl: file not found"),
+    "all-linear rank above the smallest module": (
+        lambda s, f: ["--ranks", "193", "--targets", "all-linear"],
+        r"rank 193 is larger than min\(d_out, d_in\) = 192 of the smallest linear module"),
+    "max_len beyond the model's positions": (
+        lambda s, f: ["--max-len", "100000"], r"max_len 100000 is longer than the 8192 positions"),
+    "wrongly typed YAML value": (lambda s, f: [f.bad_yaml], r"alpha: expected a number, got 'x'"),
 }
 
 

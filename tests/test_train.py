@@ -141,7 +141,9 @@ def test_a_rank_above_a_targets_min_dimension_is_refused(smollm2_slice):
     with pytest.raises(InputError, match=r"rank 193 is larger than min\(d_out, d_in\) = 192 "
                                          r"of v_proj"):
         T.check_targets(model, ("q_proj", "v_proj"), (1, 193))
-    T.check_targets(model, ("all-linear",), (1000,))                # peft decides for all-linear
+    T.check_targets(model, ("all-linear",), (192,))                 # k_proj, v_proj: (192, 576)
+    with pytest.raises(InputError, match="rank 193 is larger .* all-linear adapts"):
+        T.check_targets(model, ("all-linear",), (193,))
 
 
 # ---------------------------------------------------------------- loss and its normalisation
