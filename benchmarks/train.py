@@ -3,8 +3,8 @@
 Run: python benchmarks/train.py                          # 2-layer SmolLM2 slice, CPU-sized
      python benchmarks/train.py --model smollm2-135m --peak-tflops 989   # the real model, H100
 
-Same model, same batch × sequence length of the same news blocks, same AdamW (torch), learning
-rate, schedule and clipping. Each (method, implementation) runs in a fresh process, so each peak
+Same model, same batch × sequence length of the same news blocks, same fused AdamW (torch; the
+Trainer's own default), learning rate, schedule and clipping. Each (method, implementation) runs in a fresh process, so each peak
 memory is that process's own: ``ru_maxrss`` on the CPU (tracemalloc does not see torch's
 allocator), ``torch.cuda.max_memory_allocated`` on CUDA. Throughput is batch × length over the
 median of ``--steps`` optimizer steps timed after ``--warmup`` untimed ones, and the fastest of
@@ -64,9 +64,7 @@ def _rankscope(cfg, task, device, *, method: str) -> tuple[list[float], int]:
     model = R.build_model(cfg, task, method=method, rank=cfg.ranks[0], seed=0).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_full if method == "full" else cfg.lr_lora)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_lambda(
-        s, total=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule))
+    opt, sched = R.make_optimizer(params, cfg, method=method)
     order = torch.arange(cfg.steps * cfg.batch_size).view(cfg.steps, cfg.batch_size)
     dist, ends = T.Dist(device=device), []
     for step in range(cfg.steps):
@@ -110,7 +108,7 @@ def _trainer(cfg, task, device, *, method: str) -> tuple[list[float], int]:
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
             learning_rate=cfg.lr_full if method == "full" else cfg.lr_lora, weight_decay=0.0,
             lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=cfg.clip,
-            optim="adamw_torch", bf16=cfg.bf16, use_cpu=device.type == "cpu",
+            optim="adamw_torch_fused", bf16=cfg.bf16, use_cpu=device.type == "cpu",
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
             dataloader_num_workers=0, disable_tqdm=True, seed=0)
         Trainer(model=model, args=targs, train_dataset=Blocks(),

@@ -55,10 +55,10 @@ def train_steps(model, task, *, cfg, seed: int, device: torch.device, bf16: bool
     """
     from tqdm.auto import tqdm
 
+    from .runner import make_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_lambda(
-        s, total=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule))
+    opt, sched = make_optimizer(params, cfg, method="lora")       # the sweep's own optimizer
     torch.manual_seed(seed)
     order = T.batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
                           per_step=cfg.batch_size * cfg.grad_accum, seed=seed)
