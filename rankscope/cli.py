@@ -128,14 +128,24 @@ def sweep(config, out, quiet, **flags):
 @click.argument("runs", type=click.Path(path_type=str))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
 @click.option("--grid-layers", help="Comma list of layers for the φ(i, j) grids (default: middle).")
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds anything "
+                                                "but this sweep's results.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def compare(runs, out, grid_layers, quiet):
+def compare(runs, out, grid_layers, overwrite, quiet):
     """Subspace similarity, convergence, ΔW vs W, intruders and the verdict for a sweep RUNS."""
     from .compare import compare as run_compare
+    from .io import atomic_dir
+    from .results import check_results_out
+    from .runs import find_runs
 
-    frames = run_compare(runs, out, grid_layers=list(_ints(grid_layers, "--grid-layers") or []) or None,
-                         progress=not quiet)
+    layers = list(_ints(grid_layers, "--grid-layers") or []) or None
+    find_runs(runs)                         # every check before the output folder is touched
+    if check_results_out(out, runs, overwrite=overwrite):   # this sweep's results: update
+        frames = run_compare(runs, out, grid_layers=layers, progress=not quiet)
+    else:                                   # new or replaced: renamed into place when done
+        with atomic_dir(out, overwrite=True) as tmp:
+            frames = run_compare(runs, tmp, grid_layers=layers, progress=not quiet)
     click.echo((Path(out) / "verdict.md").read_text())
     click.echo(f"wrote {', '.join(sorted(frames))} to {out}")
 
@@ -150,12 +160,15 @@ def compare(runs, out, grid_layers, quiet):
 @one_line_errors
 def truncate(runs, out, ks, lora_min_rank, device, quiet):
     """Re-evaluate W_0 + trunc_k(ΔW) for each k: the functional intrinsic rank."""
-    from .results import prepare_out, save_tables, write_verdict
+    from .io import check_out_dir
+    from .results import check_same_sweep, prepare_out, save_tables, write_verdict
     from .truncate import truncate_sweep
 
-    out_dir = prepare_out(out)
+    check_out_dir(out, overwrite=True)      # a file, or an unwritable parent: refused now
+    check_same_sweep(runs, out)
     curve, summary = truncate_sweep(runs, ks=_ints(ks, "--ks"), lora_min_rank=lora_min_rank,
                                     device=device, progress=not quiet)
+    out_dir = prepare_out(out)              # made only once the tables exist
     save_tables(out_dir, {"truncation": curve, "truncation_summary": summary},
                 inputs={"runs": str(runs)})
     if (out_dir / "metrics.csv").exists():

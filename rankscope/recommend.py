@@ -72,12 +72,12 @@ def ensure_tables(runs: str | Path, out: str | Path, *, progress: bool = True,
     the sweep's ``sweep.yaml``; without one it is skipped with a note).
     """
     from .compare import compare
-    from .results import load_tables, prepare_out, save_tables, write_verdict
+    from .results import check_same_sweep, load_tables, prepare_out, save_tables, write_verdict
     from .truncate import truncate_sweep
 
     sets = check_runs(runs)
+    check_same_sweep(runs, out)         # before the folder is made
     out = prepare_out(out)
-    _check_same_sweep(runs, out)
     if not all((out / f"{t}.csv").exists() for t in NEEDED):
         log(f"compare {runs} → {out}")
         compare(runs, out, progress=progress)
@@ -91,17 +91,6 @@ def ensure_tables(runs: str | Path, out: str | Path, *, progress: bool = True,
         else:
             log(f"truncation test skipped: {sweep_root(runs)} has no sweep.yaml")
     return load_tables(out)
-
-
-def _check_same_sweep(runs: str | Path, out: Path) -> None:
-    """Refuse a results folder whose tables were computed from another (existing) sweep."""
-    manifest = out / "manifest.json"
-    if not manifest.exists():
-        return
-    given = json.loads(manifest.read_text()).get("inputs", {}).get("runs")
-    if given and Path(given).exists() and Path(given).resolve() != Path(runs).resolve():
-        raise InputError(f"results folder {out} holds the tables of {given}, not of {runs}; "
-                         "use another --out")
 
 
 def alpha_settings(sets) -> tuple[str, float, str]:

@@ -29,6 +29,65 @@ def prepare_out(out: str | Path) -> Path:
     return out
 
 
+def check_same_sweep(runs: str | Path, out: str | Path) -> None:
+    """Refuse a results folder whose tables were computed from another (existing) sweep.
+
+    Raises:
+        InputError: ``out/manifest.json`` records another sweep folder that still exists.
+    """
+    given = recorded_runs(out)
+    if given and Path(given).exists() and Path(given).resolve() != Path(runs).resolve():
+        raise InputError(f"results folder {out} holds the tables of {given}, not of {runs}; "
+                         "use another --out")
+
+
+def recorded_runs(out: str | Path) -> str | None:
+    """The sweep folder a results folder's tables were computed from, if it records one."""
+    import json
+
+    path = Path(out) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return None
+    runs = doc.get("inputs", {}).get("runs") if isinstance(doc, dict) else None
+    return runs if isinstance(runs, str) else None
+
+
+def check_results_out(out: str | Path, runs: str | Path, *, overwrite: bool = False) -> bool:
+    """Check, before any work, that ``out`` may take the tables of sweep ``runs``.
+
+    A results folder is shared by compare, truncate, recommend and report of one sweep, so a
+    folder holding this sweep's results is kept (its other tables stay). Any other content
+    (files that are not rankscope results, or the results of another sweep) is refused
+    unless ``overwrite``, and then replaced whole.
+
+    Returns:
+        True when ``out`` holds this sweep's results and is to be updated in place; False
+        when it is to be written from scratch (it is missing, empty, or ``overwrite``).
+    Raises:
+        InputError: ``out`` is a file; other content without ``overwrite``; a parent that
+            cannot be created or written.
+    """
+    from .io import check_out_dir
+
+    out = check_out_dir(out, overwrite=True)
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    given = recorded_runs(out)
+    same = given is not None and (not Path(given).exists()
+                                  or Path(given).resolve() == Path(runs).resolve())
+    if same:
+        return True
+    if not overwrite:
+        what = f"the tables of {given}" if given else "other content"
+        raise InputError(f"output folder {out} holds {what}, not results of {runs} "
+                         "(use --overwrite to replace it, or another --out)")
+    return False
+
+
 def save_tables(out: Path, frames: dict[str, pd.DataFrame], *, inputs: dict) -> None:
     """Write each table as ``<name>.csv`` atomically, and record them in ``manifest.json``."""
     for name, df in frames.items():

@@ -19,9 +19,12 @@ from .deltas import from_run
 from .errors import InputError
 from .models import linear_weight
 from .runs import OTHERS, find_runs, read_manifest, read_tensors
-from .spectra import dense_svd, factorized_svd
+from .spectra import dense_svd, factorized_svd, truncate
 
 SHARES = (0.9, 0.95)
+# A share is a ratio of metric differences: a curve built to reach 90% exactly can land at
+# 0.8999999999999999, so "keeps the share" allows this much rounding below it.
+SHARE_TOL = 1e-9
 
 
 def _sweep_config(sweep_dir: Path):
@@ -61,7 +64,16 @@ def _svds(run_dir: Path):
 
 def truncation_curve(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: torch.device,
                      progress: bool = True) -> pd.DataFrame:
-    """The held-out metric of W_0 + trunc_k(ΔW) for each k, plus k = full rank ("full")."""
+    """The held-out metric of W_0 + trunc_k(ΔW) for each k, plus k = full rank.
+
+    trunc_k is ``spectra.truncate`` on each module's SVD (a module with fewer than k singular
+    values keeps all of them); the largest k is the largest number of singular values of any
+    module, where every module holds its whole ΔW and the model is the fine-tuned one.
+
+    Returns:
+        One row per k: ``run, method, rank, seed, k, is_full_rank, eval_<metric>…,
+        before_<metric>…`` (before: W_0's metrics, from the run's manifest).
+    """
     from tqdm.auto import tqdm
 
     manifest = read_manifest(run_dir)
@@ -82,7 +94,7 @@ def truncation_curve(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: t
                   disable=not progress, file=sys.stderr, leave=False):
         with torch.no_grad():
             for name, U, S, Vh in svds:
-                slots[name].copy_(w0[name] + (U[:, :k] * S[:k]) @ Vh[:k])
+                slots[name].copy_(w0[name] + truncate(U, S, Vh, min(k, S.numel())))
         ev = T.evaluate(model, task.eval, kind=task.kind, device=device, bf16=bf16)
         rows.append({"run": run_dir.name, "method": manifest["method"], "rank": manifest.get("rank"),
                      "seed": manifest.get("seed"), "k": k, "is_full_rank": k == max_rank,
@@ -92,7 +104,17 @@ def truncation_curve(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: t
 
 
 def gain_shares(curve: pd.DataFrame) -> pd.DataFrame:
-    """Add each k's share of the full-rank gain over W_0 (accuracy up, or loss down)."""
+    """Add each k's share of the full-rank gain over W_0 (accuracy up, or loss down).
+
+    share_k = (m_k − m_0) / (m_full − m_0) for accuracy (when the curve has it), else
+    (m_0 − m_k) / (m_0 − m_full) for loss; m_0 is W_0's metric (``before_<metric>``).
+
+    Args:
+        curve: rows of ``truncation_curve`` (one or more runs), with ``is_full_rank``.
+    Returns:
+        ``curve`` with ``metric`` (accuracy or loss) and ``gain_share``; NaN for every k of a
+        run whose full rank did not improve on W_0 (no gain: a share of it means nothing).
+    """
     key = "accuracy" if "eval_accuracy" in curve else "loss"
     sign = 1.0 if key == "accuracy" else -1.0
     out = []
@@ -108,12 +130,20 @@ def gain_shares(curve: pd.DataFrame) -> pd.DataFrame:
 
 
 def functional_rank(curve: pd.DataFrame, *, shares=SHARES) -> pd.DataFrame:
-    """Per run and share: the smallest k keeping that share of the gain (None if none does)."""
+    """Per run and share: the smallest k keeping that share of the gain.
+
+    Args:
+        curve: rows of ``gain_shares``.
+        shares: the shares of the gain to keep, e.g. 0.9 and 0.95.
+    Returns:
+        One row per run and share: ``run, method, rank, seed, share, k``; k is <NA> when no k
+        keeps the share (or the run had no gain, so every share is NaN).
+    """
     rows = []
     for run, g in curve.groupby("run", sort=False):
         g = g.sort_values("k")
         for share in shares:
-            ok = g[g["gain_share"] >= share]
+            ok = g[g["gain_share"] >= share - SHARE_TOL]
             rows.append({"run": run, "method": g["method"].iloc[0], "rank": g["rank"].iloc[0],
                          "seed": g["seed"].iloc[0], "share": share,
                          "k": int(ok["k"].iloc[0]) if len(ok) else None})
@@ -129,15 +159,19 @@ def truncate_sweep(path: str | Path, *, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 3
         ``(curve, summary)``: one row per run and k with the metric and its gain share; and
         the functional rank per run at 90% and 95% of the gain.
     Raises:
-        InputError: no full run to truncate, a bad k, or a sweep folder without its config.
+        InputError: no full run to truncate, a bad k or LoRA rank, a sweep folder without
+            its config, or runs evaluated on another split than the config gives.
     """
-    if not ks or any(k <= 0 for k in ks):
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in ks):
         raise InputError(f"ks: every k must be a positive integer, got {list(ks)}")
+    if lora_min_rank is not None and lora_min_rank <= 0:
+        raise InputError(f"lora_min_rank: must be a positive integer, got {lora_min_rank}")
     path = Path(path)
     runs = find_runs(path)
     chosen = [r for r in runs if _wanted(read_manifest(r), lora_min_rank)]
     if not chosen:
-        raise InputError(f"no full run (or LoRA run of rank ≥ {lora_min_rank}) in {path} to truncate")
+        lora = "" if lora_min_rank is None else f" (or LoRA run of rank ≥ {lora_min_rank})"
+        raise InputError(f"no full run{lora} in {path} to truncate")
     cfg = _sweep_config(path if (path / "sweep.yaml").exists() else path.parent)
     from .sweep import prepare
 
