@@ -266,7 +266,14 @@ def run_experiment(path: str | Path, *, variant: str, out: str | Path,
 
 
 def redraw(csv: str | Path, png: str | Path | None = None) -> Path:
-    """Re-draw a figure from its CSV (and the caption of ``<csv>.json`` beside it, if any)."""
+    """Re-draw a figure from its CSV (and the caption of ``<csv>.json`` beside it, if any).
+
+    Raises:
+        InputError: a missing, empty or unreadable CSV; one that is not figure data (no
+            ``plot``/``panel`` columns, an unknown plot, a data column missing) or whose
+            values cannot be drawn; an unreadable caption file; a PNG path that is a
+            folder or lies in no folder.
+    """
     import matplotlib.pyplot as plt
 
     csv = Path(csv)
@@ -277,9 +284,24 @@ def redraw(csv: str | Path, png: str | Path | None = None) -> Path:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"corrupt figure data {csv}: {e}") from None
     side = csv.with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.is_file() else {}
+    try:
+        meta = json.loads(side.read_text()) if side.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt figure caption file {side}: {e}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"figure caption file {side} is not a JSON object")
     png = Path(png) if png is not None else csv.with_suffix(".png")
-    save_png(draw_figure(df, caption=meta.get("caption")), png)
+    if png.is_dir() or not png.absolute().parent.is_dir():
+        raise InputError(f"cannot write {png}: " + ("it is a folder" if png.is_dir() else
+                                                     f"no folder {png.absolute().parent}"))
+    try:
+        fig = draw_figure(df, caption=meta.get("caption"))
+    except InputError:
+        raise
+    except (TypeError, KeyError, ValueError) as e:     # values of the wrong kind in a column
+        plt.close("all")
+        raise InputError(f"cannot draw figure data {csv}: {e}") from None
+    save_png(fig, png)
     plt.close("all")
     return png
 

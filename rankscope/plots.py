@@ -286,3 +286,12 @@ def truncation_curve(df: pd.DataFrame, *, ax=None):
 PLOTS = {f.__name__: f for f in (subspace_heatmap, metric_vs_rank, convergence_curves,
                                   intruder_counts, relation_bars, energy_rank, energy_rank_bars,
                                   truncation_curve)}
+_RANK_LINES = ("series", "method", "rank", "value")
+# The data columns each plot function reads (others, such as seed or quantity, are optional).
+COLUMNS = {"subspace_heatmap": ("i", "j", "phi"), "metric_vs_rank": _RANK_LINES,
+           "convergence_curves": _RANK_LINES, "intruder_counts": _RANK_LINES,
+           "relation_bars": ("rank", "directions", "value"),
+           "energy_rank": ("layer", "module", "group", "value"),
+           "energy_rank_bars": ("module", "group", "tau", "value"),
+           "truncation_curve": ("curve", "k", "value")}
+

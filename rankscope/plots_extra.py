@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .plots import OVERALL as ALL, PANEL_H, PANEL_W, PLOTS, style
+from .plots import COLUMNS, OVERALL as ALL, PANEL_H, PANEL_W, PLOTS, style
 from .verdict import metric_name
 
 
@@ -23,15 +23,19 @@ def draw_figure(df: pd.DataFrame, *, caption: str | None = None):
     """A matplotlib Figure with one panel per ``panel`` of ``df``, drawn by ``plots.PLOTS``.
 
     Raises:
-        InputError: no ``plot``/``panel`` column, or an unknown plot function.
+        InputError: no ``plot``/``panel`` column, an unknown plot function, or a panel that
+            lacks a data column its plot function reads.
     """
     import matplotlib.pyplot as plt
 
     if not {"plot", "panel"} <= set(df.columns) or df.empty:
         raise InputError("figure data needs rows and the columns 'plot' and 'panel'")
+    if df[["plot", "panel"]].isna().any().any():
+        raise InputError("figure data has rows without a plot or a panel name")
     unknown = sorted(set(df["plot"]) - set(PLOTS))
     if unknown:
         raise InputError(f"unknown plot {unknown[0]!r}; known: {', '.join(PLOTS)}")
+    check_columns(df)
     panels = list(dict.fromkeys(df["panel"]))
     n = len(panels)
     ncols = n if n <= 3 else (2 if n == 4 else 3)
@@ -50,6 +54,21 @@ def draw_figure(df: pd.DataFrame, *, caption: str | None = None):
             width = int(PANEL_W * ncols * 17)          # characters per line at 6.5 pt
             fig.text(0.01, 0.0, textwrap.fill(caption, width), ha="left", va="top", fontsize=6.5)
     return fig
+
+
+def check_columns(df: pd.DataFrame) -> None:
+    """Every panel has the data columns its plot function reads (with a value in some row).
+
+    Raises:
+        InputError: naming the panel, its plot function and the missing columns.
+    """
+    for (panel, plot), rows in df.groupby(["panel", "plot"], sort=False, dropna=False):
+        have = set(rows.dropna(axis=1, how="all").columns)
+        missing = [c for c in COLUMNS[plot] if c not in have]
+        if missing:
+            raise InputError(f"figure data for panel {panel!r} ({plot}) lacks the column"
+                             f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                             f"(it needs {', '.join(COLUMNS[plot])})")
 
 
 def _one(results: dict) -> dict[str, pd.DataFrame]:

@@ -48,7 +48,11 @@ class Section:
         """Add a figure drawn by ``draw`` (a plot function, or None for a plots_extra frame)."""
         if df is None or df.empty:
             return self.md(f"_{caption}: no data._")
-        self.blocks.append(("fig", caption, RF.figure_png(draw, df, **kw), name))
+        try:
+            png = RF.figure_png(draw, df, **kw)
+        except InputError as e:             # e.g. a metric-vs-r panel of a sweep without LoRA
+            return self.md(f"_{caption}: not available ({e})._")
+        self.blocks.append(("fig", caption, png, name))
         return self
 
     def built(self, caption: str, builder, results: dict, *, name: str, **settings) -> "Section":

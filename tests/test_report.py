@@ -71,6 +71,18 @@ def test_html_is_self_contained_and_markdown_has_its_files(tmp_path):
     assert (tmp_path / "report_files" / "fig1.png").read_bytes() == _png_1x1()
 
 
+def test_a_figure_whose_data_cannot_be_drawn_becomes_a_note():
+    import pandas as pd
+
+    # a sweep with full fine-tuning only: its metric-vs-r panel has no LoRA rank to draw
+    df = pd.DataFrame({"plot": "metric_vs_rank", "panel": "loss", "series": "full fine-tuning",
+                       "method": "full", "rank": [None], "seed": 0, "value": 3.0})
+    s = Section("Metric vs r", "metric").figure("Held-out metric vs LoRA rank", None, df,
+                                                name="metric")
+    assert [b[0] for b in s.blocks] == ["md"]
+    assert "not available" in s.blocks[0][1] and "lacks the column rank" in s.blocks[0][1]
+
+
 def test_the_recommendation_section_shows_the_validation_side_by_side(tmp_path):
     import pandas as pd
 
