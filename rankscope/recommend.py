@@ -7,8 +7,10 @@ budget allocation) and writes into the results folder:
     recommendation.csv   one row per module: the rank, its evidence and a confidence
     lora_config.json     ``peft.LoraConfig(**json.load(f))`` accepts it
     rationale.md         a short account of the evidence and the rule (``recommend_text``)
-    validate.csv         with ``--validate``: the recommended config retrained beside a
-                         uniform rank of the same parameter count (``recommend_validate``)
+    validate.csv         with ``--validate``: the recommended config retrained beside the
+                         uniform rank nearest its parameter count (``recommend_validate``;
+                         one rank on every module rarely matches it exactly, and the
+                         rationale then gives both counts)
 """
 from __future__ import annotations
 
@@ -195,7 +197,7 @@ def recommend(runs: str | Path, out: str | Path, *, budget=None,
     Args:
         budget: trainable LoRA parameters (an int, or text such as ``1.5M``, ``200k``).
         targets: module kinds or names, or ``("all-linear",)``; default: the LoRA targets.
-        validate: retrain the recommended config and a uniform rank of equal size.
+        validate: retrain the recommended config and the uniform rank nearest its size.
     Raises:
         InputError: see ``check_runs``, ``recommend_frames`` and ``parse_budget``.
     """
@@ -238,8 +240,8 @@ def recommend(runs: str | Path, out: str | Path, *, budget=None,
 @click.option("--budget", help="Trainable LoRA parameters to allocate: 1.5M, 200k, 1500000.")
 @click.option("--targets", help="Comma list of module kinds or names, or all-linear "
                                 "(default: the sweep's LoRA targets).")
-@click.option("--validate", is_flag=True, help="Retrain the recommendation and a uniform rank "
-                                               "of the same parameter count, side by side.")
+@click.option("--validate", is_flag=True, help="Retrain the recommendation and the uniform rank "
+                                               "nearest its parameter count, side by side.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def recommend_command(runs, out, budget, targets, validate, quiet):

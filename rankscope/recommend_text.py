@@ -72,11 +72,52 @@ def rationale(table: pd.DataFrame, config: dict, glob: dict, *, budget: int | No
     return "\n".join(lines)
 
 
+def size_note(side: pd.DataFrame) -> str | None:
+    """How the uniform rank's size compares with the recommendation's, in one sentence.
+
+    One integer rank r on every module costs r·Σ(d_out + d_in) parameters, so a uniform config
+    can match a per-module recommendation's count exactly only by chance: the validation
+    trains the nearest, and this says so with both counts.
+
+    Args:
+        side: one row per config, with ``config`` (``recommended``, ``uniform``), ``ranks``
+            (``r = 4``) and ``trainable_params``.
+    Returns:
+        The sentence, or None when either config is missing.
+    """
+    counts = dict(zip(side["config"], side["trainable_params"]))
+    if not {"recommended", "uniform"} <= set(counts):
+        return None
+    rec, uni = int(counts["recommended"]), int(counts["uniform"])
+    ranks = dict(zip(side["config"], side["ranks"]))["uniform"]
+    if rec == uni:
+        return (f"The uniform config ({ranks} on every module) has exactly the recommendation's "
+                f"{rec:,} trainable parameters.")
+    return (f"No uniform integer rank has exactly the recommendation's {rec:,} trainable "
+            f"parameters: the nearest, {ranks} on every module, has {uni:,} "
+            f"({uni - rec:+,}, {(uni - rec) / rec:+.1%}).")
+
+
+def validation_side(val: pd.DataFrame, *, metric: str | None = None) -> pd.DataFrame:
+    """``validate.csv`` side by side: one row per config, metrics averaged over seeds.
+
+    Args:
+        metric: with it, ``before``, ``after`` and ``after_std`` of that metric; without,
+            the mean of every ``after_<metric>`` column.
+    """
+    aggs = {"trainable_params": ("trainable_params", "first"), "seeds": ("seed", "count")}
+    if metric is None:
+        aggs |= {c: (c, "mean") for c in val.columns if c.startswith("after_")}
+    else:
+        aggs |= {"before": (f"before_{metric}", "mean"), "after": (f"after_{metric}", "mean"),
+                 "after_std": (f"after_{metric}", "std")}
+    return val.groupby(["config", "ranks"], sort=False).agg(**aggs).reset_index()
+
+
 def validation_text(val: pd.DataFrame) -> str:
-    """The validation, side by side, as Markdown."""
-    metric = [c for c in val.columns if c.startswith("after_")]
-    side = val.groupby(["config", "ranks"], sort=False).agg(
-        trainable_params=("trainable_params", "first"), seeds=("seed", "count"),
-        **{c: (c, "mean") for c in metric}).reset_index()
+    """The validation, side by side, as Markdown, with how the two configs' sizes compare."""
+    side = validation_side(val)
+    note = size_note(side)
     return "\n".join(["## Validation", "", "Retrained with the same data, seeds and steps as the "
-                      "sweep (means over seeds):", "", md_table(side), ""])
+                      "sweep (means over seeds):", "", md_table(side), "",
+                      *([note, ""] if note else [])])

@@ -1,7 +1,7 @@
 """``recommend --validate``: retrain LoRA configs on the sweep's data, seeds and steps.
 
 The recommendation is tested, not asserted: the recommended config (per-module ranks through
-``rank_pattern``) and a uniform rank of the same parameter count are trained exactly as the
+``rank_pattern``) and the uniform rank nearest its parameter count are trained exactly as the
 sweep trained its LoRA runs (same held-out split, batches, schedule, learning rate, seeds) and
 evaluated on the same held-out split. The peft model is built here from the config, around
 the helpers of ``rankscope.train``, because a sweep run has one rank for every module.

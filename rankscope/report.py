@@ -24,6 +24,7 @@ from .errors import InputError
 from .clitools import one_line_errors
 from .recommend import (VALIDATED, check_runs, ensure_tables, recommend,
                         sweep_root)
+from .recommend_text import size_note, validation_side
 from .verdict import metric_vs_rank
 
 
@@ -179,15 +180,15 @@ def recommendation_section(out: Path) -> Section:
     elif val.exists():
         v = pd.read_csv(val)
         key = "accuracy" if "after_accuracy" in v else "loss"
-        side = v.groupby(["config", "ranks"], sort=False).agg(
-            trainable_params=("trainable_params", "first"), seeds=("seed", "count"),
-            before=(f"before_{key}", "mean"), after=(f"after_{key}", "mean"),
-            after_std=(f"after_{key}", "std")).reset_index()
-        s.table(f"Validation: the recommendation and a uniform rank of the same size, retrained "
-                f"(held-out {key}, mean over seeds)", side)
+        side = validation_side(v, metric=key)
+        s.table(f"Validation: the recommendation and the uniform rank nearest its size, "
+                f"retrained (held-out {key}, mean over seeds)", side)
+        note = size_note(side)
+        if note:
+            s.md(note)
     else:
         s.md("_Validation: not run (`rankscope recommend … --validate` retrains the recommendation "
-             "beside a uniform rank of the same parameter count)._")
+             "beside the uniform rank nearest its parameter count)._")
     return s
 
 

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from rankscope import recommend_core as core
 from rankscope.errors import InputError
-from rankscope.recommend import lora_config, recommend, recommend_command, recommend_frames
+from rankscope.recommend import (lora_config, recommend, recommend_command, recommend_frames,
+                                 uniform_rank)
 
 # layer → module → planted singular values (rank = their count); q is 576×576, v is 192×576
 PLANTED = {0: {"q_proj": [1.0, 0.8], "v_proj": list(np.linspace(1.0, 0.7, 8))},
@@ -327,6 +328,29 @@ def test_results_of_another_sweep_are_one_line(planted, planted_results, tmp_pat
 
 # ---------------------------------------------------------------------------- --validate
 
+def test_the_validation_states_both_parameter_counts():
+    from rankscope.recommend_text import size_note, validation_text
+
+    val = pd.DataFrame({"config": ["recommended", "uniform"], "ranks": ["r = 4; 2 modules at "
+                        "other ranks (2–8)", "r = 4"], "seed": 0,
+                        "trainable_params": [15_360, 15_360], "after_loss": [2.0, 2.1]})
+    assert size_note(val) == ("The uniform config (r = 4 on every module) has exactly the "
+                              "recommendation's 15,360 trainable parameters.")
+    val["trainable_params"] = [13_440, 15_360]
+    text = validation_text(val)
+    assert ("No uniform integer rank has exactly the recommendation's 13,440 trainable "
+            "parameters: the nearest, r = 4 on every module, has 15,360 (+1,920, +14.3%).") in text
+    assert size_note(val[val["config"] == "uniform"]) is None
+
+
+def test_the_uniform_rank_is_the_nearest_in_size():
+    table = pd.DataFrame({"d_out": [576, 192], "d_in": [576, 576]})      # 1,920 a rank
+    assert uniform_rank(table, 13_440) == 7          # 7 × 1,920 = 13,440 exactly
+    assert uniform_rank(table, 14_300) == 7          # 13,440 is nearer than 15,360
+    assert uniform_rank(table, 14_500) == 8
+    assert uniform_rank(table, 100) == 1             # never below rank 1
+
+
 @pytest.mark.slow
 def test_validate_retrains_the_recommendation_beside_a_uniform_rank(news_sweep, tmp_path):
     out = tmp_path / "res"
@@ -342,7 +366,11 @@ def test_validate_retrains_the_recommendation_beside_a_uniform_rank(news_sweep, 
     per_rank = int((rec.table["d_out"] + rec.table["d_in"]).sum())
     assert abs(val["trainable_params"].iloc[1] - lora_params) <= per_rank / 2
     assert np.isfinite(val["after_loss"]).all() and (val["before_loss"] == val["before_loss"].iloc[0]).all()
-    assert "## Validation" in (out / "rationale.md").read_text()
+    text = (out / "rationale.md").read_text()
+    assert "## Validation" in text
+    rec_n, uni_n = (int(n) for n in val["trainable_params"])
+    assert (f"the recommendation's {rec_n:,} trainable parameters" in text
+            and (rec_n == uni_n or f"has {uni_n:,}" in text))
     assert (out / "validate" / "recommended-s0" / "adapter_config.json").exists()
     assert math.isfinite(val["final_train_loss"].iloc[0])
 

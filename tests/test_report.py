@@ -103,11 +103,15 @@ def test_the_recommendation_section_shows_the_validation_side_by_side(tmp_path):
         {"recommended": {"r": 4, "rank_pattern": {"v": 2}}, "uniform": {"r": 4}}))
     s = recommendation_section(tmp_path)
     kinds = [b[0] for b in s.blocks]
-    assert kinds == ["md", "fig", "table", "code", "table"]
-    side = s.blocks[-1][2]
+    assert kinds == ["md", "fig", "table", "code", "table", "md"]
+    side = s.blocks[-2][2]
     assert list(side["config"]) == ["recommended", "uniform"]
     assert side["after"].tolist() == pytest.approx([2.1, 2.5])
     assert side["seeds"].tolist() == [2, 2]
+    # one uniform rank cannot have the recommendation's size: both counts are stated
+    note = s.blocks[-1][1]
+    assert "No uniform integer rank has exactly the recommendation's 10,752" in note
+    assert "r = 4 on every module, has 13,824 (+3,072, +28.6%)" in note
     # a later recommendation without --validate: the old validation is flagged, not shown
     (tmp_path / "lora_config.json").write_text(json.dumps({"r": 8}))
     s = recommendation_section(tmp_path)
