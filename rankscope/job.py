@@ -2,7 +2,7 @@
 
 Resumable like the sweep: finished runs are skipped, and an analysis stage whose inputs (the
 runs' manifests) have not changed since it last completed is skipped too. Its inputs (the
-output folder, a ``--data`` file, the budget) are checked before anything trains.
+output folder, the model, a ``--data`` file, the budget) are checked before anything trains.
 """
 from __future__ import annotations
 
