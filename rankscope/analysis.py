@@ -66,10 +66,7 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
         for ds in sets:
             for d in ds:
                 s = singular_values(d, dtype=dtype, device=device)
-                ids = _ids(ds, d)
-                metrics = spectrum_metrics(s, shape=(d.d_out, d.d_in))
-                modules.append({**ids, "d_out": d.d_out, "d_in": d.d_in, **metrics})
-                spectra.extend({**ids, "index": i, "sigma": float(v)} for i, v in enumerate(s.tolist()))
+                add_module_rows(spectra, modules, _ids(ds, d), s, shape=(d.d_out, d.d_in))
                 bar.set_postfix_str(f"{ds.run}:{d.name}", refresh=False)
                 bar.update(1)
     except BaseException:
@@ -77,6 +74,28 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
         raise
     finally:
         bar.close()
+    return spectra_tables(spectra, modules)
+
+
+def add_module_rows(spectra: list[dict], modules: list[dict], ids: dict, s: torch.Tensor, *,
+                    shape: tuple[int, int]) -> None:
+    """Append one module's rows: one per singular value to ``spectra``, its measures to ``modules``.
+
+    Args:
+        ids: the ``ID_COLS`` values of the module.
+        s: (m,) its singular values, descending.
+        shape: (d_out, d_in).
+    """
+    modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape)})
+    spectra.extend({**ids, "index": i, "sigma": float(v)} for i, v in enumerate(s.tolist()))
+
+
+def spectra_tables(spectra: list[dict], modules: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``(spectra, modules)`` DataFrames of rows made by ``add_module_rows``.
+
+    Raises:
+        InputError: no rows: every ΔW was zero.
+    """
     if not modules:
         raise InputError("no updated modules found: every ΔW is zero")
     return (_tidy(spectra, ID_COLS + ["index", "sigma"]),

@@ -1,7 +1,9 @@
 """Decompose every update of a sweep once, so that each analysis reuses the same SVDs."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -9,6 +11,11 @@ import torch
 from .deltas import DeltaSet, ModuleDelta, from_runs
 from .errors import InputError
 from .spectra import dense_svd, factorized_svd, svd_device
+
+# Manifest fields that must agree across a sweep's runs: same model, same data and split, same
+# held-out set and the same training length, else their updates and metrics are not comparable.
+SAME_SETUP = ("model", "task", "data", "task_kind", "data_hash", "split_hash", "n_train_examples",
+              "n_eval_examples", "steps", "tokens_per_step")
 
 
 @dataclass(frozen=True)
@@ -30,10 +37,39 @@ class Decomp:
         """ΔW (d_out, d_in) in float64."""
         return self.delta.materialize(torch.float64)
 
+    @cached_property
+    def factor_frames(self) -> dict[str, torch.Tensor]:
+        """Hu et al.'s basis for φ: {"left": B's left singular vectors (d_out, r), "right": A's
+        right singular vectors as columns (d_in, r)}, float64, each ordered by its factor's own
+        singular values. They span ΔW's column and row spaces (when B, A have rank r) but order
+        the top-i directions differently from ΔW's singular vectors.
+
+        Raises:
+            InputError: a dense update, which has no factors.
+        """
+        if not self.delta.factored:
+            raise InputError(f"{self.name}: a dense update has no LoRA factors A and B")
+        u_b = torch.linalg.svd(self.delta.B.double(), full_matrices=False)[0]  # (d_out, r)
+        v_a = torch.linalg.svd(self.delta.A.double().T, full_matrices=False)[0]  # (d_in, r)
+        return {"left": u_b, "right": v_a}
+
+
+@dataclass(frozen=True)
+class ModuleSpectrum:
+    """The singular values of one module's ΔW, with the identifiers a spectra row carries."""
+
+    name: str
+    layer: int | None
+    module: str
+    rank: int | None         # the module's LoRA rank; None for a dense update
+    d_out: int
+    d_in: int
+    S: torch.Tensor          # (m,) descending
+
 
 @dataclass(frozen=True)
 class RunDecomp:
-    """One run's identifiers, manifest and per-module decompositions."""
+    """One run's identifiers, manifest, per-module decompositions and (optionally) spectra."""
 
     run: str
     method: str
@@ -41,6 +77,7 @@ class RunDecomp:
     seed: int | None
     manifest: dict
     modules: dict[str, Decomp]
+    spectra: tuple[ModuleSpectrum, ...] = ()   # every module of the run, in file order
 
 
 def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
@@ -57,15 +94,17 @@ def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
                   delta)
 
 
-def decompose_sweep(path: str | Path, *, keep: int | None = None,
-                    names: set[str] | None = None) -> list[RunDecomp]:
+def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str] | None = None,
+                    spectra: bool = False, progress: bool = False) -> list[RunDecomp]:
     """Decompose every finished run under ``path``, on the modules LoRA adapted.
 
-    Full runs hold every linear module; only those some LoRA run also adapted are kept (all
-    of them when the sweep has no LoRA run, or ``names`` when given).
+    Full runs hold every linear module; only those some LoRA run also adapted are decomposed
+    (all of them when the sweep has no LoRA run, or ``names`` when given). With ``spectra``,
+    every other module's singular values are computed too (``analysis.singular_values``), so
+    that each run's ``spectra`` lists every module once, and each ΔW is decomposed once.
 
     Raises:
-        InputError: no finished runs, or runs of different models or tasks mixed together.
+        InputError: no finished runs, or runs of different setups mixed together.
     """
     sets = from_runs(path)
     check_same_setup(sets)
@@ -74,25 +113,42 @@ def decompose_sweep(path: str | Path, *, keep: int | None = None,
         lora = [s for s in sets if s.method == "lora"]
         if lora:
             lora_names = {d.name for d in lora[0]}
-    out = []
-    for s in sets:
-        mods = {}
-        for d in s:
-            if lora_names is None or d.name in lora_names:
-                mods[d.name] = decompose(d, keep=keep if s.method == "full" else None)
-        out.append(RunDecomp(s.run, s.method, s.rank, s.seed, s.meta, mods))
-    return out
+    from tqdm.auto import tqdm
+
+    total = sum(s.n_modules or 0 for s in sets) or None
+    with tqdm(total=total, desc="decompose", unit="module", disable=not progress,
+              file=sys.stderr) as bar:
+        return [_decompose_run(s, lora_names, keep=keep, spectra=spectra, bar=bar) for s in sets]
+
+
+def _decompose_run(s: DeltaSet, names: set[str] | None, *, keep, spectra: bool, bar) -> RunDecomp:
+    from .analysis import singular_values
+
+    mods, specs = {}, []
+    for d in s:
+        analysed = names is None or d.name in names
+        if analysed:
+            mods[d.name] = decompose(d, keep=keep if s.method == "full" else None)
+        if spectra:  # the decomposition's S when it kept the whole spectrum, else svdvals
+            whole = analysed and (keep is None or s.method != "full")
+            sv = mods[d.name].S if whole else singular_values(d)
+            specs.append(ModuleSpectrum(d.name, d.layer, d.module, d.rank, d.d_out, d.d_in, sv))
+        bar.update(1)
+    return RunDecomp(s.run, s.method, s.rank, s.seed, s.meta, mods, tuple(specs))
 
 
 def check_same_setup(sets: list[DeltaSet]) -> None:
-    """All runs must come from one model and one dataset, else comparisons mean nothing.
+    """All runs must share a model, data, held-out set and training length (``SAME_SETUP``),
+    else comparisons mean nothing.
 
     Raises:
-        InputError: naming the two runs that differ and how.
+        InputError: naming the two runs that differ and the field.
     """
+    if not sets:
+        raise InputError("no finished runs to compare")
     first = sets[0]
     for s in sets[1:]:
-        for key in ("model", "task", "data_hash", "split_hash"):
+        for key in SAME_SETUP:
             if s.meta.get(key) != first.meta.get(key):
                 raise InputError(f"runs {first.run} and {s.run} differ in {key} "
                                  f"({first.meta.get(key)} vs {s.meta.get(key)}): mixed sweeps")

@@ -96,12 +96,12 @@ def verdict(frames: dict[str, pd.DataFrame]) -> tuple[str, dict]:
 def _text(ev: dict) -> str:
     m = ev["match"]
     lines = ["## Verdict", ""]
-    holds = []
+    holds = {}      # test → whether it supports the hypothesis
     if m.get("rank") is not None:
         lines.append(f"- LoRA at r = {m['rank']} matches full fine-tuning: {m['metric']} "
                      f"{m['lora']:.4g} vs {m['full']:.4g} (tolerance {m['tolerance']:.3g}, full gain "
                      f"{m['gain']:.3g} over the base model).")
-        holds.append(m["rank"] <= 16)
+        holds["match"] = m["rank"] <= 16
     elif m.get("no_gain"):
         lines.append(f"- Full fine-tuning did not improve on the base model ({m['metric']} "
                      f"{m['full']:.4g}, gain {m['gain']:.3g}): there is no gain whose rank to measure.")
@@ -110,7 +110,7 @@ def _text(ev: dict) -> str:
         return "\n".join(lines) + "\n"
     elif m.get("full") is not None:
         lines.append(f"- No LoRA rank matched full fine-tuning's {m['metric']} {m['full']:.4g}.")
-        holds.append(False)
+        holds["match"] = False
     er, dmin = ev.get("full_energy_rank_90"), ev.get("full_min_dim")
     if er is not None:
         lines.append(f"- 90% of the full update's energy needs a median rank k₉₀ = {er:.0f} per "
@@ -122,7 +122,7 @@ def _text(ev: dict) -> str:
         lines.append(f"- Truncating the full update keeps {shown}: its functional rank.")
         k90 = fr.get("90%")
         if k90 is not None and dmin:
-            holds.append(k90 <= max(16, dmin // 8))
+            holds["truncation"] = k90 <= max(16, dmin // 8)
     if ev.get("phi_top_ranks") is not None:
         lines.append(f"- The top direction of different ranks overlaps with median φ = "
                      f"{ev['phi_top_ranks']:.2f} against a random null of {ev['phi_top_null']:.3f}.")
@@ -130,16 +130,29 @@ def _text(ev: dict) -> str:
         (rs, a_s), (rl, a_l) = ev["amp_small"], ev["amp_large"]
         lines.append(f"- Amplification ‖ΔW‖/‖UᵀWV‖ is {a_s:.3g} at r = {rs} and {a_l:.3g} at r = {rl}.")
     lines.append("")
-    if holds and all(holds):
-        lines.append("**The hypothesis holds here:** a low rank reaches full fine-tuning's quality.")
-    elif any(holds):
-        lines.append("**Mixed evidence:** part of the gain lives in a low-rank subspace, but no "
-                     "low-rank LoRA run reached full fine-tuning within the tolerance.")
-    elif holds:
-        lines.append("**The hypothesis does not hold here:** the update needs a high rank.")
-    else:
-        lines.append("**Not enough evidence:** the sweep needs a full run and LoRA runs to decide.")
+    lines.append(_conclusion(holds, ev))
     lines.append("It would have been refuted if no r ≤ 16 came within the tolerance of full "
                  "fine-tuning, or if truncating the full update to 90% of its gain needed a rank "
                  "near min(d_out, d_in).")
     return "\n".join(lines) + "\n"
+
+
+def _conclusion(holds: dict[str, bool], ev: dict) -> str:
+    """The bold conclusion from the tests that were run: "match" (a LoRA rank ≤ 16 matches full
+    fine-tuning) and "truncation" (90% of the full update's gain survives truncation to a low
+    rank); each mixed case says which test failed."""
+    if not holds:
+        return "**Not enough evidence:** the sweep needs a full run and LoRA runs to decide."
+    if all(holds.values()):
+        return "**The hypothesis holds here:** a low rank reaches full fine-tuning's quality."
+    if not any(holds.values()):
+        return "**The hypothesis does not hold here:** the update needs a high rank."
+    if holds.get("match"):
+        k90 = ev["functional_rank"]["90%"]
+        return (f"**Mixed evidence:** LoRA at r = {ev['match']['rank']} reached full fine-tuning "
+                f"within the tolerance, but the full update keeps 90% of its gain only from "
+                f"k = {k90} directions: full fine-tuning spread its gain over more directions "
+                "than LoRA needed.")
+    return ("**Mixed evidence:** part of the gain lives in a low-rank subspace (truncating the "
+            "full update to a low rank keeps 90% of it), but no LoRA run of r ≤ 16 reached full "
+            "fine-tuning within the tolerance.")

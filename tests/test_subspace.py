@@ -12,9 +12,11 @@ from rankscope.errors import InputError
 from rankscope.spectra import dense_svd
 from rankscope.subspace import (
     amplification,
+    counts_below,
     energy_in_subspace,
     intruder_counts,
     intruder_dimensions,
+    intruder_max_cos,
     phi,
     phi_grid,
     phi_null_draws,
@@ -23,6 +25,7 @@ from rankscope.subspace import (
     projection_norms,
     random_orthonormal,
     relative_fro_distance,
+    top_left_singular,
 )
 
 
@@ -210,3 +213,59 @@ def test_bad_inputs_raise_input_error():
         relative_fro_distance(q, torch.zeros(10, 10))
     with pytest.raises(InputError, match="k=12"):
         random_orthonormal(10, 12, generator=_gen())
+
+
+# ------------------------------------------- top-k of W0 + L Rᵀ without its SVD (intruders)
+
+def _planted_update(d_out, d_in, r, scale, seed):
+    """L (d_out, r), R (d_in, r): a rank-r update with singular values scale·(1 … 0.5)."""
+    gen = _gen(seed)
+    u, v = random_orthonormal(d_out, r, generator=gen), random_orthonormal(d_in, r, generator=gen)
+    return u * (scale * torch.linspace(1.0, 0.5, r, dtype=torch.float64)), v
+
+
+@pytest.mark.parametrize("d_out, d_in", [(576, 576), (192, 576)])
+@pytest.mark.parametrize("r, scale", [(1, 0.01), (8, 0.3), (64, 0.5), (1, 2.0), (16, 3.0)])
+def test_top_left_singular_equals_the_dense_svd(d_out, d_in, r, scale):
+    """Real-size random W0 (clustered top spectrum: the hard case) plus planted updates from
+    tiny to dominating (an intruder on top): vectors, values and intruder cosines as a float64
+    dense SVD of W0 + L Rᵀ gives them."""
+    w0 = torch.randn(d_out, d_in, generator=_gen(d_out + r), dtype=torch.float64)
+    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
+    left, right = _planted_update(d_out, d_in, r, scale * float(s0[0]), seed=r)
+    u, s = top_left_singular(u0, s0, vh0, left, right, k=10)
+    ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
+    np.testing.assert_allclose(s.numpy(), sd[:10].numpy(), rtol=1e-12)
+    np.testing.assert_allclose((u.T @ ud[:, :10]).abs().diagonal().numpy(), 1.0, atol=1e-10)
+    np.testing.assert_allclose(intruder_max_cos(u, u0), intruder_max_cos(ud[:, :10], u0),
+                               atol=1e-10)
+    if scale >= 2.0:  # a planted direction far above W0's spectrum is an intruder
+        assert intruder_max_cos(u, u0)[0] < 0.5
+
+
+def test_top_left_singular_dense_fallback_and_exact_small_cases():
+    sig = torch.linspace(10, 1, 30, dtype=torch.float64)
+    w0, _, _ = _w_with_spectrum(sig, 30, 40, seed=14)
+    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
+    left, right = _planted_update(30, 40, 3, 12.0, seed=15)
+    ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
+    for max_iter in (0, 40):  # 0: straight to the dense eigenproblem of H
+        u, s = top_left_singular(u0, s0, vh0, left, right, k=30, max_iter=max_iter)
+        np.testing.assert_allclose(s.numpy(), sd.numpy(), rtol=1e-10)
+        np.testing.assert_allclose((u.T @ ud).abs().diagonal().numpy(), 1.0, atol=1e-8)
+    zero = top_left_singular(u0, s0, vh0, left * 0, right, k=5)  # ΔW = 0: W0's own vectors
+    np.testing.assert_allclose(zero[1].numpy(), sig[:5].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(intruder_max_cos(zero[0], u0), 1.0, atol=1e-12)
+
+
+def test_top_left_singular_and_counts_refuse_bad_inputs():
+    w0 = torch.randn(40, 30, generator=_gen(16), dtype=torch.float64)
+    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)  # d_out > d_in: U0 is not square
+    with pytest.raises(InputError, match="d_out ≤ d_in"):
+        top_left_singular(u0, s0, vh0, torch.zeros(40, 1), torch.zeros(30, 1))
+    u0, s0, vh0 = torch.linalg.svd(w0.T, full_matrices=False)
+    with pytest.raises(InputError, match="k=31"):
+        top_left_singular(u0, s0, vh0, torch.zeros(30, 1), torch.zeros(40, 1), k=31)
+    with pytest.raises(InputError, match="eps"):
+        counts_below(np.array([0.2]), (0.5, 1.5))
+    assert counts_below(np.array([0.2, 0.45, 0.9]), (0.3, 0.5, 1.0)) == {0.3: 1, 0.5: 2, 1.0: 3}
