@@ -124,7 +124,7 @@ def validate(runs: str | Path, configs: dict[str, dict], *, out: str | Path,
     if any(s.meta.get("split_hash") not in (None, task.split_hash) for s in sets):
         raise InputError(f"{runs} was evaluated on another held-out split than its sweep.yaml gives")
     dist = T.setup_dist(cfg.device)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else dist.device.type == "cuda"
+    bf16 = T.use_bf16(cfg.bf16, dist.device)
     out, rows, done = Path(out), [], {}
     for label, config in configs.items():
         key = json.dumps(config, sort_keys=True)

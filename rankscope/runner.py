@@ -118,7 +118,7 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, *, method: str, r
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else dist.device.type == "cuda"
+    bf16 = T.use_bf16(cfg.bf16, dist.device)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)     # this run's peak, not the sweep's
     model = build_model(cfg, task, method=method, rank=rank, seed=seed).to(dist.device)

@@ -103,7 +103,7 @@ def base_evaluation(cfg: SweepConfig, task, out: Path, dist: T.Dist, *, model) -
         if cached.get("split_hash") == task.split_hash:
             return cached["metrics"]
     model = model.to(dist.device)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else dist.device.type == "cuda"
+    bf16 = T.use_bf16(cfg.bf16, dist.device)
     metrics = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
     if dist.main:
         atomic_write_json(path, {"split_hash": task.split_hash, "metrics": metrics})

@@ -87,7 +87,7 @@ def truncation_curve(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: t
             slots[name] = w
             w0[name] = w - (U * S) @ Vh if merged else w.clone()
     model.to(device)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    bf16 = T.use_bf16(cfg.bf16, device)
     max_rank = max(S.numel() for _, _, S, _ in svds)
     rows = []
     for k in tqdm([k for k in ks if k < max_rank] + [max_rank], desc=f"truncate {run_dir.name}",

@@ -32,7 +32,7 @@ from rankscope.models import find_linear_modules, load_backbone, match_name
 from rankscope.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32)
+TINY = dict(batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32, bf16=False)
 RUN_FILES = {"config.yaml", "manifest.json", "metrics.jsonl", "updates.safetensors"}
 
 

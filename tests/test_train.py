@@ -308,3 +308,11 @@ def test_a_run_folder_under_a_file_is_an_input_error(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(InputError, match="cannot create run folder"):
         R.claim_run_dir(tmp_path / "file.txt" / "run", "method: full\n")
+
+
+def test_bf16_autocast_by_default_only_where_the_chip_has_native_bf16():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert T.use_bf16(True, cpu) is True and T.use_bf16(False, cuda) is False   # as set
+    assert T.use_bf16(None, cuda) is True
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert T.use_bf16(None, cpu) is bool(native)      # no reference-GEMM bf16 on other CPUs
