@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -29,7 +30,9 @@ def singular_values(delta: ModuleDelta, *, dtype: torch.dtype = torch.float32,
     """
     if delta.factored:
         return factorized_svdvals(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
-    return dense_svd(delta.dense, dtype=dtype, compute_uv=False, device=device)
+    # σ(ΔWᵀ) = σ(ΔW); LAPACK is ~2× faster on a tall row-major matrix than on a wide one
+    x = delta.dense if delta.d_out >= delta.d_in else delta.dense.T
+    return dense_svd(x, dtype=dtype, compute_uv=False, device=device)
 
 
 def _ids(ds: DeltaSet, d: ModuleDelta) -> dict:
@@ -38,7 +41,7 @@ def _ids(ds: DeltaSet, d: ModuleDelta) -> dict:
             "layer": d.layer, "module": d.module, "name": d.name}
 
 
-def _tidy(rows: list[dict], cols: list[str]) -> pd.DataFrame:
+def _tidy(rows: list[dict] | pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=cols)
     for col in ("rank", "seed", "layer"):
         df[col] = df[col].astype("Int64")   # nullable: empty for full updates / non-block modules
@@ -77,9 +80,9 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
     return spectra_tables(spectra, modules)
 
 
-def add_module_rows(spectra: list[dict], modules: list[dict], ids: dict, s: torch.Tensor, *,
+def add_module_rows(spectra: list, modules: list[dict], ids: dict, s: torch.Tensor, *,
                     shape: tuple[int, int]) -> None:
-    """Append one module's rows: one per singular value to ``spectra``, its measures to ``modules``.
+    """Append one module's rows: its singular values to ``spectra``, its measures to ``modules``.
 
     Args:
         ids: the ``ID_COLS`` values of the module.
@@ -87,18 +90,26 @@ def add_module_rows(spectra: list[dict], modules: list[dict], ids: dict, s: torc
         shape: (d_out, d_in).
     """
     modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape)})
-    spectra.extend({**ids, "index": i, "sigma": float(v)} for i, v in enumerate(s.tolist()))
+    spectra.append((ids, s.detach().cpu().double().numpy()))
 
 
-def spectra_tables(spectra: list[dict], modules: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def spectra_tables(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``(spectra, modules)`` DataFrames of rows made by ``add_module_rows``.
+
+    The spectra table is built column by column (one row per singular value: ~10⁵ rows for a
+    full model), not from a dict per row.
 
     Raises:
         InputError: no rows: every ΔW was zero.
     """
     if not modules:
         raise InputError("no updated modules found: every ΔW is zero")
-    return (_tidy(spectra, ID_COLS + ["index", "sigma"]),
+    counts = [len(s) for _, s in spectra]
+    cols = {c: np.repeat(np.array([ids[c] for ids, _ in spectra], dtype=object), counts)
+            for c in ID_COLS}
+    cols["index"] = np.concatenate([np.arange(n) for n in counts])
+    cols["sigma"] = np.concatenate([s for _, s in spectra])
+    return (_tidy(pd.DataFrame(cols), ID_COLS + ["index", "sigma"]),
             _tidy(modules, ID_COLS + ["d_out", "d_in"] + METRIC_COLS))
 
 

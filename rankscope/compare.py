@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .decompose import Decomp, RunDecomp, decompose_sweep
+from .decompose import (Decomp, RunDecomp, base_svds, base_weights, decompose_sweep,
+                        spectra_tables, tall_svd)
+from .deltas import from_runs
 from .errors import InputError
-from .models import find_linear_modules, linear_weight, load_backbone, match_name
-from .spectra import dense_svd
 from .subspace import (amplification, counts_below, energy_in_subspace, intruder_max_cos, phi,
                        phi_grid, phi_null_draws, phi_null_mean, projection_norms,
                        random_orthonormal, top_left_singular)
@@ -90,12 +90,14 @@ def subspace_similarity(runs: list[RunDecomp], *, n_draws: int = 100) -> pd.Data
             for side in SIDES:
                 ua, ub = frame(da, side, basis), frame(db, side, basis)
                 m = min(x for x in (a.rank, b.rank, ua.shape[1], ub.shape[1]) if x)
-                ua, ub, n = ua[:, :m], ub[:, :m], ua.shape[0]
+                n = ua.shape[0]
+                grid = phi_grid(ua, ub, imax=m, jmax=m)  # (m, m): φ(i, i) on its diagonal
                 for i in sorted({1, m}):
                     mean, std = _null(n, i, i, cache, n_draws)
                     rows.append({**_pair_ids(kind, a, b), "layer": da.layer, "module": da.module,
                                  "name": name, "side": side, "basis": basis, "i": i, "j": i,
-                                 "phi": phi(ua, ub, i, i), "null_mean": phi_null_mean(n, i, i),
+                                 "phi": float(grid[i - 1, i - 1]),
+                                 "null_mean": phi_null_mean(n, i, i),
                                  "null_draw_mean": mean, "null_draw_std": std})
     return _typed(pd.DataFrame(rows), ("rank_1", "rank_2", "seed_1", "seed_2", "layer"))
 
@@ -144,10 +146,7 @@ def subspace_grids(runs: list[RunDecomp], *, layers: list[int] | None = None,
     if not pairs:
         return pd.DataFrame()
     all_layers = sorted({d.layer for d in pairs[0][1].modules.values() if d.layer is not None})
-    missing = [x for x in layers or [] if x not in all_layers]
-    if missing:
-        raise InputError(f"grid layer {missing[0]} is not in the sweep's analysed modules "
-                         f"(layers: {_spans(all_layers) or 'none'})")
+    require_layers(layers, all_layers)
     layers = layers or ([all_layers[len(all_layers) // 2]] if all_layers else [])
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -162,6 +161,14 @@ def subspace_grids(runs: list[RunDecomp], *, layers: list[int] | None = None,
     if not rows:
         return pd.DataFrame()
     return _typed(pd.concat(rows, ignore_index=True), ("rank_1", "rank_2", "seed_1", "seed_2", "layer"))
+
+
+def require_layers(layers: list[int] | None, have: list[int]) -> None:
+    """Raise InputError naming the first of ``layers`` not in ``have``, and those there are."""
+    missing = [x for x in layers or [] if x not in have]
+    if missing:
+        raise InputError(f"grid layer {missing[0]} is not in the sweep's analysed modules "
+                         f"(layers: {_spans(have) or 'none'})")
 
 
 def _grid_rows(kind, a, b, da: Decomp, ua, ub, side: str, gen) -> list[pd.DataFrame]:
@@ -202,15 +209,17 @@ def convergence(runs: list[RunDecomp]) -> pd.DataFrame:
     full = {r.seed: r for r in runs if r.method == "full"}
     lora = sorted((r for r in runs if r.method == "lora"), key=lambda r: (_seed_key(r.seed), r.rank))
     nxt = {(a.run): b for a, b in zip(lora, lora[1:]) if a.seed == b.seed}
-    rows = []
+    rows, dense_full, last = [], {}, None   # module → (ΔW_full in float64, its norm) of f
     for r in lora:
         f = full.get(r.seed, next(iter(full.values()), None))
+        if f is not last:   # runs come seed by seed: each full ΔW is made once
+            dense_full, last = {}, f
         for name, d in r.modules.items():
             row = {"run": r.run, "method": "lora", "rank": r.rank, "seed": r.seed,
                    "layer": d.layer, "module": d.module, "name": name, "fro_norm": d.fro}
             df = f.modules.get(name) if f else None
             if df is not None:
-                row.update(_against_full(d, df, r.rank))
+                row.update(_against_full(d, df, r.rank, dense_full))
             n = nxt.get(r.run)
             if n is not None and name in n.modules:
                 k = min(r.rank, d.S.numel())
@@ -221,36 +230,19 @@ def convergence(runs: list[RunDecomp]) -> pd.DataFrame:
     return _typed(pd.DataFrame(rows), ("rank", "seed", "layer"))
 
 
-def _against_full(d: Decomp, df: Decomp, rank: int) -> dict:
+def _against_full(d: Decomp, df: Decomp, rank: int, cache: dict) -> dict:
     """rel_dist, phi_full_{side}, energy_share and full_fro_norm of one LoRA module."""
-    full_dense = df.dense()  # (d_out, d_in)
-    row = {"rel_dist": float(torch.linalg.matrix_norm(d.dense() - full_dense) /
-                             torch.linalg.matrix_norm(full_dense))}
+    if df.name not in cache:
+        full_dense = df.dense()  # (d_out, d_in)
+        cache[df.name] = (full_dense, torch.linalg.matrix_norm(full_dense))
+    full_dense, full_norm = cache[df.name]
+    row = {"rel_dist": float(torch.linalg.matrix_norm(d.dense() - full_dense) / full_norm)}
     k = min(rank, d.S.numel(), df.S.numel())
     for side in SIDES:
         row[f"phi_full_{side}"] = phi(frame(d, side)[:, :k], frame(df, side)[:, :k], k, k)
     row["energy_share"] = energy_in_subspace(d.U, df.U, df.S)
     row["full_fro_norm"] = df.fro
     return row
-
-
-def base_weights(runs: list[RunDecomp]) -> dict[str, torch.Tensor]:
-    """W_0 of every analysed module, from the runs' base model, keyed by the runs' names."""
-    model_path = runs[0].manifest.get("model_path") or runs[0].manifest.get("model")
-    base = load_backbone(model_path)
-    infos = {i.name for i in find_linear_modules(base)}
-    names = {n for r in runs for n in r.modules}
-    out = {}
-    for n in names:
-        hit = match_name(n, infos)
-        if hit is not None:
-            out[n] = linear_weight(base.get_submodule(hit)).detach().double()
-    return out
-
-
-def base_svds(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """W_0's thin SVD (U, S, Vh) in float64, once per module: shared by ΔW-vs-W and intruders."""
-    return {n: dense_svd(w, dtype=torch.float64) for n, w in weights.items()}
 
 
 def relation_to_w(runs: list[RunDecomp], weights: dict[str, torch.Tensor], *,
@@ -298,10 +290,12 @@ def intruders(runs: list[RunDecomp], weights: dict[str, torch.Tensor], *, k: int
             kk = min(k, d.d_out, d.d_in)
             u0, s0, vh0 = svds[name]
             if d.delta.factored and d.d_out <= d.d_in and not dense:
-                y = top_left_singular(u0, s0, vh0, d.U * d.S, d.Vh.T, k=kk)[0]  # (d_out, kk)
+                cos = top_left_singular(u0, s0, vh0, d.U * d.S, d.Vh.T, k=kk)[2]  # (d_out, kk)
+                max_cos = cos.abs().max(dim=0).values.numpy()
             else:
-                y = dense_svd(weights[name] + d.dense(), dtype=torch.float32)[0][:, :kk]
-            counts = counts_below(intruder_max_cos(y, u0), eps_values)
+                y = tall_svd(weights[name] + d.dense(), dtype=torch.float32)[0][:, :kk]
+                max_cos = intruder_max_cos(y, u0)
+            counts = counts_below(max_cos, eps_values)
             rows.extend({"run": r.run, "method": r.method, "rank": r.rank, "seed": r.seed,
                          "layer": d.layer, "module": d.module, "name": name, "k": kk,
                          "eps": e, "count": c} for e, c in counts.items())
@@ -329,20 +323,6 @@ def _typed(df: pd.DataFrame, cols) -> pd.DataFrame:
     return df
 
 
-def spectra_tables(runs: list[RunDecomp]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(spectra, modules)`` as ``analysis.analyze_deltas`` makes them, from the singular values
-    ``decompose_sweep(..., spectra=True)`` already holds (no SVD here)."""
-    from .analysis import add_module_rows, spectra_tables as tables
-
-    spectra, modules = [], []
-    for r in runs:
-        for m in r.spectra:
-            ids = {"run": r.run, "method": r.method, "rank": m.rank if r.method == "lora" else None,
-                   "seed": r.seed, "layer": m.layer, "module": m.module, "name": m.name}
-            add_module_rows(spectra, modules, ids, m.S, shape=(m.d_out, m.d_in))
-    return tables(spectra, modules)
-
-
 def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
                    n_draws: int = 100, progress: bool = False) -> dict[str, pd.DataFrame]:
     """Every analysis of a sweep but the truncation test, as {table name: DataFrame}.
@@ -351,6 +331,10 @@ def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
     per full-run module, svdvals for the full runs' other modules), and W_0 once per module
     (``base_svds``); every table reuses those.
     """
+    if grid_layers:     # refused before any SVD, from the names of one LoRA run's modules
+        lora = [s for s in from_runs(path) if s.method == "lora"]
+        if lora:
+            require_layers(grid_layers, sorted({d.layer for d in lora[0] if d.layer is not None}))
     runs = decompose_sweep(path, keep=None, spectra=True, progress=progress)
     weights = base_weights(runs)
     svds = base_svds(weights)

@@ -401,7 +401,7 @@ def intruder_counts(
 def top_left_singular(
     U0: Tensor, S0: Tensor, Vh0: Tensor, L: Tensor, R: Tensor, *, k: int = 10,
     tol: float = 1e-12, max_iter: int = 40,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k left singular vectors and values of W = W0 + L Rᵀ from W0's SVD, without W's SVD.
 
     With W0 = U0 diag(S0) Vh0 and U0 square (d_out ≤ d_in), the Gram matrix of W in U0's basis
@@ -427,7 +427,9 @@ def top_left_singular(
         max_iter: Davidson rounds before the dense fallback.
 
     Returns:
-        U (d_out, k) and S (k,) descending, float64.
+        U (d_out, k), S (k,) descending, and X = U0ᵀU (d_out, k): U's coordinates in W0's
+        left singular basis, i.e. cos(u_j, u0_i) = X[i, j] (intruders: ``X.abs().max(0)``);
+        all float64.
 
     Raises:
         InputError: shapes that do not fit (U0 not square, d_out > d_in) or k out of range.
@@ -454,7 +456,7 @@ def top_left_singular(
         h = torch.diag(lam) + c @ b.T + b @ cf.T
         theta, x = torch.linalg.eigh((h + h.T) / 2)
         theta, x = theta.flip(0)[:k], x.flip(1)[:, :k]
-    return U0.to(f64) @ x, theta.clamp(min=0).sqrt()
+    return U0.to(f64) @ x, theta.clamp(min=0).sqrt(), x
 
 
 def _start_block(d: int, k: int, b: Tensor) -> Tensor:

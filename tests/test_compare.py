@@ -2,9 +2,9 @@
 the dense ones, Hu et al.'s A/B basis for φ, and the edge cases of the figure pairs, the grid
 layers, mixed setups and the verdict.
 
-The sweep is built by hand on the SmolLM2 slice's own names and real shapes (q 576×576, v
-192×576, MLP 1536×576): full runs with random dense ΔW on all 14 modules and LoRA runs r = 1, 4
-(two seeds) on q and v, one of them with a planted direction far above W0's spectrum.
+The sweep is built by hand on the SmolLM2 slice's own names and real shapes (q 576×576, k and
+v 192×576, down_proj 576×1536): full runs with random dense ΔW on those 8 modules and LoRA runs
+r = 1, 4 (two seeds) on q and v, one of them with a planted direction far above W0's spectrum.
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from rankscope.errors import InputError
 from rankscope.subspace import phi, random_orthonormal
 from rankscope.verdict import verdict
 
-KINDS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
-         "self_attn.v_proj": (192, 576), "self_attn.o_proj": (576, 576),
-         "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576), "mlp.down_proj": (576, 1536)}
+KINDS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),   # full runs: 4 of
+         "self_attn.v_proj": (192, 576), "mlp.down_proj": (576, 1536)}       # the 7 kinds
 LORA = ("self_attn.q_proj", "self_attn.v_proj")
 RANKS, SEEDS = (1, 4), (0, 1)
 
@@ -215,6 +214,13 @@ def test_an_unknown_grid_layer_names_the_layers_there_are():
     with pytest.raises(InputError, match=r"grid layer 99 .*\(layers: 0–1\)"):
         C.subspace_grids(runs, layers=[99])
     assert C._spans([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+
+
+def test_compare_refuses_an_unknown_grid_layer_before_any_svd(sweep, monkeypatch):
+    monkeypatch.setattr(C, "decompose_sweep", lambda *a, **k: pytest.fail("decomposed first"))
+    with pytest.raises(InputError, match=r"^grid layer 99 is not in the sweep's analysed "
+                                         r"modules \(layers: 0–1\)$"):
+        C.compare_frames(sweep, grid_layers=[0, 99])
 
 
 # ---------------------------------------------------------------------- mixed setups

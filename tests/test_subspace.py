@@ -233,12 +233,14 @@ def test_top_left_singular_equals_the_dense_svd(d_out, d_in, r, scale):
     w0 = torch.randn(d_out, d_in, generator=_gen(d_out + r), dtype=torch.float64)
     u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
     left, right = _planted_update(d_out, d_in, r, scale * float(s0[0]), seed=r)
-    u, s = top_left_singular(u0, s0, vh0, left, right, k=10)
+    u, s, cos = top_left_singular(u0, s0, vh0, left, right, k=10)
     ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
     np.testing.assert_allclose(s.numpy(), sd[:10].numpy(), rtol=1e-12)
     np.testing.assert_allclose((u.T @ ud[:, :10]).abs().diagonal().numpy(), 1.0, atol=1e-10)
     np.testing.assert_allclose(intruder_max_cos(u, u0), intruder_max_cos(ud[:, :10], u0),
                                atol=1e-10)
+    np.testing.assert_allclose(cos.abs().max(dim=0).values.numpy(), intruder_max_cos(u, u0),
+                               atol=1e-12)
     if scale >= 2.0:  # a planted direction far above W0's spectrum is an intruder
         assert intruder_max_cos(u, u0)[0] < 0.5
 
@@ -250,7 +252,7 @@ def test_top_left_singular_dense_fallback_and_exact_small_cases():
     left, right = _planted_update(30, 40, 3, 12.0, seed=15)
     ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
     for max_iter in (0, 40):  # 0: straight to the dense eigenproblem of H
-        u, s = top_left_singular(u0, s0, vh0, left, right, k=30, max_iter=max_iter)
+        u, s, _ = top_left_singular(u0, s0, vh0, left, right, k=30, max_iter=max_iter)
         np.testing.assert_allclose(s.numpy(), sd.numpy(), rtol=1e-10)
         np.testing.assert_allclose((u.T @ ud).abs().diagonal().numpy(), 1.0, atol=1e-8)
     zero = top_left_singular(u0, s0, vh0, left * 0, right, k=5)  # ΔW = 0: W0's own vectors
