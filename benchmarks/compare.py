@@ -35,6 +35,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))   # this checkout's rankscope, whatever else is installed
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- benchmarks/compare.py: begin -->", "<!-- benchmarks/compare.py: end -->"
 OLD_REV = "ab081b9"     # the last revision whose compare decomposed updates several times
@@ -48,7 +49,8 @@ def machine_heading() -> str:
     """One line naming the machine, the software and the date the numbers were taken on."""
     return (f"{platform.processor() or platform.machine()}, {platform.platform()}, "
             f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
-            f"torch {torch.__version__}, {dt.date.today().isoformat()}")
+            f"torch {torch.__version__}, {dt.date.today().isoformat()}, load average "
+            f"{os.getloadavg()[0]:.1f} at the end (other jobs on the machine)")
 
 
 def ensure_sweep(runs: Path) -> Path:
