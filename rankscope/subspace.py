@@ -490,6 +490,8 @@ def _davidson(hx, diag: Tensor, v: Tensor, *, k: int, tol: float, max_iter: int)
         t = v.T @ hv
         theta, s = torch.linalg.eigh((t + t.T) / 2)
         theta, s = theta.flip(0)[:k], s.flip(1)[:, :k]  # (k,), (p, k) descending
+        if not bool(torch.isfinite(theta).all()):
+            return None, None
         x = v @ s  # (d, k) Ritz vectors
         res = hv @ s - x * theta  # (d, k)
         bad = torch.linalg.vector_norm(res, dim=0) > tol * theta[0].abs().clamp(min=1e-300)
@@ -503,6 +505,7 @@ def _davidson(hx, diag: Tensor, v: Tensor, *, k: int, tol: float, max_iter: int)
         m_r, m_x = res[:, bad] / den, x[:, bad] / den
         eps = (x[:, bad] * m_r).sum(0) / (x[:, bad] * m_x).sum(0)
         w = m_r - eps * m_x  # Olsen: xᵀw = 0, so w is not lost against x in span(v)
+        w = torch.where(torch.isfinite(w).all(0), w, m_r)  # xᵀM⁻¹x = 0: plain Davidson
         if v.shape[1] + w.shape[1] > max(d // 2, 3 * k):
             v, hv = x, hv @ s  # restart from the Ritz vectors
         q = _orth(w, v)
