@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+from clichecks import assert_one_line_error
 import torch
 from click.testing import CliRunner
 
@@ -44,16 +45,6 @@ def sweep(tiny_gpt2, make_run, tmp_path_factory):
                  lora_alpha=2.0 * r, alpha_policy="scaled", targets=["c_attn"],
                  eval_after={"loss": loss}, **common)
     return out
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.exit_code == 2, res.output
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rankscope: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert res.stdout == ""
 
 
 def test_compare_writes_every_table_and_the_verdict(sweep, tmp_path):

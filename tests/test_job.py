@@ -12,6 +12,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from clichecks import assert_one_line_error as one_line_error
 import yaml
 from click.testing import CliRunner
 
@@ -148,15 +149,7 @@ def test_the_job_on_a_local_model_folder_and_a_jsonl_file(smollm2_slice, sizes_y
 # ------------------------------------------------------------------------ bad inputs
 
 def assert_one_line_error(res, out, *fragments):
-    assert res.exit_code == 2, res.output
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rankscope: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert res.stdout == ""                 # refused before the first stage began
-    if out is not None:
-        assert not out.exists()
+    one_line_error(res, *fragments, out=out)
 
 
 @pytest.mark.parametrize("budget, fragment", [("1.5X", "cannot read '1.5X'"),

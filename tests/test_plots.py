@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from clichecks import assert_one_line_error  # noqa: E402
 
 from rankscope import plots  # noqa: E402
 from rankscope.errors import InputError  # noqa: E402
@@ -206,13 +207,7 @@ def test_plot_redraws_a_figure_from_its_csv_and_caption(tmp_path):
 
 
 def _one_line(res, *fragments):
-    assert res.exit_code == 2, res.output
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rankscope: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert res.stdout == ""
+    assert_one_line_error(res, *fragments)
 
 
 @pytest.mark.parametrize("plot, drop, fragment", [

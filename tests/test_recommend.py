@@ -16,6 +16,7 @@ import click
 import numpy as np
 import pandas as pd
 import pytest
+from clichecks import assert_one_line_error
 import torch
 from click.testing import CliRunner
 
@@ -286,11 +287,7 @@ def test_the_cli_writes_the_recommendation_and_a_budgeted_one(planted, planted_r
 # ------------------------------------------------------------------------ bad inputs
 
 def _one_line(res, *fragments):
-    assert res.exit_code == 2, res.output
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rankscope: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+    assert_one_line_error(res, *fragments)
 
 
 def test_a_folder_with_no_finished_runs_is_one_line(tmp_path):

@@ -16,6 +16,7 @@ import subprocess
 
 import click
 import pytest
+from clichecks import assert_one_line_error
 from click.testing import CliRunner
 
 from rankscope.report import Section, build_report, report_command
@@ -244,11 +245,7 @@ def test_chromium_screenshots_the_report(report, tmp_path):
 # ------------------------------------------------------------------------ bad inputs
 
 def _one_line(res, *fragments):
-    assert res.exit_code == 2, res.output
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rankscope: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+    assert_one_line_error(res, *fragments)
 
 
 def test_a_folder_with_no_finished_runs_is_one_line(tmp_path):

@@ -9,6 +9,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from clichecks import assert_one_line_error as one_line_error
 from click.testing import CliRunner
 
 from rankscope.cli import main
@@ -138,15 +139,7 @@ def test_the_cli_writes_the_curve_and_the_functional_ranks(news_sweep, truncated
 # ------------------------------------------------------------------------ bad inputs
 
 def assert_one_line_error(res, out, *fragments):
-    assert res.exit_code == 2, res.output
-    assert isinstance(res.exception, SystemExit), res.exception
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rankscope: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert res.stdout == ""
-    if out is not None:
-        assert not out.exists()
+    one_line_error(res, *fragments, out=out)
 
 
 @pytest.fixture(scope="module")
