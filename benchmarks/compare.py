@@ -37,7 +37,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))   # this checkout's rankscope, whatever else is installed
 RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- benchmarks/compare.py: begin -->", "<!-- benchmarks/compare.py: end -->"
+
+from _results import write_section  # noqa: E402  (benchmarks/, beside this script)
+
 OLD_REV = "ab081b9"     # the last revision whose compare decomposed updates several times
 SWEEP = dict(model="smollm2-135m", task="news", methods=("full", "lora"),
              ranks=(1, 2, 4, 8, 16, 64), seeds=(0, 1, 2), targets=("q_proj", "v_proj"),
@@ -194,10 +196,7 @@ def render_diffs(diffs: dict[str, float]) -> str:
 
 def write_results(table: pd.DataFrame, diffs: dict, heading: str, command: str) -> None:
     """Put this script's section into RESULTS.md, replacing its previous one, keeping the rest."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)].rstrip("\n") + text[text.index(END) + len(END):]
-    section = (f"{BEGIN}\n## benchmarks/compare.py — {heading}\n\n"
+    section = (f"## benchmarks/compare.py — {heading}\n\n"
                f"`{command}`. Wall seconds of `rankscope.compare(sweep, out)` (every analysis "
                "but the truncation test: spectra, subspace similarity and grids, convergence, "
                "ΔW vs W, intruders, verdict) on the 21-run SmolLM2-135M sweep (full + LoRA "
@@ -206,8 +205,8 @@ def write_results(table: pd.DataFrame, diffs: dict, heading: str, command: str) 
                "all_seconds), and the minimum CPU seconds of the process over the repeats. old: "
                f"`rankscope/compare.py` at {OLD_REV}; new: this revision. dense_svd / "
                "dense_svdvals: large SVD calls (both sides ≥ 100) in one run of each.\n\n"
-               f"{render(table)}\n\n{render_diffs(diffs)}\n{END}\n")
-    RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
+               f"{render(table)}\n\n{render_diffs(diffs)}\n")
+    write_section(RESULTS, "compare.py", section)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from _results import write_section  # benchmarks/, beside this script
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- benchmarks/svd.py: begin -->", "<!-- benchmarks/svd.py: end -->"
 COLUMNS = ["comparison", "case", "rankscope_ms", "baseline_ms", "ratio", "target", "met"]
 
 
@@ -153,18 +154,15 @@ def render(table: pd.DataFrame) -> str:
 
 def write_results(table: pd.DataFrame, heading: str, command: str) -> None:
     """Put this script's section into RESULTS.md, replacing its previous one, keeping the rest."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)].rstrip("\n") + text[text.index(END) + len(END):]
-    section = (f"{BEGIN}\n## benchmarks/svd.py — {heading}\n\n"
+    section = (f"## benchmarks/svd.py — {heading}\n\n"
                f"`{command}`. The factorized rows are medians (from `svd_factorized.py`): "
                "rankscope_ms the factorized float64 SVD, baseline_ms the dense float32 "
                "`torch.linalg.svdvals` of the materialised ΔW. The last rows are minima over "
                "interleaved repeats: rankscope_ms the whole `rankscope.analyze(run_dir)` call, "
                "baseline_ms the bare `torch.linalg.svdvals` loop over the same 210 matrices in "
                "memory.\n\n"
-               f"{render(table)}\n{END}\n")
-    RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
+               f"{render(table)}\n")
+    write_section(RESULTS, "svd.py", section)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
