@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rankscope.io import atomic_write_text
+from rankscope.store.atomic import atomic_write_text
 
 
 def write_section(results: Path, script: str, body: str) -> None:

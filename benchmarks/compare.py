@@ -9,7 +9,7 @@ the analysis' cost, so each run is one optimizer step of one 32-token sequence; 
 built once under ``--runs`` (default /tmp/rankscope-bench/compare-sweep) and reused.
 
 Both paths are timed end to end in this one process, interleaved, each writing its tables
-and verdict into a fresh temporary folder: "new" is this checkout's ``rankscope.compare``;
+and verdict into a fresh temporary folder: "new" is this checkout's ``rankscope.analysis.compare``;
 "old" is ``rankscope/compare.py`` as of ``--old-rev`` (before each decomposition was done
 once), loaded beside today's modules, whose old entry points it still calls. Alongside the
 seconds: the number of large SVDs each path ran (torch.linalg.svd / svdvals calls on
@@ -57,8 +57,8 @@ def machine_heading() -> str:
 
 def ensure_sweep(runs: Path) -> Path:
     """The 21-run sweep under ``runs``, trained first if any run is missing (minutes, once)."""
-    from rankscope.config import build_sweep
-    from rankscope.sweep import run_sweep
+    from rankscope.train.config import build_sweep
+    from rankscope.train.sweep import run_sweep
 
     cfg = build_sweep(overrides=dict(SWEEP))
     run_sweep(cfg, runs, progress=False, log=lambda s: print(s, file=sys.stderr))
@@ -66,7 +66,7 @@ def ensure_sweep(runs: Path) -> Path:
 
 
 def old_compare(rev: str):
-    """``rankscope.compare`` as of ``rev``, imported as ``rankscope._compare_old``."""
+    """``rankscope.analysis.compare`` as of ``rev``, imported as ``rankscope._compare_old``."""
     source = subprocess.run(["git", "show", f"{rev}:rankscope/compare.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp(prefix="rankscope-old-")) / "_compare_old.py"
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from rankscope.compare import compare as new
+    from rankscope.analysis.compare import compare as new
 
     runs = ensure_sweep(args.runs)
     paths = {"new": new} if args.no_old else {"old": old_compare(args.old_rev).compare, "new": new}
@@ -197,7 +197,7 @@ def render_diffs(diffs: dict[str, float]) -> str:
 def write_results(table: pd.DataFrame, diffs: dict, heading: str, command: str) -> None:
     """Put this script's section into RESULTS.md, replacing its previous one, keeping the rest."""
     section = (f"## benchmarks/compare.py — {heading}\n\n"
-               f"`{command}`. Wall seconds of `rankscope.compare(sweep, out)` (every analysis "
+               f"`{command}`. Wall seconds of `rankscope.analysis.compare(sweep, out)` (every analysis "
                "but the truncation test: spectra, subspace similarity and grids, convergence, "
                "ΔW vs W, intruders, verdict) on the 21-run SmolLM2-135M sweep (full + LoRA "
                "r ∈ {1, 2, 4, 8, 16, 64} × seeds {0, 1, 2}, q_proj and v_proj on all 30 "

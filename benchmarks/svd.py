@@ -70,7 +70,7 @@ def factorized_rows() -> list[dict]:
 
 def smollm2_shapes() -> list[tuple[str, int, int]]:
     """(name, d_out, d_in) of SmolLM2-135M's 210 linear modules, as the trained model names them."""
-    from rankscope.models import find_linear_modules, load_backbone
+    from rankscope.train.models import find_linear_modules, load_backbone
 
     return [(f"model.{i.name}", i.d_out, i.d_in)
             for i in find_linear_modules(load_backbone("smollm2-135m"))]
@@ -86,7 +86,7 @@ def realistic_update(d_out: int, d_in: int, gen: torch.Generator, *, rank: int =
 
 def write_full_run(run_dir: Path, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """A finished full-method run folder for SmolLM2; returns its 210 updates (float32)."""
-    from rankscope.runs import UPDATES, write_manifest, write_updates
+    from rankscope.store.runs import UPDATES, write_manifest, write_updates
 
     gen = torch.Generator().manual_seed(seed)
     updates = {f"{name}.delta": realistic_update(d_out, d_in, gen)

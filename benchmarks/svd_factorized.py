@@ -17,7 +17,7 @@ import time
 import pandas as pd
 import torch
 
-from rankscope.spectra import factorized_svdvals
+from rankscope.linalg.spectra import factorized_svdvals
 
 SHAPES = ((576, 576), (2048, 2048), (4096, 4096), (11008, 4096))
 RANKS = (8, 64)

@@ -33,8 +33,8 @@ def _setup(args):
     """The sweep config, the news blocks both implementations read, and the device."""
     import torch
 
-    from rankscope.config import build_sweep
-    from rankscope.sweep import prepare
+    from rankscope.train.config import build_sweep
+    from rankscope.train.sweep import prepare
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -58,9 +58,8 @@ def _rankscope(cfg, task, device, *, method: str) -> tuple[list[float], int]:
     """Step end times of rankscope's own loop (runner._step, AdamW, LambdaLR), and N."""
     import torch
 
-    from rankscope import runner as R
-    from rankscope import train as T
-
+    from rankscope.train import loop as R
+    from rankscope.train import parts as T
     model = R.build_model(cfg, task, method=method, rank=cfg.ranks[0], seed=0).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,8 +85,7 @@ def _trainer(cfg, task, device, *, method: str) -> tuple[list[float], int]:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from rankscope import runner as R
-
+    from rankscope.train import loop as R
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
             return task.train["input_ids"].shape[0]

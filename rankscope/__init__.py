@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 
 def analyze(*args, **kwargs):
-    """Spectra of weight updates; see ``rankscope.analysis.analyze``."""
-    from .analysis import analyze as _analyze
+    """Spectra of weight updates; see ``rankscope.analysis.analyze.analyze``."""
+    from rankscope.analysis.analyze import analyze as _analyze
 
     return _analyze(*args, **kwargs)
 

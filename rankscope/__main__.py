@@ -1,4 +1,4 @@
 """``python -m rankscope`` (and ``torchrun -m rankscope``) runs the CLI."""
-from .cli import main
+from rankscope.cli import main
 
 main(prog_name="rankscope")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .clitools import one_line_errors
+from rankscope.cli_errors import one_line_errors
 
 
 class OneLineGroup(click.Group):
@@ -52,7 +52,7 @@ def main():
 @one_line_errors
 def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device):
     """SVD spectra and effective ranks of ΔW, from RUNS (run or sweep folder), an adapter or a model pair."""
-    from .analysis import analyze as run_analysis, summary
+    from rankscope.analysis.analyze import analyze as run_analysis, summary
 
     _, modules = run_analysis(runs, base=base, adapter=adapter, finetuned=finetuned, out=out,
                               overwrite=overwrite, float64=float64, device=device)
@@ -109,8 +109,8 @@ def _check_ranks(ranks):
 @one_line_errors
 def sweep(config, out, quiet, **flags):
     """Fine-tune full and LoRA runs over ranks and seeds into OUT (resumable)."""
-    from .config import build_sweep
-    from .sweep import grid_table, run_sweep
+    from rankscope.train.config import build_sweep
+    from rankscope.train.sweep import grid_table, run_sweep
 
     flags["ranks"] = _check_ranks(_ints(flags["ranks"], "--ranks"))
     flags["seeds"] = _ints(flags["seeds"], "--seeds")
@@ -134,10 +134,10 @@ def sweep(config, out, quiet, **flags):
 @one_line_errors
 def compare(runs, out, grid_layers, overwrite, quiet):
     """Subspace similarity, convergence, ΔW vs W, intruders and the verdict for a sweep RUNS."""
-    from .compare import compare as run_compare
-    from .io import atomic_dir
-    from .results import check_results_out
-    from .runs import find_runs
+    from rankscope.analysis.compare import compare as run_compare
+    from rankscope.store.atomic import atomic_dir
+    from rankscope.store.results import check_results_out
+    from rankscope.store.runs import find_runs
 
     layers = list(_ints(grid_layers, "--grid-layers") or []) or None
     find_runs(runs)                         # every check before the output folder is touched
@@ -160,9 +160,9 @@ def compare(runs, out, grid_layers, overwrite, quiet):
 @one_line_errors
 def truncate(runs, out, ks, lora_min_rank, device, quiet):
     """Re-evaluate W_0 + trunc_k(ΔW) for each k: the functional intrinsic rank."""
-    from .io import check_out_dir
-    from .results import check_same_sweep, prepare_out, save_tables, write_verdict
-    from .truncate import truncate_sweep
+    from rankscope.store.atomic import check_out_dir
+    from rankscope.store.results import check_same_sweep, prepare_out, save_tables, write_verdict
+    from rankscope.analysis.truncate import truncate_sweep
 
     check_out_dir(out, overwrite=True)      # a file, or an unwritable parent: refused now
     check_same_sweep(runs, out)
@@ -200,7 +200,7 @@ def truncate(runs, out, ks, lora_min_rank, device, quiet):
 @one_line_errors
 def run_cmd(config, out, profile, budget, validate, quiet, **flags):
     """The whole job: sweep, analyses, truncation test, recommendation and report."""
-    from .job import job_config, run_job
+    from rankscope.pipeline import job_config, run_job
 
     flags["ranks"] = _check_ranks(_ints(flags["ranks"], "--ranks"))
     flags["seeds"], flags["targets"] = _ints(flags["seeds"], "--seeds"), _strs(flags["targets"])
@@ -209,9 +209,9 @@ def run_cmd(config, out, profile, budget, validate, quiet, **flags):
 
 
 def _register() -> None:
-    from .figures import figures_command, plot_command
-    from .recommend import recommend_command
-    from .report import report_command
+    from rankscope.outputs.experiments import figures_command, plot_command
+    from rankscope.recommend.stage import recommend_command
+    from rankscope.outputs.report import report_command
 
     for command in (figures_command, plot_command, recommend_command, report_command):
         main.add_command(command)

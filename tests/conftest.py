@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The shipped all-MiniLM-L6-v2 folder (BERT, 6 layers, hidden 384)."""
-    from rankscope.models import resolve_model
+    from rankscope.train.models import resolve_model
 
     return resolve_model("minilm-l6")
 
@@ -25,7 +25,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_slice(tmp_path_factory) -> Path:
     """The first 2 pretrained blocks of MiniLM as a model folder (13 linear modules)."""
-    from rankscope.models import save_slice
+    from rankscope.train.models import save_slice
 
     return save_slice("minilm-l6", tmp_path_factory.mktemp("minilm-slice") / "model", n_layers=2)
 
@@ -33,7 +33,7 @@ def minilm_slice(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_slice(tmp_path_factory) -> Path:
     """The first 2 pretrained blocks of SmolLM2-135M as a model folder (14 linear modules)."""
-    from rankscope.models import save_slice
+    from rankscope.train.models import save_slice
 
     return save_slice("smollm2-135m", tmp_path_factory.mktemp("smollm2-slice") / "model",
                       n_layers=2)
@@ -90,7 +90,7 @@ def make_finetuned():
     """
     import torch
 
-    from rankscope.models import linear_weight, match_name
+    from rankscope.train.models import linear_weight, match_name
 
     def make(base_dir, out, perturb):
         model = _model_class(base_dir).from_pretrained(base_dir)
@@ -138,7 +138,7 @@ def make_adapter():
 @pytest.fixture(scope="session")
 def make_run():
     """``make(run_dir, tensors, **manifest) -> run_dir``: a finished rankscope run folder."""
-    from rankscope.runs import UPDATES, write_manifest, write_updates
+    from rankscope.store.runs import UPDATES, write_manifest, write_updates
 
     def make(run_dir, tensors, **manifest):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +176,8 @@ def news_sweep(news_yaml, tmp_path_factory):
     """
     from types import SimpleNamespace
 
-    from rankscope.config import build_sweep
-    from rankscope.sweep import run_sweep
+    from rankscope.train.config import build_sweep
+    from rankscope.train.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("news-sweep") / "sweep"
     cfg = build_sweep(yaml_path=news_yaml)

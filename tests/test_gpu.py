@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankscope.analysis import analyze
-from rankscope.config import build_sweep
-from rankscope.sweep import run_sweep
+from rankscope.analysis.analyze import analyze
+from rankscope.train.config import build_sweep
+from rankscope.train.sweep import run_sweep
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

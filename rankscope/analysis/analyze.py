@@ -1,0 +1,201 @@
+"""Run the pure spectral functions over every module of every source, into tidy DataFrames."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rankscope.analysis import deltas as _deltas
+from rankscope.analysis.deltas import DeltaSet, ModuleDelta
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_dir, atomic_write_json
+from rankscope.store.provenance import provenance
+from rankscope.linalg.spectra import dense_svd, factorized_svdvals, spectrum_metrics, svd_device
+
+ID_COLS = ["run", "method", "rank", "seed", "layer", "module", "name"]
+METRIC_COLS = ["fro_norm", "spectral_norm", "stable_rank", "entropy_rank", "energy_rank_50",
+               "energy_rank_90", "energy_rank_99", "numerical_rank"]
+
+
+def singular_values(delta: ModuleDelta, *, dtype: torch.dtype = torch.float32,
+                    device: str | None = None) -> torch.Tensor:
+    """The singular values of one module's ΔW, descending, on the CPU.
+
+    LoRA factors use the exact factorized SVD (QR of B and Aᵀ, then an r×r SVD) in float64;
+    dense updates use a dense SVD in ``dtype`` (float32 or float64), on ``device`` if given.
+    """
+    if delta.factored:
+        return factorized_svdvals(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
+    # σ(ΔWᵀ) = σ(ΔW); LAPACK is ~2× faster on a tall row-major matrix than on a wide one
+    x = delta.dense if delta.d_out >= delta.d_in else delta.dense.T
+    return dense_svd(x, dtype=dtype, compute_uv=False, device=device)
+
+
+def _ids(ds: DeltaSet, d: ModuleDelta) -> dict:
+    return {"run": ds.run, "method": ds.method,
+            "rank": d.rank if ds.method == "lora" else None, "seed": ds.seed,
+            "layer": d.layer, "module": d.module, "name": d.name}
+
+
+def _tidy(rows: list[dict] | pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=cols)
+    for col in ("rank", "seed", "layer"):
+        df[col] = df[col].astype("Int64")   # nullable: empty for full updates / non-block modules
+    return df
+
+
+def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float32,
+                   device: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Spectra and effective-rank measures of every module of every DeltaSet.
+
+    Modules are streamed: each ΔW is decomposed once and dropped before the next is read.
+
+    Returns:
+        ``(spectra, modules)``: spectra has one row per singular value (``ID_COLS`` then
+        ``index, sigma``); modules one row per module (``ID_COLS``, ``d_out, d_in`` and
+        ``METRIC_COLS``).
+    """
+    from tqdm.auto import tqdm
+
+    sets = list(sets)
+    total = sum(ds.n_modules or 0 for ds in sets) or None
+    bar = tqdm(total=total, desc="analyze", unit="module", disable=not progress, file=sys.stderr)
+    spectra, modules = [], []
+    try:
+        for ds in sets:
+            for d in ds:
+                s = singular_values(d, dtype=dtype, device=device)
+                add_module_rows(spectra, modules, _ids(ds, d), s, shape=(d.d_out, d.d_in))
+                bar.set_postfix_str(f"{ds.run}:{d.name}", refresh=False)
+                bar.update(1)
+    except BaseException:
+        bar.leave = False       # erase the bar, so that the error is a line of its own
+        raise
+    finally:
+        bar.close()
+    return spectra_tables(spectra, modules)
+
+
+def add_module_rows(spectra: list, modules: list[dict], ids: dict, s: torch.Tensor, *,
+                    shape: tuple[int, int]) -> None:
+    """Append one module's rows: its singular values to ``spectra``, its measures to ``modules``.
+
+    Args:
+        ids: the ``ID_COLS`` values of the module.
+        s: (m,) its singular values, descending.
+        shape: (d_out, d_in).
+    """
+    modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape)})
+    spectra.append((ids, s.detach().cpu().double().numpy()))
+
+
+def spectra_tables(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``(spectra, modules)`` DataFrames of rows made by ``add_module_rows``.
+
+    The spectra table is built column by column (one row per singular value: ~10⁵ rows for a
+    full model), not from a dict per row.
+
+    Raises:
+        InputError: no rows: every ΔW was zero.
+    """
+    if not modules:
+        raise InputError("no updated modules found: every ΔW is zero")
+    counts = [len(s) for _, s in spectra]
+    cols = {c: np.repeat(np.array([ids[c] for ids, _ in spectra], dtype=object), counts)
+            for c in ID_COLS}
+    cols["index"] = np.concatenate([np.arange(n) for n in counts])
+    cols["sigma"] = np.concatenate([s for _, s in spectra])
+    return (_tidy(pd.DataFrame(cols), ID_COLS + ["index", "sigma"]),
+            _tidy(modules, ID_COLS + ["d_out", "d_in"] + METRIC_COLS))
+
+
+def resolve_sources(runs: str | Path | None = None, *, base: str | None = None,
+                    adapter: str | Path | None = None,
+                    finetuned: str | Path | None = None) -> list[DeltaSet]:
+    """The DeltaSets named by one of the three forms of ``rankscope analyze``.
+
+    Raises:
+        InputError: no form, or an inconsistent mix of them.
+    """
+    if runs is not None:
+        if adapter is not None or finetuned is not None:
+            raise InputError("give run folders, or --adapter, or --finetuned: not several")
+        return _deltas.from_runs(runs)
+    if adapter is not None and finetuned is not None:
+        raise InputError("give --adapter or --finetuned, not both")
+    if adapter is not None:
+        return [_deltas.from_adapter(adapter, base=base)]
+    if finetuned is not None:
+        if base is None:
+            raise InputError("--finetuned needs --base (the model it was fine-tuned from)")
+        return [_deltas.from_model_pair(base, finetuned)]
+    raise InputError("nothing to analyze: give run folders, --adapter or --finetuned")
+
+
+def analyze(runs: str | Path | None = None, *, base: str | None = None,
+            adapter: str | Path | None = None, finetuned: str | Path | None = None,
+            out: str | Path | None = None, overwrite: bool = False, float64: bool = False,
+            device: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Analyze the spectra of weight updates; the Python form of ``rankscope analyze``.
+
+    Args:
+        runs: a rankscope run or sweep folder.
+        base: the base model (registry name, folder or hub id) of an adapter or fine-tuned model.
+        adapter: a PEFT LoRA adapter folder.
+        finetuned: a fully fine-tuned model (registry name, folder or hub id).
+        out: when given, write ``spectra.csv``, ``modules.csv`` and ``manifest.json`` there,
+            atomically (all three or none).
+        overwrite: replace an ``out`` folder that has other content.
+        float64: dense SVDs in float64 instead of float32.
+        device: where dense SVDs run: "auto" (CUDA when present, the default), "cpu", "cuda".
+    Returns:
+        ``(spectra, modules)`` DataFrames, see ``analyze_deltas``.
+    """
+    if out is not None:
+        from rankscope.store.atomic import check_out_dir
+
+        check_out_dir(out, overwrite=overwrite)     # refuse before any work is done
+        _check_out_apart(out, (runs, base, adapter, finetuned))
+    device = svd_device(device)
+    sets = resolve_sources(runs, base=base, adapter=adapter, finetuned=finetuned)
+    dtype = torch.float64 if float64 else torch.float32
+    spectra, modules = analyze_deltas(sets, dtype=dtype, device=device, progress=progress)
+    if out is not None:
+        inputs = {"runs": runs, "base": base, "adapter": adapter, "finetuned": finetuned}
+        manifest = {"inputs": {k: str(v) for k, v in inputs.items() if v is not None},
+                    "sources": [{"run": s.run, "method": s.method, "rank": s.rank, "seed": s.seed}
+                                for s in sets],
+                    "svd_dtype": str(dtype).replace("torch.", ""), "device": device,
+                    **provenance()}
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            spectra.to_csv(tmp / "spectra.csv", index=False)
+            modules.to_csv(tmp / "modules.csv", index=False)
+            atomic_write_json(tmp / "manifest.json", manifest)
+    return spectra, modules
+
+
+def _check_out_apart(out: str | Path, inputs: tuple) -> None:
+    """Refuse an output folder that is or holds an input: replacing it would delete the input."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        path = Path(str(given)).expanduser() if given is not None else None
+        if path is not None and path.exists():
+            path = path.resolve()
+            if path == target or target in path.parents:
+                raise InputError(f"output folder {out} is or holds the input {given}; "
+                                 "choose another --out")
+
+
+def summary(modules: pd.DataFrame) -> pd.DataFrame:
+    """Per run and module kind, over layers: the median of each effective-rank measure."""
+    grouped = modules.groupby(["run", "module"], sort=False)
+    table = grouped.agg(layers=("name", "size"), d_out=("d_out", "first"), d_in=("d_in", "first"),
+                        fro_norm=("fro_norm", "median"), stable_rank=("stable_rank", "median"),
+                        entropy_rank=("entropy_rank", "median"),
+                        energy_rank_90=("energy_rank_90", "median"),
+                        energy_rank_99=("energy_rank_99", "median"))
+    return table.reset_index()

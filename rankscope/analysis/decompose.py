@@ -1,0 +1,202 @@
+"""Decompose every update of a sweep once, so that each analysis reuses the same SVDs."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from rankscope.analysis.deltas import DeltaSet, ModuleDelta, from_runs
+from rankscope.errors import InputError
+from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name
+from rankscope.linalg.spectra import dense_svd, factorized_svd, svd_device
+
+# Manifest fields that must agree across a sweep's runs: same model, same data and split, same
+# held-out set and the same training length, else their updates and metrics are not comparable.
+SAME_SETUP = ("model", "task", "data", "task_kind", "data_hash", "split_hash", "n_train_examples",
+              "n_eval_examples", "steps", "tokens_per_step")
+
+
+@dataclass(frozen=True)
+class Decomp:
+    """The thin SVD of one module's ΔW (top ``keep`` triplets for dense updates)."""
+
+    name: str
+    layer: int | None
+    module: str
+    d_out: int
+    d_in: int
+    U: torch.Tensor          # (d_out, m) left singular vectors, float64
+    S: torch.Tensor          # (m,) descending
+    Vh: torch.Tensor         # (m, d_in)
+    fro: float               # ‖ΔW‖_F over the whole spectrum, not only the kept part
+    delta: ModuleDelta = field(repr=False)
+
+    def dense(self) -> torch.Tensor:
+        """ΔW (d_out, d_in) in float64."""
+        return self.delta.materialize(torch.float64)
+
+    @cached_property
+    def factor_frames(self) -> dict[str, torch.Tensor]:
+        """Hu et al.'s basis for φ: {"left": B's left singular vectors (d_out, r), "right": A's
+        right singular vectors as columns (d_in, r)}, float64, each ordered by its factor's own
+        singular values. They span ΔW's column and row spaces (when B, A have rank r) but order
+        the top-i directions differently from ΔW's singular vectors.
+
+        Raises:
+            InputError: a dense update, which has no factors.
+        """
+        if not self.delta.factored:
+            raise InputError(f"{self.name}: a dense update has no LoRA factors A and B")
+        u_b = torch.linalg.svd(self.delta.B.double(), full_matrices=False)[0]  # (d_out, r)
+        v_a = torch.linalg.svd(self.delta.A.double().T, full_matrices=False)[0]  # (d_in, r)
+        return {"left": u_b, "right": v_a}
+
+
+@dataclass(frozen=True)
+class ModuleSpectrum:
+    """The singular values of one module's ΔW, with the identifiers a spectra row carries."""
+
+    name: str
+    layer: int | None
+    module: str
+    rank: int | None         # the module's LoRA rank; None for a dense update
+    d_out: int
+    d_in: int
+    S: torch.Tensor          # (m,) descending
+
+
+@dataclass(frozen=True)
+class RunDecomp:
+    """One run's identifiers, manifest, per-module decompositions and (optionally) spectra."""
+
+    run: str
+    method: str
+    rank: int | None
+    seed: int | None
+    manifest: dict
+    modules: dict[str, Decomp]
+    spectra: tuple[ModuleSpectrum, ...] = ()   # every module of the run, in file order
+
+
+def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
+    """SVD of one update: factorized for LoRA (exact), dense float32→float64 otherwise."""
+    if delta.factored:
+        U, S, Vh = factorized_svd(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
+    else:
+        U, S, Vh = tall_svd(delta.dense, dtype=torch.float32, device=svd_device("auto"))
+        U, S, Vh = U.double(), S.double(), Vh.double()
+    fro = float(torch.linalg.vector_norm(S))
+    if keep is not None:
+        U, S, Vh = U[:, :keep], S[:keep], Vh[:keep]
+    return Decomp(delta.name, delta.layer, delta.module, delta.d_out, delta.d_in, U, S, Vh, fro,
+                  delta)
+
+
+def tall_svd(x: torch.Tensor, *, dtype: torch.dtype, device: str | None = None):
+    """``spectra.dense_svd`` of x (d_out, d_in), run on xᵀ when x is wide: x = U diag(S) Vh.
+
+    A row-major wide matrix is ~2× slower in LAPACK's SVD than its transpose (576×1536: 164 vs
+    118 ms; 192×576: 10 vs 6 ms, one thread); xᵀ = Vhᵀ S Uᵀ gives the same triplets.
+    """
+    if x.shape[0] >= x.shape[1]:
+        return dense_svd(x, dtype=dtype, device=device)
+    u, s, vh = dense_svd(x.T, dtype=dtype, device=device)
+    return vh.T, s, u.T
+
+
+def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str] | None = None,
+                    spectra: bool = False, progress: bool = False) -> list[RunDecomp]:
+    """Decompose every finished run under ``path``, on the modules LoRA adapted.
+
+    Full runs hold every linear module; only those some LoRA run also adapted are decomposed
+    (all of them when the sweep has no LoRA run, or ``names`` when given). With ``spectra``,
+    every other module's singular values are computed too (``analysis.singular_values``), so
+    that each run's ``spectra`` lists every module once, and each ΔW is decomposed once.
+
+    Raises:
+        InputError: no finished runs, or runs of different setups mixed together.
+    """
+    sets = from_runs(path)
+    check_same_setup(sets)
+    lora_names = names
+    if lora_names is None:
+        lora = [s for s in sets if s.method == "lora"]
+        if lora:
+            lora_names = {d.name for d in lora[0]}
+    from tqdm.auto import tqdm
+
+    total = sum(s.n_modules or 0 for s in sets) or None
+    with tqdm(total=total, desc="decompose", unit="module", disable=not progress,
+              file=sys.stderr) as bar:
+        return [_decompose_run(s, lora_names, keep=keep, spectra=spectra, bar=bar) for s in sets]
+
+
+def _decompose_run(s: DeltaSet, names: set[str] | None, *, keep, spectra: bool, bar) -> RunDecomp:
+    from rankscope.analysis.analyze import singular_values
+
+    mods, specs = {}, []
+    for d in s:
+        analysed = names is None or d.name in names
+        if analysed:
+            mods[d.name] = decompose(d, keep=keep if s.method == "full" else None)
+        if spectra:  # the decomposition's S when it kept the whole spectrum, else svdvals
+            whole = analysed and (keep is None or s.method != "full")
+            sv = mods[d.name].S if whole else singular_values(d)
+            specs.append(ModuleSpectrum(d.name, d.layer, d.module, d.rank, d.d_out, d.d_in, sv))
+        bar.update(1)
+    return RunDecomp(s.run, s.method, s.rank, s.seed, s.meta, mods, tuple(specs))
+
+
+def base_weights(runs: list[RunDecomp]) -> dict[str, torch.Tensor]:
+    """W_0 of every analysed module, from the runs' base model, keyed by the runs' names."""
+    model_path = runs[0].manifest.get("model_path") or runs[0].manifest.get("model")
+    base = load_backbone(model_path)
+    infos = {i.name for i in find_linear_modules(base)}
+    names = {n for r in runs for n in r.modules}
+    out = {}
+    for n in names:
+        hit = match_name(n, infos)
+        if hit is not None:
+            out[n] = linear_weight(base.get_submodule(hit)).detach().double()
+    return out
+
+
+def base_svds(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """W_0's thin SVD (U, S, Vh) in float64, once per module: shared by ΔW-vs-W and intruders."""
+    return {n: tall_svd(w, dtype=torch.float64) for n, w in weights.items()}
+
+
+def spectra_tables(runs: list[RunDecomp]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(spectra, modules)`` as ``analysis.analyze_deltas`` makes them, from the singular values
+    ``decompose_sweep(..., spectra=True)`` already holds (no SVD here)."""
+    from rankscope.analysis.analyze import add_module_rows
+    from rankscope.analysis.analyze import spectra_tables as tables
+
+    spectra, modules = [], []
+    for r in runs:
+        for m in r.spectra:
+            ids = {"run": r.run, "method": r.method, "rank": m.rank if r.method == "lora" else None,
+                   "seed": r.seed, "layer": m.layer, "module": m.module, "name": m.name}
+            add_module_rows(spectra, modules, ids, m.S, shape=(m.d_out, m.d_in))
+    return tables(spectra, modules)
+
+
+def check_same_setup(sets: list[DeltaSet]) -> None:
+    """All runs must share a model, data, held-out set and training length (``SAME_SETUP``),
+    else comparisons mean nothing.
+
+    Raises:
+        InputError: naming the two runs that differ and the field.
+    """
+    if not sets:
+        raise InputError("no finished runs to compare")
+    first = sets[0]
+    for s in sets[1:]:
+        for key in SAME_SETUP:
+            if s.meta.get(key) != first.meta.get(key):
+                raise InputError(f"runs {first.run} and {s.run} differ in {key} "
+                                 f"({first.meta.get(key)} vs {s.meta.get(key)}): mixed sweeps")

@@ -1,0 +1,319 @@
+"""Sources of weight updates ΔW, each turned into one uniform stream of per-module updates.
+
+Three sources:
+    * a full fine-tuned model against its base: ΔW = W_ft − W_0 for every matched linear weight;
+    * a PEFT LoRA adapter folder: ΔW = s·B·A, s = α/r (α/√r under ``use_rslora``), with
+      ``rank_pattern``/``alpha_pattern`` resolved per module as peft resolves them;
+    * rankscope run folders (see ``rankscope.store.runs``), LoRA kept as its factors.
+LoRA updates stay factored: their spectra never need the dense d_out × d_in matrix.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from rankscope.errors import InputError
+from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name, model_type, \
+    parse_names
+from rankscope.store.runs import UPDATES, TensorFile, find_runs, read_manifest, read_tensors
+from rankscope.linalg.spectra import check_finite
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """The update of one linear module: dense ΔW, or LoRA factors with ΔW = scale·B·A."""
+
+    name: str
+    layer: int | None
+    module: str
+    d_out: int
+    d_in: int
+    dense: torch.Tensor | None = None   # (d_out, d_in)
+    B: torch.Tensor | None = None       # (d_out, r)
+    A: torch.Tensor | None = None       # (r, d_in)
+    scale: float = 1.0
+
+    @property
+    def factored(self) -> bool:
+        return self.dense is None
+
+    @property
+    def rank(self) -> int | None:
+        """The LoRA rank r, or None for a dense update."""
+        return None if self.A is None else self.A.shape[0]
+
+    def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense ΔW (d_out, d_in) in ``dtype`` (one definition, explicit scaling)."""
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+
+@dataclass(frozen=True)
+class DeltaSet:
+    """The updates of one run or model, with the identifiers every result row carries."""
+
+    run: str
+    method: str                 # "full" or "lora"
+    rank: int | None            # LoRA rank (the adapter's default r); None for full
+    seed: int | None
+    meta: dict = field(default_factory=dict)
+    load: Callable[[], Iterator[ModuleDelta]] = field(default=lambda: iter(()), repr=False)
+    n_modules: int | None = None
+
+    def __iter__(self) -> Iterator[ModuleDelta]:
+        return self.load()
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    check_finite(t, what=what)
+
+
+# ----------------------------------------------------------------------- model pairs
+
+def from_model_pair(base: str | Path, finetuned: str | Path) -> DeltaSet:
+    """ΔW = W_ft − W_0 for every linear weight of two models of one architecture.
+
+    Both models are loaded once; ΔW is formed one module at a time as the stream is read, so
+    peak memory stays near the two models plus one matrix. Unchanged weights are skipped.
+
+    Raises:
+        InputError: different architectures, a module missing from the fine-tuned model, a
+            shape mismatch, or NaN/Inf in a weight.
+    """
+    m0, m1 = load_backbone(base), load_backbone(finetuned)
+    if model_type(m0) != model_type(m1):
+        raise InputError(f"models of different architectures: base {base} is {model_type(m0)}, "
+                         f"finetuned {finetuned} is {model_type(m1)}")
+    infos = find_linear_modules(m0)
+    ft_names = {n for n, _ in m1.named_modules()}
+    for info in infos:
+        if info.name not in ft_names:
+            raise InputError(f"module {info.name} of {base} is missing from {finetuned}")
+        w1 = linear_weight(m1.get_submodule(info.name))
+        if tuple(w1.shape) != (info.d_out, info.d_in):
+            raise InputError(f"shape mismatch at {info.name}: base {(info.d_out, info.d_in)}, "
+                             f"finetuned {tuple(w1.shape)}")
+
+    def load() -> Iterator[ModuleDelta]:
+        with torch.no_grad():
+            for info in infos:
+                w0 = linear_weight(m0.get_submodule(info.name)).float()
+                w1 = linear_weight(m1.get_submodule(info.name)).float()
+                _check_finite(w0, f"weight {info.name} of {base}")
+                _check_finite(w1, f"weight {info.name} of {finetuned}")
+                delta = w1 - w0
+                if not delta.any():
+                    continue
+                yield ModuleDelta(info.name, info.layer, info.module, info.d_out, info.d_in,
+                                  dense=delta)
+
+    meta = {"source": "model-pair", "base": str(base), "finetuned": str(finetuned)}
+    return DeltaSet(Path(str(finetuned)).name, "full", None, None, meta, load, len(infos))
+
+
+# ---------------------------------------------------------------------- PEFT adapters
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """The value of the first key of a peft ``rank_pattern``/``alpha_pattern`` matching ``name``.
+
+    A key matches a module name that equals it or ends with it after a dot, the key read as a
+    regular expression (peft's rule).
+    """
+    for key, value in (pattern or {}).items():
+        if key == name or re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, r: int, *, rslora: bool) -> float:
+    """s = α/r, or α/√r under rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """The adapter's config, checked to be a plain LoRA adapter.
+
+    Raises:
+        InputError: missing/corrupt config, a method other than LoRA, or DoRA.
+    """
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise InputError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt adapter config {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"corrupt adapter config {path}: not a JSON object")
+    method = str(cfg.get("peft_type", "")).upper()
+    if method != "LORA":
+        raise InputError(f"adapter {adapter_dir} is of method {cfg.get('peft_type')!r}, not LoRA")
+    if cfg.get("use_dora"):
+        raise InputError(f"adapter {adapter_dir} is DoRA, whose update is not s·B·A")
+    _check_config_numbers(cfg, path)
+    return cfg
+
+
+def _check_config_numbers(cfg: dict, path: Path) -> None:
+    """r, lora_alpha and the patterns' values must be positive numbers; pattern keys valid regexes."""
+    def number(value, what):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"adapter config {path}: {what} must be a positive number, got {value!r}")
+
+    number(cfg.get("r", 8), "r")
+    number(cfg.get("lora_alpha", 8), "lora_alpha")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(f"adapter config {path}: {field} must be an object")
+        for key, value in pattern.items():
+            number(value, f"{field}[{key!r}]")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise InputError(f"adapter config {path}: {field} key {key!r} is no regex ({e})") from None
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.exists():
+        return read_tensors(st)[0]
+    binf = adapter_dir / "adapter_model.bin"
+    if binf.exists():
+        try:
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
+            raise InputError(f"corrupt adapter weights {binf} ({type(e).__name__})") from None
+    raise InputError(f"adapter folder {adapter_dir} has no adapter_model.safetensors")
+
+
+def _pair_factors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    if not pairs:
+        raise InputError(f"adapter {where} holds no LoRA weights (lora_A/lora_B)")
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            missing = ({"A", "B"} - set(ab)).pop()
+            raise InputError(f"adapter {where}: module {name} lacks its lora_{missing}")
+    return pairs
+
+
+def from_adapter(adapter_dir: str | Path, *, base: str | Path | None = None) -> DeltaSet:
+    """ΔW = s·B·A for every module of a PEFT LoRA adapter, kept factored.
+
+    Args:
+        adapter_dir: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        base: when given, the base model the adapter must fit (module names and shapes).
+    Raises:
+        InputError: see ``read_adapter_config``; corrupt weights; a factor whose rank differs
+            from the config's; NaN/Inf; a module or shape the base model lacks.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InputError(f"missing adapter folder {adapter_dir}")
+    cfg = read_adapter_config(adapter_dir)
+    pairs = _pair_factors(_adapter_tensors(adapter_dir), adapter_dir)
+    parsed = parse_names(sorted(pairs))
+    shapes = _base_shapes(base) if base is not None else None
+    deltas = []
+    for name in sorted(pairs, key=_natural_key):
+        A, B = pairs[name]["A"].float(), pairs[name]["B"].float()  # (r, d_in), (d_out, r)
+        r = int(pattern_value(cfg.get("rank_pattern"), name, cfg.get("r", 8)))
+        alpha = float(pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise InputError(f"adapter {adapter_dir}: {name} has factors {tuple(B.shape)} @ "
+                             f"{tuple(A.shape)}, not rank {r} as its config says")
+        _check_finite(A, f"lora_A of {name} in {adapter_dir}")
+        _check_finite(B, f"lora_B of {name} in {adapter_dir}")
+        if shapes is not None:
+            _check_against_base(name, (B.shape[0], A.shape[1]), shapes, base)
+        layer, kind = parsed[name]
+        scale = lora_scale(alpha, r, rslora=bool(cfg.get("use_rslora")))
+        deltas.append(ModuleDelta(name, layer, kind, B.shape[0], A.shape[1], B=B, A=A, scale=scale))
+    meta = {"source": "peft-adapter", "adapter": str(adapter_dir), "base": str(base),
+            "lora_alpha": cfg.get("lora_alpha"), "use_rslora": bool(cfg.get("use_rslora")),
+            "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+    return DeltaSet(adapter_dir.name, "lora", int(cfg.get("r", 8)), None, meta,
+                    lambda: iter(deltas), len(deltas))
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _base_shapes(base: str | Path) -> dict[str, tuple[int, int]]:
+    return {i.name: (i.d_out, i.d_in) for i in find_linear_modules(load_backbone(base))}
+
+
+def _check_against_base(name: str, shape: tuple[int, int], shapes: dict, base) -> None:
+    hit = match_name(name, shapes.keys())
+    if hit is None:
+        raise InputError(f"adapter module {name} does not exist in base model {base}")
+    if tuple(shape) != shapes[hit]:
+        raise InputError(f"adapter module {name} is {tuple(shape)} but base model {base} has "
+                         f"{shapes[hit]}: the adapter was made for another model")
+
+
+# ------------------------------------------------------------------------- run folders
+
+def from_run(run_dir: str | Path) -> DeltaSet:
+    """The updates of one finished rankscope run folder (read lazily)."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    method = manifest.get("method")
+    if method not in ("full", "lora"):
+        raise InputError(f"run {run_dir}: unknown method {method!r} in its manifest")
+
+    def load() -> Iterator[ModuleDelta]:
+        tensors = TensorFile(run_dir / UPDATES)          # one module's update in memory at a time
+        meta = tensors.metadata
+        if meta.get("method") not in (None, method):
+            raise InputError(f"run {run_dir}: updates are {meta.get('method')}, manifest says {method}")
+        yield from _run_deltas(tensors, method, run_dir)
+
+    return DeltaSet(run_dir.name, method, manifest.get("rank"), manifest.get("seed"),
+                    manifest, load, manifest.get("n_modules"))
+
+
+def _run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> Iterator[ModuleDelta]:
+    suffix = ".delta" if method == "full" else ".lora_A"
+    names = sorted((k[: -len(suffix)] for k in tensors if k.endswith(suffix)), key=_natural_key)
+    if not names:
+        raise InputError(f"run {where}: {UPDATES} holds no {method} updates")
+    parsed = parse_names(names)
+    for name in names:
+        layer, kind = parsed[name]
+        if method == "full":
+            d = tensors[f"{name}.delta"].float()
+            _check_finite(d, f"update {name} in {where}")
+            yield ModuleDelta(name, layer, kind, d.shape[0], d.shape[1], dense=d)
+            continue
+        try:
+            A, B = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+            scale = float(tensors[f"{name}.scaling"])
+        except KeyError as e:
+            raise InputError(f"run {where}: {UPDATES} lacks {e.args[0]}") from None
+        if A.shape[0] != B.shape[1]:
+            raise InputError(f"run {where}: {name} factors {tuple(B.shape)} @ {tuple(A.shape)} do not chain")
+        _check_finite(A, f"lora_A of {name} in {where}")
+        _check_finite(B, f"lora_B of {name} in {where}")
+        yield ModuleDelta(name, layer, kind, B.shape[0], A.shape[1], B=B, A=A, scale=scale)
+
+
+def from_runs(path: str | Path) -> list[DeltaSet]:
+    """One DeltaSet per finished run under ``path`` (a run folder or a sweep folder)."""
+    return [from_run(p) for p in find_runs(path)]

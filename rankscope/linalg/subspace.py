@@ -1,0 +1,515 @@
+"""How updates' singular subspaces relate: to each other, to random ones, and to W itself.
+
+Pure functions of tensors: subspace similarity φ (Hu et al. 2021 eq. 4), principal angles, the
+random-subspace null, ΔW-versus-W projections (§7.3, Table 7) and intruder dimensions
+(Shuttleworth et al. 2024, Def. 3.1). Overlaps are computed in float64; SVDs in float32/64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rankscope.errors import InputError
+from rankscope.linalg.spectra import check_finite, dense_svd
+
+
+def _frame(U: Tensor, what: str) -> Tensor:
+    """Validated float64 copy of a matrix whose columns span a subspace."""
+    if U.ndim != 2:
+        raise InputError(f"{what} must be 2-D, got shape {tuple(U.shape)}")
+    check_finite(U, what=what)
+    return U.detach().to(torch.float64)
+
+
+def _pair(U1: Tensor, U2: Tensor) -> tuple[Tensor, Tensor]:
+    u1, u2 = _frame(U1, "U1"), _frame(U2, "U2")
+    if u1.shape[0] != u2.shape[0]:
+        raise InputError(f"U1 {tuple(u1.shape)} and U2 {tuple(u2.shape)} differ in rows")
+    return u1, u2
+
+
+def _check_count(value: int, upper: int, name: str) -> None:
+    if not 1 <= value <= upper:
+        raise InputError(f"{name}={value} is outside [1, {upper}]")
+
+
+def phi(U1: Tensor, U2: Tensor, i: int, j: int) -> float:
+    """Subspace similarity of Hu et al. (eq. 4) between top-i and top-j singular directions.
+
+    φ = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j) ∈ [0, 1], the mean squared cosine of the
+    min(i, j) principal angles between the two spans.
+
+    Args:
+        U1: (n, ≥ i) orthonormal columns, most important first.
+        U2: (n, ≥ j) orthonormal columns.
+        i: 1 ≤ i ≤ U1's columns.
+        j: 1 ≤ j ≤ U2's columns.
+
+    Returns:
+        φ as a float.
+
+    Raises:
+        InputError: non-2-D or NaN/Inf inputs, different n, or i/j out of range.
+    """
+    u1, u2 = _pair(U1, U2)
+    _check_count(i, u1.shape[1], "i")
+    _check_count(j, u2.shape[1], "j")
+    overlap = u1[:, :i].T @ u2[:, :j]  # (i, j)
+    return float(overlap.square().sum()) / min(i, j)
+
+
+def phi_grid(U1: Tensor, U2: Tensor, *, imax: int, jmax: int) -> np.ndarray:
+    """φ(i, j) for all 1 ≤ i ≤ imax, 1 ≤ j ≤ jmax from one overlap matrix.
+
+    With O = (U1[:, :imax]ᵀ U2[:, :jmax])², ‖U1^iᵀ U2^j‖_F² = Σ_{a≤i, b≤j} O_ab is a 2-D
+    cumulative sum, so the grid costs one matmul.
+
+    Args:
+        U1: (n, ≥ imax) orthonormal columns.
+        U2: (n, ≥ jmax) orthonormal columns.
+        imax: rows of the grid.
+        jmax: columns of the grid.
+
+    Returns:
+        (imax, jmax) float64 array; entry [i-1, j-1] is φ(U1, U2, i, j).
+
+    Raises:
+        InputError: as :func:`phi`.
+    """
+    u1, u2 = _pair(U1, U2)
+    _check_count(imax, u1.shape[1], "imax")
+    _check_count(jmax, u2.shape[1], "jmax")
+    sq = (u1[:, :imax].T @ u2[:, :jmax]).square().numpy()  # (imax, jmax)
+    cum = sq.cumsum(axis=0).cumsum(axis=1)  # (imax, jmax)
+    mins = np.minimum.outer(np.arange(1, imax + 1), np.arange(1, jmax + 1))  # (imax, jmax)
+    return cum / mins
+
+
+def principal_angles(U1: Tensor, U2: Tensor) -> Tensor:
+    """Principal angles between span(U1) and span(U2), in radians, ascending.
+
+    cos θ_k = σ_k(U1ᵀU2), clamped to [0, 1]. arccos loses precision near θ = 0, so angles whose
+    cosine exceeds 1/√2 are taken from the sines instead: sin θ_k = σ(U_b − U_a U_aᵀU_b), with
+    U_a the wider frame (Knyazev & Argentati 2002, as ``scipy.linalg.subspace_angles``).
+
+    Args:
+        U1: (n, p) orthonormal columns.
+        U2: (n, q) orthonormal columns.
+
+    Returns:
+        (min(p, q),) float64 angles in [0, π/2], ascending.
+
+    Raises:
+        InputError: non-2-D or NaN/Inf inputs, or different n.
+    """
+    u1, u2 = _pair(U1, U2)
+    wide, narrow = (u1, u2) if u1.shape[1] >= u2.shape[1] else (u2, u1)
+    cross = wide.T @ narrow  # (p, q), p ≥ q
+    cos = torch.linalg.svdvals(cross).clamp(0.0, 1.0)  # (q,) descending
+    sin = torch.linalg.svdvals(narrow - wide @ cross).clamp(0.0, 1.0).flip(0)  # (q,) ascending
+    return torch.where(cos.square() > 0.5, torch.arcsin(sin), torch.arccos(cos))
+
+
+def random_orthonormal(n: int, k: int, *, generator: torch.Generator) -> Tensor:
+    """A uniformly (Haar) random k-frame of R^n: QR of an n×k Gaussian.
+
+    The columns of Q are fixed to sign(diag R) so the result is exactly Haar-distributed.
+
+    Args:
+        n: ambient dimension.
+        k: 1 ≤ k ≤ n columns.
+        generator: torch random generator (the only source of randomness).
+
+    Returns:
+        (n, k) float64 with orthonormal columns.
+
+    Raises:
+        InputError: k outside [1, n].
+    """
+    _check_count(k, n, "k")
+    return _haar_frames(1, n, k, generator)[0]
+
+
+def _haar_frames(batch: int, n: int, k: int, generator: torch.Generator) -> Tensor:
+    """(batch, n, k) independent Haar k-frames, from one batched QR."""
+    g = torch.randn(batch, n, k, generator=generator, dtype=torch.float64)  # (batch, n, k)
+    q, r = torch.linalg.qr(g)  # (batch, n, k), (batch, k, k)
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)  # never 0
+    return q * signs[:, None, :]
+
+
+def phi_null_mean(n: int, i: int, j: int) -> float:
+    """E[φ] = max(i, j)/n for independent uniformly random i- and j-dim subspaces of R^n.
+
+    E‖U1ᵀU2‖_F² = i·j/n, divided by min(i, j). Raises InputError for i or j outside [1, n].
+    """
+    _check_count(i, n, "i")
+    _check_count(j, n, "j")
+    return max(i, j) / n
+
+
+def phi_null_draws(
+    n: int, i: int, j: int, *, n_draws: int = 100, generator: torch.Generator
+) -> np.ndarray:
+    """φ between independent random i- and j-dim subspaces of R^n, n_draws times.
+
+    The empirical null (mean ≈ max(i, j)/n, and its spread) to compare measured φ with.
+
+    Args:
+        n: ambient dimension.
+        i: 1 ≤ i ≤ n.
+        j: 1 ≤ j ≤ n.
+        n_draws: number of independent pairs, ≥ 1.
+        generator: torch random generator.
+
+    Returns:
+        (n_draws,) float64 array of φ values.
+
+    Raises:
+        InputError: i, j outside [1, n] or n_draws < 1.
+    """
+    if n_draws < 1:
+        raise InputError(f"n_draws must be >= 1, got {n_draws}")
+    _check_count(i, n, "i")
+    _check_count(j, n, "j")
+    # Batched QRs and bmm rather than n_draws small calls; chunks cap memory at ~128 MiB a side.
+    chunk = max(1, 2**24 // (n * max(i, j)))
+    out = []
+    for start in range(0, n_draws, chunk):
+        size = min(chunk, n_draws - start)
+        u1 = _haar_frames(size, n, i, generator)  # (size, n, i)
+        u2 = _haar_frames(size, n, j, generator)  # (size, n, j)
+        out.append((u1.mT @ u2).square().sum(dim=(1, 2)) / min(i, j))  # (size,)
+    return torch.cat(out).numpy()
+
+
+def energy_in_subspace(U_sub: Tensor, U: Tensor, S: Tensor, Vh: Tensor | None = None) -> float:
+    """Share of an update's energy ‖ΔW‖_F² lying in the column span of U_sub.
+
+    For ΔW = U diag(S) Vh, ‖P ΔW‖_F² / ‖ΔW‖_F² = ‖U_subᵀ U diag(S)‖_F² / Σ S², P = U_sub U_subᵀ
+    the orthogonal projector (U_sub orthonormal). Vh has orthonormal rows and leaves the norm
+    unchanged, so it is not needed; it is accepted to pass an SVD triple as is.
+
+    Args:
+        U_sub: (d_out, p) orthonormal columns.
+        U: (d_out, m) left singular vectors of ΔW.
+        S: (m,) its singular values.
+        Vh: (m, d_in) or None; unused.
+
+    Returns:
+        The share, in [0, 1].
+
+    Raises:
+        InputError: mismatched shapes, NaN/Inf, or a zero update (the share is undefined).
+    """
+    u_sub, u = _pair(U_sub, U)
+    if S.ndim != 1 or S.shape[0] != u.shape[1]:
+        raise InputError(f"S {tuple(S.shape)} does not match U {tuple(U.shape)}")
+    check_finite(S, what="S")
+    s = S.detach().double()  # (m,)
+    total = float(s.square().sum())
+    if total == 0.0:
+        raise InputError("the update is zero: its energy share is undefined")
+    inside = (u_sub.T @ u) * s  # (p, m)
+    return float(inside.square().sum()) / total
+
+
+def relative_fro_distance(X: Tensor, Y: Tensor) -> float:
+    """Relative Frobenius distance ‖X − Y‖_F / ‖Y‖_F of two equal-shape tensors, in float64.
+
+    Raises:
+        InputError: different shapes, NaN/Inf, or Y = 0.
+    """
+    if X.shape != Y.shape:
+        raise InputError(f"X {tuple(X.shape)} and Y {tuple(Y.shape)} differ in shape")
+    check_finite(X, what="X")
+    check_finite(Y, what="Y")
+    x, y = X.detach().double(), Y.detach().double()
+    ref = float(torch.linalg.vector_norm(y))
+    if ref == 0.0:
+        raise InputError("Y is zero: the relative distance is undefined")
+    return float(torch.linalg.vector_norm(x - y)) / ref
+
+
+def projection_norms(
+    W: Tensor,
+    U: Tensor,
+    Vh: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    s_w: Tensor | None = None,
+) -> dict:
+    """‖UᵀWV‖_F for ΔW's, W's own and random top-r directions (Hu et al. §7.3, Table 7).
+
+    delta_dirs = ‖Uᵀ W Vhᵀ‖_F with (U, Vh) ΔW's top-r singular vectors; w_dirs the same with
+    W's own top-r vectors, = sqrt(Σ_{i≤r} σ_i(W)²); random_dirs the same with the top-r
+    singular vectors of a Gaussian matrix of W's shape. Those are exactly Haar-distributed and
+    independent (left and right) by the orthogonal invariance of the Gaussian, so they are drawn
+    as :func:`random_orthonormal` frames: same distribution, O((d_out + d_in)·r²) not an SVD.
+
+    Args:
+        W: (d_out, d_in) the weight.
+        U: (d_out, r) ΔW's top-r left singular vectors.
+        Vh: (r, d_in) ΔW's top-r right singular vectors (rows).
+        generator: for the random directions; None uses a fresh generator seeded 0.
+        dtype: float32 or float64 for W's SVD.
+        s_w: W's singular values when already known (descending), to skip its SVD.
+
+    Returns:
+        {"delta_dirs", "w_dirs", "random_dirs", "w_fro": ‖W‖_F}, floats.
+
+    Raises:
+        InputError: mismatched shapes, r > min(d_out, d_in), or NaN/Inf.
+    """
+    w = _frame(W, "W")  # (d_out, d_in)
+    u, v = _frame(U, "U"), _frame(Vh, "Vh").T  # (d_out, r), (d_in, r)
+    r = u.shape[1]
+    if u.shape[0] != w.shape[0] or v.shape[0] != w.shape[1] or v.shape[1] != r:
+        raise InputError(f"U {tuple(U.shape)}, Vh {tuple(Vh.shape)} do not fit W {tuple(W.shape)}")
+    _check_count(r, min(w.shape), "r")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    q_out = random_orthonormal(w.shape[0], r, generator=gen)  # (d_out, r)
+    q_in = random_orthonormal(w.shape[1], r, generator=gen)  # (d_in, r)
+    if s_w is None:
+        s_w = dense_svd(W, dtype=dtype, compute_uv=False)
+    s_w = s_w.double()  # (min(d_out, d_in),)
+    return {
+        "delta_dirs": float(torch.linalg.matrix_norm(u.T @ w @ v)),
+        "w_dirs": float(torch.linalg.vector_norm(s_w[:r])),
+        "random_dirs": float(torch.linalg.matrix_norm(q_out.T @ w @ q_in)),
+        "w_fro": float(torch.linalg.matrix_norm(w)),
+    }
+
+
+def amplification(delta_fro: float, proj: float) -> float:
+    """Amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F (Hu et al. §7.3).
+
+    Args:
+        delta_fro: ‖ΔW‖_F.
+        proj: ‖UᵀWV‖_F, the ``delta_dirs`` of :func:`projection_norms`.
+
+    Returns:
+        The ratio.
+
+    Raises:
+        InputError: proj = 0, or a negative or non-finite input.
+    """
+    if not (np.isfinite(delta_fro) and np.isfinite(proj)) or delta_fro < 0 or proj < 0:
+        raise InputError(f"norms must be finite and >= 0, got {delta_fro} and {proj}")
+    if proj == 0:
+        raise InputError("proj is 0: W has no component along ΔW's directions")
+    return delta_fro / proj
+
+
+def _intruder_max_cos(W0: Tensor, W_ft: Tensor, k: int, dtype: torch.dtype,
+                      U0: Tensor | None = None) -> np.ndarray:
+    """max_i |cos(y_j, x_i)| for W_ft's top-k left singular vectors y_j against all of W0's x_i."""
+    if W0.ndim != 2 or W0.shape != W_ft.shape:
+        raise InputError(f"W0 {tuple(W0.shape)} and W_ft {tuple(W_ft.shape)} must be equal 2-D")
+    _check_count(k, min(W0.shape), "k")
+    x = dense_svd(W0, dtype=dtype)[0] if U0 is None else U0  # (d_out, m), all of W0's left vectors
+    y = dense_svd(W_ft, dtype=dtype)[0][:, :k]  # (d_out, k)
+    return intruder_max_cos(y, x)
+
+
+def intruder_max_cos(Y: Tensor, U0: Tensor) -> np.ndarray:
+    """max_i |cos(y_j, x_i)| of each column y_j of Y against every column x_i of U0.
+
+    Args:
+        Y: (d_out, k) unit columns: the fine-tuned weight's top-k left singular vectors.
+        U0: (d_out, m) unit columns: all of W0's left singular vectors.
+
+    Returns:
+        (k,) float64 array; y_j is an intruder at threshold ε when its entry is < ε.
+    """
+    cos = (Y.T.to(U0.dtype) @ U0).abs()  # (k, m); unit columns, so these are |cosines|
+    return cos.max(dim=1).values.double().numpy()
+
+
+def counts_below(max_cos: np.ndarray, eps_values: tuple[float, ...]) -> dict[float, int]:
+    """{ε: #{j : max_cos_j < ε}}: intruder counts for a sweep of thresholds.
+
+    Raises:
+        InputError: a threshold outside (0, 1].
+    """
+    bad = [e for e in eps_values if not 0.0 < e <= 1.0]
+    if bad:
+        raise InputError(f"eps values must be in (0, 1], got {bad}")
+    return {float(e): int(np.sum(max_cos < e)) for e in eps_values}
+
+
+def intruder_dimensions(
+    W0: Tensor, W_ft: Tensor, *, k: int = 10, eps: float = 0.5, dtype: torch.dtype = torch.float64
+) -> dict:
+    """Intruder dimensions of a fine-tuned weight (Shuttleworth et al. 2024, Def. 3.1).
+
+    A top-k left singular vector y_j of W_ft (columns of U, as in their paper and peft) is an
+    intruder if max_i |cos(y_j, x_i)| < ε over all m = min(d_out, d_in) left singular vectors
+    x_i of W0 (the thin SVD: those with a singular value).
+
+    Args:
+        W0: (d_out, d_in) pretrained weight.
+        W_ft: (d_out, d_in) fine-tuned weight.
+        k: 1 ≤ k ≤ m top vectors of W_ft to test.
+        eps: the cosine threshold ε in (0, 1].
+        dtype: float32 or float64 for the SVDs.
+
+    Returns:
+        {"count": number of intruders, "max_cos": (k,) float64 array of max_i |cos|}.
+
+    Raises:
+        InputError: different or non-2-D shapes, k out of range, ε outside (0, 1], NaN/Inf.
+    """
+    if not 0.0 < eps <= 1.0:
+        raise InputError(f"eps must be in (0, 1], got {eps}")
+    max_cos = _intruder_max_cos(W0, W_ft, k, dtype)
+    return {"count": int(np.sum(max_cos < eps)), "max_cos": max_cos}
+
+
+def intruder_counts(
+    W0: Tensor,
+    W_ft: Tensor,
+    *,
+    k: int = 10,
+    eps_values: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    dtype: torch.dtype = torch.float64,
+    U0: Tensor | None = None,
+) -> dict[float, int]:
+    """Intruder counts for a sweep of thresholds ε, from one pair of SVDs.
+
+    Args:
+        W0: (d_out, d_in) pretrained weight.
+        W_ft: (d_out, d_in) fine-tuned weight.
+        k: top vectors of W_ft to test.
+        eps_values: thresholds, each in (0, 1].
+        dtype: float32 or float64 for the SVDs.
+        U0: W0's left singular vectors (d_out, m) when already known, to skip its SVD.
+
+    Returns:
+        {ε: #{j ≤ k : max_i |cos(y_j, x_i)| < ε}}.
+
+    Raises:
+        InputError: as :func:`intruder_dimensions`.
+    """
+    counts_below(np.zeros(0), eps_values)  # checks ε before any SVD
+    return counts_below(_intruder_max_cos(W0, W_ft, k, dtype, U0), eps_values)
+
+
+def top_left_singular(
+    U0: Tensor, S0: Tensor, Vh0: Tensor, L: Tensor, R: Tensor, *, k: int = 10,
+    tol: float = 1e-12, max_iter: int = 40,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k left singular vectors and values of W = W0 + L Rᵀ from W0's SVD, without W's SVD.
+
+    With W0 = U0 diag(S0) Vh0 and U0 square (d_out ≤ d_in), the Gram matrix of W in U0's basis
+    is a diagonal plus a term of rank ≤ 2m:
+
+        H = U0ᵀ W Wᵀ U0 = Λ + c bᵀ + b cᵀ + b (RᵀR) bᵀ,  Λ = diag(S0²), b = U0ᵀ L, c = diag(S0) Vh0 R,
+
+    so H·X costs O(d_out·m·p) for p columns. Its top-k eigenpairs (θ_j, x_j) give σ_j = √θ_j
+    and u_j = U0 x_j; the coordinates x_j are the cosines of u_j with W0's left vectors. They
+    are found by block Davidson (Rayleigh–Ritz, corrections (θ − diag H)⁻¹ r with Olsen's
+    projection) from W0's top k + 4 directions and L's top 2, in float64, until every residual
+    ‖H x_j − θ_j x_j‖ ≤ tol·θ_1; if that fails within ``max_iter`` rounds, H is formed and
+    solved densely. The eigenvectors of H are those of the SVD of W; the Gram form is solved in
+    float64, so for σ_j ≥ σ_k it is as accurate as a float32 SVD of W or better.
+
+    Args:
+        U0: (d_out, d_out) W0's left singular vectors, float64.
+        S0: (d_out,) its singular values, descending.
+        Vh0: (d_out, d_in) its right singular vectors.
+        L: (d_out, m), R: (d_in, m): the update ΔW = L Rᵀ (e.g. U·diag(S) and Vhᵀ of its SVD).
+        k: 1 ≤ k ≤ d_out vectors to return.
+        tol: relative residual at which an eigenpair counts as converged.
+        max_iter: Davidson rounds before the dense fallback.
+
+    Returns:
+        U (d_out, k), S (k,) descending, and X = U0ᵀU (d_out, k): U's coordinates in W0's
+        left singular basis, i.e. cos(u_j, u0_i) = X[i, j] (intruders: ``X.abs().max(0)``);
+        all float64.
+
+    Raises:
+        InputError: shapes that do not fit (U0 not square, d_out > d_in) or k out of range.
+    """
+    d = U0.shape[0]
+    if U0.shape != (d, d) or S0.shape != (d,) or Vh0.shape[0] != d or Vh0.shape[1] < d \
+            or L.shape[0] != d or R.shape != (Vh0.shape[1], L.shape[1]):
+        raise InputError(f"U0 {tuple(U0.shape)}, S0 {tuple(S0.shape)}, Vh0 {tuple(Vh0.shape)}, "
+                         f"L {tuple(L.shape)}, R {tuple(R.shape)} are not W0's SVD (d_out ≤ d_in) "
+                         "and an update L Rᵀ")
+    _check_count(k, d, "k")
+    f64 = torch.float64
+    lam = S0.to(f64).square()  # (d,) descending
+    b = U0.to(f64).T @ L.to(f64)  # (d, m)
+    c = S0.to(f64)[:, None] * (Vh0.to(f64) @ R.to(f64))  # (d, m)
+    cf = c + b @ (R.to(f64).T @ R.to(f64))  # (d, m): H = Λ + c bᵀ + b cfᵀ
+
+    def hx(x: Tensor) -> Tensor:  # (d, p) → (d, p)
+        return lam[:, None] * x + c @ (b.T @ x) + b @ (cf.T @ x)
+
+    diag = lam + (c * b).sum(1) + (b * cf).sum(1)  # (d,) the diagonal of H
+    theta, x = _davidson(hx, diag, _start_block(d, k, b), k=k, tol=tol, max_iter=max_iter)
+    if x is None:  # not converged: the dense eigenproblem of the d × d matrix H
+        h = torch.diag(lam) + c @ b.T + b @ cf.T
+        theta, x = torch.linalg.eigh((h + h.T) / 2)
+        theta, x = theta.flip(0)[:k], x.flip(1)[:, :k]
+    return U0.to(f64) @ x, theta.clamp(min=0).sqrt(), x
+
+
+def _start_block(d: int, k: int, b: Tensor) -> Tensor:
+    """Orthonormal (d, p): the first k + 4 coordinate vectors (W0's top) and b's first 2 columns."""
+    q = min(d, k + 4)
+    start = torch.cat([torch.eye(d, q, dtype=b.dtype), b[:, :min(2, b.shape[1])]], dim=1)
+    return _orth(start, None)
+
+
+def _orth(w: Tensor, v: Tensor | None) -> Tensor:
+    """Orthonormal columns spanning w's part outside span(v), dropping dependent ones.
+
+    Columns are normalised first and projected out twice before and once after the QR, so the
+    new block stays orthogonal to v to rounding even when it was nearly inside span(v).
+    """
+    w = w / torch.linalg.vector_norm(w, dim=0).clamp(min=1e-300)
+    for _ in range(2 if v is not None else 0):
+        w = w - v @ (v.T @ w)
+    q, r = torch.linalg.qr(w)
+    q = q[:, torch.diagonal(r).abs() > 1e-10]
+    if v is not None and q.shape[1]:
+        q, _ = torch.linalg.qr(q - v @ (v.T @ q))
+    return q
+
+
+def _davidson(hx, diag: Tensor, v: Tensor, *, k: int, tol: float, max_iter: int):
+    """Top-k eigenpairs of a symmetric operator by block Davidson; (None, None) if unconverged."""
+    d = diag.shape[0]
+    hv = hx(v)  # (d, p)
+    for _ in range(max_iter):
+        t = v.T @ hv
+        theta, s = torch.linalg.eigh((t + t.T) / 2)
+        theta, s = theta.flip(0)[:k], s.flip(1)[:, :k]  # (k,), (p, k) descending
+        if not bool(torch.isfinite(theta).all()):
+            return None, None
+        x = v @ s  # (d, k) Ritz vectors
+        res = hv @ s - x * theta  # (d, k)
+        bad = torch.linalg.vector_norm(res, dim=0) > tol * theta[0].abs().clamp(min=1e-300)
+        if theta.shape[0] == k and not bad.any():
+            return theta, x
+        if v.shape[1] >= d:  # the whole space: Rayleigh–Ritz is exact, up to rounding
+            return (theta, x) if theta.shape[0] == k else (None, None)
+        den = theta[bad][None, :] - diag[:, None]  # (d, nb)
+        floor = 1e-10 * theta[0].abs().clamp(min=1e-300)
+        den = torch.where(den.abs() < floor, torch.where(den < 0, -floor, floor), den)
+        m_r, m_x = res[:, bad] / den, x[:, bad] / den
+        eps = (x[:, bad] * m_r).sum(0) / (x[:, bad] * m_x).sum(0)
+        w = m_r - eps * m_x  # Olsen: xᵀw = 0, so w is not lost against x in span(v)
+        w = torch.where(torch.isfinite(w).all(0), w, m_r)  # xᵀM⁻¹x = 0: plain Davidson
+        if v.shape[1] + w.shape[1] > max(d // 2, 3 * k):
+            v, hv = x, hv @ s  # restart from the Ritz vectors
+        q = _orth(w, v)
+        if q.shape[1] == 0:
+            return None, None
+        v, hv = torch.cat([v, q], dim=1), torch.cat([hv, hx(q)], dim=1)
+    return None, None

@@ -1,0 +1,361 @@
+"""Paper figures end to end: an experiment YAML → sweep(s) → compare (+ truncate) → PNG + CSV.
+
+An experiment file (``experiments/paper/*.yaml``) holds:
+
+    result:    the published result it reproduces in shape (the start of every caption)
+    figure:    the builder of ``plots_extra.BUILDERS`` that turns results tables into the figure
+    sweep:     a SweepConfig YAML (path relative to the experiment file), or
+    sweeps:    {label: path, or {file: path, <SweepConfig field>: value, …}} for several
+    settings:  keyword options of the builder
+    truncate:  {ks: [...], lora_min_rank: r} when the figure needs the truncation test
+    variants:  {quick|cpu|gpu: {sweep: {field: value}, sweeps: {label: {field: value}},
+                                settings: {...}, truncate: {...}}}
+
+A sweep's config is, last winning: its file, its own overrides in ``sweeps``, the variant's
+``sweep`` (for every sweep of the experiment), the variant's ``sweeps``. Each resolved sweep
+trains under ``<runs-root>/<file stem>-<variant>-<hash of its config>`` (experiments with the
+same sweep share one folder and train it once) and is analysed into ``<that folder>-results``
+(compare, and truncate when asked; redone only when its runs or options change, as recorded
+in ``figures-stamp.json``). The figure is written atomically as
+``<out>/<name>.csv`` (its data: column ``plot`` names the plot function, ``panel`` the panel,
+the rest are the inputs: ``rankscope plot`` re-draws it from the CSV alone), ``<name>.png``
+and ``<name>.json`` (the caption and provenance, which ``rankscope plot`` adds when present).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+import pandas as pd
+
+from rankscope.train.config import SweepConfig, build_sweep, load_yaml, replace, to_dict
+from rankscope.cli_errors import one_line_errors
+from rankscope.errors import InputError
+from rankscope.store.atomic import make_public, atomic_write_json, atomic_write_text
+from rankscope.outputs.plots import DPI
+from rankscope.outputs.figure_data import BUILDERS, draw_figure
+
+KEYS = ("result", "figure", "sweep", "sweeps", "settings", "truncate", "variants")
+VARIANTS = ("quick", "cpu", "gpu")
+VARIANT_KEYS = ("sweep", "sweeps", "settings", "truncate")
+TRUNCATE_KEYS = ("ks", "lora_min_rank")
+STAMP = "figures-stamp.json"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One paper figure: what it reproduces, its sweeps and the settings of its figure."""
+
+    name: str
+    path: Path
+    result: str
+    figure: str
+    sweeps: dict                  # label → (SweepConfig YAML path, {field: value} overrides)
+    settings: dict
+    truncate: dict | None
+    variants: dict
+
+
+def _mapping(value, where: str, allowed=None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: must be a mapping")
+    bad = sorted(set(value) - set(allowed)) if allowed is not None else []
+    if bad:
+        raise InputError(f"{where}: unknown key {bad[0]!r}; known: {', '.join(allowed)}")
+    return value
+
+
+def _sweep_entry(value, base: Path, where: str) -> tuple[Path, dict]:
+    if isinstance(value, str):
+        return base / value, {}
+    entry = dict(_mapping(value, where))
+    if "file" not in entry:
+        raise InputError(f"{where}: give a SweepConfig file, or a mapping with a 'file' key")
+    return base / entry.pop("file"), entry
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """An experiment YAML, validated (its sweeps, variants and settings are checked too).
+
+    Raises:
+        InputError: a missing file, an unknown key, figure or variant, a setting the figure
+            does not take, or a sweep that does not resolve to a valid SweepConfig.
+    """
+    path = Path(path)
+    doc = _mapping(load_yaml(path), f"experiment {path}", KEYS)
+    where = f"experiment {path.name}"
+    for key in ("result", "figure", "variants"):
+        if key not in doc:
+            raise InputError(f"{where}: missing key {key!r}")
+    if doc["figure"] not in BUILDERS:
+        raise InputError(f"{where}: unknown figure {doc['figure']!r}; known: {', '.join(BUILDERS)}")
+    if ("sweep" in doc) == ("sweeps" in doc):
+        raise InputError(f"{where}: give one of 'sweep' (a file) or 'sweeps' (label: file)")
+    raw = {None: doc["sweep"]} if "sweep" in doc else _mapping(doc["sweeps"], f"{where}: sweeps")
+    sweeps = {k: _sweep_entry(v, path.parent, f"{where}: sweep {k or ''}".strip())
+              for k, v in raw.items()}
+    variants = _mapping(doc["variants"], f"{where}: variants", VARIANTS)
+    takes = set(inspect.signature(BUILDERS[doc["figure"]]).parameters) - {"results"}
+    _mapping(doc.get("settings"), f"{where}: settings", sorted(takes))
+    _mapping(doc.get("truncate"), f"{where}: truncate", TRUNCATE_KEYS)
+    for v, spec in variants.items():
+        spec = _mapping(spec, f"{where}: variant {v}", VARIANT_KEYS)
+        _mapping(spec.get("sweeps"), f"{where}: variant {v}: sweeps", [k for k in raw if k])
+        _mapping(spec.get("settings"), f"{where}: variant {v}: settings", sorted(takes))
+        _mapping(spec.get("truncate"), f"{where}: variant {v}: truncate", TRUNCATE_KEYS)
+    exp = Experiment(name=path.stem, path=path, result=str(doc["result"]), figure=doc["figure"],
+                     sweeps=sweeps, settings=dict(doc.get("settings") or {}),
+                     truncate=doc.get("truncate"), variants=variants)
+    for v in variants:
+        resolve(exp, v)
+    return exp
+
+
+def resolve(exp: Experiment, variant: str) -> tuple[dict[str, SweepConfig], dict, dict | None]:
+    """The variant's sweeps (label → SweepConfig), builder settings and truncation options.
+
+    Raises:
+        InputError: the experiment has no such variant, or a sweep is invalid.
+    """
+    if variant not in exp.variants:
+        raise InputError(f"experiment {exp.name} has no variant {variant!r} "
+                         f"(it has {', '.join(exp.variants) or 'none'})")
+    spec = exp.variants[variant] or {}
+    over, per = dict(spec.get("sweep") or {}), spec.get("sweeps") or {}
+    cfgs = {}
+    for label, (file, own) in exp.sweeps.items():
+        values = {**own, **over, **(per.get(label) or {})}
+        cfg = build_sweep(yaml_path=file, overrides=values)
+        nones = {k: None for k, v in values.items() if v is None}   # an explicit null wins
+        cfgs[label or _targets_label(cfg)] = replace(cfg, **nones) if nones else cfg
+    trunc = exp.truncate
+    if trunc is not None or spec.get("truncate"):
+        trunc = {**(trunc or {}), **(spec.get("truncate") or {})}
+    return cfgs, {**exp.settings, **(spec.get("settings") or {})}, trunc
+
+
+def _targets_label(cfg: SweepConfig) -> str:
+    return "LoRA on {" + ", ".join(cfg.targets) + "}"
+
+
+def sweep_folder(cfg: SweepConfig, file: Path, variant: str, runs_root: Path) -> Path:
+    """``<runs_root>/<file stem>-<variant>-<hash of the config>``: equal configs share it."""
+    view = {k: v for k, v in to_dict(cfg).items() if k != "device"}
+    digest = hashlib.sha1(json.dumps(view, sort_keys=True).encode()).hexdigest()[:8]
+    return runs_root / f"{file.stem}-{variant}-{digest}"
+
+
+def ensure_results(cfg: SweepConfig, folder: Path, *, truncate: dict | None,
+                   grid_layers: list[int] | None, log: Callable[[str], None],
+                   progress: bool) -> Path:
+    """Train the sweep (finished runs are skipped), then compare and truncate unless up to date.
+
+    Returns:
+        The results folder, ``<folder>-results``.
+    """
+    from rankscope.analysis.compare import compare
+    from rankscope.store.results import save_tables, write_verdict
+    from rankscope.train.loop import finished_manifest
+    from rankscope.store.runs import run_name
+    from rankscope.train.sweep import claim_sweep_dir, run_sweep
+    from rankscope.analysis.truncate import truncate_sweep
+
+    names = sorted(run_name(m, r, s) for m, r, s in cfg.runs())
+    if (folder / "sweep.yaml").exists() and all(finished_manifest(folder / n) for n in names):
+        claim_sweep_dir(folder, cfg)                 # same config, or InputError
+    else:
+        log(f"sweep {folder}: {len(names)} runs")
+        run_sweep(cfg, folder, progress=progress, log=log)
+    out = folder.with_name(folder.name + "-results")
+    stamp = json.loads((out / STAMP).read_text()) if (out / STAMP).exists() else {}
+    have = stamp.get("compare", {})
+    layers = sorted(set(have.get("grid_layers") or []) | set(grid_layers or []))
+    missing = bool(grid_layers) and layers != sorted(have.get("grid_layers") or [])
+    if have.get("runs") != names or missing:
+        log(f"compare {folder} → {out}")
+        frames = compare(folder, out, grid_layers=layers or None, progress=progress)
+        grid = frames["subspace_grid"]
+        used = sorted(int(x) for x in grid["layer"].dropna().unique()) if len(grid) else []
+        stamp = {**stamp, "compare": {"runs": names, "grid_layers": used}}
+        atomic_write_json(out / STAMP, stamp)
+    if truncate is not None:
+        want = {"ks": sorted(truncate.get("ks") or (1, 2, 4, 8, 16, 32, 64)),
+                "lora_min_rank": truncate.get("lora_min_rank"), "runs": names}
+        if stamp.get("truncate") != want:
+            log(f"truncate {folder}")
+            curve, summary = truncate_sweep(folder, ks=tuple(want["ks"]),
+                                            lora_min_rank=want["lora_min_rank"], progress=progress)
+            save_tables(out, {"truncation": curve, "truncation_summary": summary},
+                        inputs={"runs": str(folder)})
+            write_verdict(out)
+            atomic_write_json(out / STAMP, {**stamp, "truncate": want})
+    return out
+
+
+def caption(exp: Experiment, variant: str, cfgs: dict[str, SweepConfig]) -> str:
+    """The result reproduced, then the profile, model, task and training of each sweep."""
+    parts = []
+    for c in cfgs.values():
+        runs = ["full fine-tuning"] if "full" in c.methods else []
+        if "lora" in c.methods:
+            runs.append(f"LoRA on {{{', '.join(c.targets)}}} at r ∈ {{{', '.join(map(str, c.ranks))}}}")
+        parts.append(f"{' + '.join(runs)}, seeds {list(c.seeds)}")
+    c = next(iter(cfgs.values()))
+    return (f"{exp.result}. {variant} profile: {c.model}, task {c.task or c.data}, "
+            f"{c.steps} steps of {c.batch_size}×{c.max_len} tokens; {'; '.join(parts)}.")
+
+
+def write_figure(df: pd.DataFrame, out: Path, name: str, *, meta: dict) -> Path:
+    """``out/<name>.csv``, ``.json`` and ``.png``, each written atomically. Returns the PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_figure(df, caption=meta.get("caption"))     # fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
+    atomic_write_json(out / f"{name}.json", meta)
+    png = out / f"{name}.png"
+    save_png(fig, png)
+    plt.close("all")
+    return png
+
+
+def save_png(fig, png: Path) -> None:
+    """Save a Figure as PNG through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
+    os.close(fd)
+    make_public(tmp)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        os.replace(tmp, png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_experiment(path: str | Path, *, variant: str, out: str | Path,
+                   runs_root: str | Path = "runs", log: Callable[[str], None] = print,
+                   progress: bool = False) -> Path:
+    """Sweep, analyse and draw one experiment's figure into ``out``. Returns the PNG path."""
+    from rankscope.store.results import load_tables
+
+    exp = load_experiment(path)
+    cfgs, settings, trunc = resolve(exp, variant)
+    layer = settings.get("layer")
+    results, sweeps = {}, {}
+    for (label, cfg), (file, _) in zip(cfgs.items(), exp.sweeps.values()):
+        folder = sweep_folder(cfg, file, variant, Path(runs_root))
+        res = ensure_results(cfg, folder, truncate=trunc, grid_layers=[layer] if layer is not None
+                             else None, log=log, progress=progress)
+        results[label], sweeps[label] = load_tables(res), str(folder)
+    df = BUILDERS[exp.figure](results, **settings)
+    meta = {"format": "rankscope.figure/1", "experiment": str(exp.path), "result": exp.result,
+            "variant": variant, "caption": caption(exp, variant, cfgs), "sweeps": sweeps,
+            "settings": settings, "configs": {k: to_dict(c) for k, c in cfgs.items()}}
+    png = write_figure(df, Path(out), exp.name, meta=meta)
+    log(f"wrote {png} and {png.with_suffix('.csv')}")
+    return png
+
+
+def redraw(csv: str | Path, png: str | Path | None = None) -> Path:
+    """Re-draw a figure from its CSV (and the caption of ``<csv>.json`` beside it, if any).
+
+    Raises:
+        InputError: a missing, empty or unreadable CSV; one that is not figure data (no
+            ``plot``/``panel`` columns, an unknown plot, a data column missing) or whose
+            values cannot be drawn; an unreadable caption file; a PNG path that is a
+            folder or lies in no folder.
+    """
+    import matplotlib.pyplot as plt
+
+    csv = Path(csv)
+    if not csv.is_file():
+        raise InputError(f"missing figure data {csv}")
+    try:
+        df = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt figure data {csv}: {e}") from None
+    side = csv.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text()) if side.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt figure caption file {side}: {e}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"figure caption file {side} is not a JSON object")
+    png = Path(png) if png is not None else csv.with_suffix(".png")
+    if png.is_dir() or not png.absolute().parent.is_dir():
+        raise InputError(f"cannot write {png}: " + ("it is a folder" if png.is_dir() else
+                                                     f"no folder {png.absolute().parent}"))
+    try:
+        fig = draw_figure(df, caption=meta.get("caption"))
+    except InputError:
+        raise
+    except (TypeError, KeyError, ValueError) as e:     # values of the wrong kind in a column
+        plt.close("all")
+        raise InputError(f"cannot draw figure data {csv}: {e}") from None
+    save_png(fig, png)
+    plt.close("all")
+    return png
+
+
+def default_variant() -> str:
+    """``gpu`` where CUDA is available, else ``cpu``."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def experiment_files(target: str | Path, *, all_: bool) -> list[Path]:
+    """The experiment YAMLs named by ``target``: a file, or with ``all_`` every YAML in a folder."""
+    target = Path(target)
+    if target.is_dir():
+        if not all_:
+            raise InputError(f"{target} is a folder: pass --all to run every experiment in it")
+        files = sorted(target.glob("*.yaml"))
+        if not files:
+            raise InputError(f"no experiment YAML in {target}")
+        return files
+    if not target.is_file():
+        raise InputError(f"missing experiment file {target}")
+    return [target]
+
+
+
+
+@click.command("figures")
+@click.argument("experiment", type=click.Path(path_type=str))
+@click.option("--all", "all_", is_flag=True, help="EXPERIMENT is a folder: run every YAML in it.")
+@click.option("--variant", type=click.Choice(("auto",) + VARIANTS), default="auto",
+              show_default=True, help="quick (CI), cpu, gpu; auto: gpu where CUDA is present.")
+@click.option("--out", default="figures", show_default=True, type=click.Path(path_type=str),
+              help="Folder of the PNGs and their CSVs.")
+@click.option("--runs-root", default="runs", show_default=True, type=click.Path(path_type=str),
+              help="Folder of the sweeps and their results.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def figures_command(experiment, all_, variant, out, runs_root, quiet):
+    """Run EXPERIMENT.yaml (or every one in a folder, --all) end to end: sweep, analysis, figure."""
+    files = experiment_files(experiment, all_=all_)
+    for f in files:
+        load_experiment(f)                      # every file valid before any training starts
+    variant = default_variant() if variant == "auto" else variant
+    for f in files:
+        run_experiment(f, variant=variant, out=out, runs_root=runs_root,
+                       log=lambda s: click.echo(s, err=True), progress=not quiet)
+
+
+@click.command("plot")
+@click.argument("csv", type=click.Path(path_type=str))
+@click.option("--out", type=click.Path(path_type=str), help="PNG path (default: beside the CSV).")
+@one_line_errors
+def plot_command(csv, out):
+    """Re-draw a figure from its CSV alone (e.g. figures/fig3_subspace.csv)."""
+    click.echo(f"wrote {redraw(csv, out)}")

@@ -1,0 +1,314 @@
+"""The tidy data behind each paper figure, built from results tables, and drawing it.
+
+A figure's data is one DataFrame: column ``plot`` names the plot function of ``plots.PLOTS``
+that draws a row's panel and ``panel`` the panel's title; the rest are that function's
+inputs. ``draw_figure`` lays the panels out in order of appearance, so a figure is re-drawn
+from its CSV alone. Each builder takes ``results`` = {sweep label: {table name: DataFrame}}
+(the tables of ``results.load_tables``) and keyword-only settings from an experiment YAML.
+"""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pandas as pd
+
+from rankscope.errors import InputError
+from rankscope.outputs.plots import COLUMNS, OVERALL as ALL, PANEL_H, PANEL_W, PLOTS, style
+from rankscope.analysis.verdict import metric_name
+
+
+
+def draw_figure(df: pd.DataFrame, *, caption: str | None = None):
+    """A matplotlib Figure with one panel per ``panel`` of ``df``, drawn by ``plots.PLOTS``.
+
+    Raises:
+        InputError: no ``plot``/``panel`` column, an unknown plot function, or a panel that
+            lacks a data column its plot function reads.
+    """
+    import matplotlib.pyplot as plt
+
+    if not {"plot", "panel"} <= set(df.columns) or df.empty:
+        raise InputError("figure data needs rows and the columns 'plot' and 'panel'")
+    if df[["plot", "panel"]].isna().any().any():
+        raise InputError("figure data has rows without a plot or a panel name")
+    unknown = sorted(set(df["plot"]) - set(PLOTS))
+    if unknown:
+        raise InputError(f"unknown plot {unknown[0]!r}; known: {', '.join(PLOTS)}")
+    check_columns(df)
+    panels = list(dict.fromkeys(df["panel"]))
+    n = len(panels)
+    ncols = n if n <= 3 else (2 if n == 4 else 3)
+    nrows = -(-n // ncols)
+    with style():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows),
+                                 squeeze=False)
+        for ax, p in zip(axes.flat, panels):
+            rows = df[df["panel"] == p].dropna(axis=1, how="all")
+            PLOTS[rows["plot"].iloc[0]](rows, ax=ax)
+            ax.set_title(p)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        if caption:
+            width = int(PANEL_W * ncols * 17)          # characters per line at 6.5 pt
+            fig.text(0.01, 0.0, textwrap.fill(caption, width), ha="left", va="top", fontsize=6.5)
+    return fig
+
+
+def check_columns(df: pd.DataFrame) -> None:
+    """Every panel has the data columns its plot function reads (with a value in some row).
+
+    Raises:
+        InputError: naming the panel, its plot function and the missing columns.
+    """
+    for (panel, plot), rows in df.groupby(["panel", "plot"], sort=False, dropna=False):
+        have = set(rows.dropna(axis=1, how="all").columns)
+        missing = [c for c in COLUMNS[plot] if c not in have]
+        if missing:
+            raise InputError(f"figure data for panel {panel!r} ({plot}) lacks the column"
+                             f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                             f"(it needs {', '.join(COLUMNS[plot])})")
+
+
+def _one(results: dict) -> dict[str, pd.DataFrame]:
+    return next(iter(results.values()))
+
+
+def _table(tables: dict, name: str, what: str) -> pd.DataFrame:
+    df = tables.get(name)
+    if df is None or df.empty:
+        raise InputError(f"{what} needs the {name} table, which the results lack or is empty")
+    return df
+
+
+def _mid_layer(df: pd.DataFrame, layer: int | None) -> int:
+    layers = sorted(int(x) for x in df["layer"].dropna().unique())
+    if layer is None:
+        return layers[len(layers) // 2]
+    if layer not in layers:
+        raise InputError(f"layer {layer} is not in the results (layers: {layers})")
+    return layer
+
+
+def _panels(rows: list[pd.DataFrame]) -> pd.DataFrame:
+    front = ["plot", "panel"]
+    df = pd.concat(rows, ignore_index=True)
+    return df[front + [c for c in df.columns if c not in front]]
+
+
+def _grids(results, pair: str, *, side: str, layer: int | None, modules):
+    g = _table(_one(results), "subspace_grid", "a φ(i, j) heatmap")
+    g = g[(g["pair"] == pair) & (g["side"] == side)]
+    if g.empty:
+        raise InputError(f"no φ(i, j) grid for a pair of {pair} on the {side} side: the sweep "
+                         f"needs {'two ranks' if pair == 'ranks' else 'two seeds at its top rank'}")
+    g = g[g["layer"] == _mid_layer(g, layer)]
+    modules = list(modules or dict.fromkeys(g["module"]))
+    cols = ["module", "layer", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2",
+            "i", "j", "phi"]
+    return g[cols], modules
+
+
+def subspace_ranks(results, *, side: str = "right", layer: int | None = None,
+                   modules: list[str] | None = None, zoom: int = 8) -> pd.DataFrame:
+    """Hu et al. Figure 3: φ(ΔW_{r1}, ΔW_{r2}, i, j) of one seed, whole and zoomed (i, j ≤ zoom)."""
+    g, modules = _grids(results, "ranks", side=side, layer=layer, modules=modules)
+    g = g[g["source"] == "trained"]
+    whole, zoomed = [], []
+    for m in modules:
+        gm = g[g["module"] == m]
+        r1, r2, lay = int(gm["rank_1"].iloc[0]), int(gm["rank_2"].iloc[0]), int(gm["layer"].iloc[0])
+        z = min(zoom, r1)
+        whole.append(gm.assign(plot="subspace_heatmap",
+                               panel=f"ΔW {m}, layer {lay}: r = {r1} vs {r2}"))
+        zoomed.append(gm[(gm["i"] <= z) & (gm["j"] <= z)].assign(
+            plot="subspace_heatmap", panel=f"ΔW {m}, layer {lay}: i, j ≤ {z}"))
+    return _panels(whole + zoomed)
+
+
+def subspace_seeds(results, *, side: str = "right", layer: int | None = None,
+                   modules: list[str] | None = None) -> pd.DataFrame:
+    """Hu et al. Figure 4: φ(i, j) between two seeds at the top rank, and two random subspaces."""
+    g, modules = _grids(results, "seeds", side=side, layer=layer, modules=modules)
+    rows = []
+    for m in modules:
+        gm = g[(g["module"] == m) & (g["source"] == "trained")]
+        s1, s2, r = int(gm["seed_1"].iloc[0]), int(gm["seed_2"].iloc[0]), int(gm["rank_1"].iloc[0])
+        rows.append(gm.assign(plot="subspace_heatmap",
+                              panel=f"ΔW {m}, layer {int(gm['layer'].iloc[0])}: "
+                                    f"seeds {s1} vs {s2}, r = {r}"))
+    rnd = g[(g["module"] == modules[0]) & (g["source"] == "random")]
+    rows.append(rnd.assign(plot="subspace_heatmap", panel="two random subspaces, same sizes"))
+    return _panels(rows)
+
+
+def _metric_rows(label: str, tables: dict) -> list[pd.DataFrame]:
+    m = _table(tables, "metrics", "metric vs r")
+    key, _ = metric_name(m)
+    ids = ["method", "rank", "seed"]
+    lora = m[m["method"] == "lora"][ids].assign(series=label, value=m[f"after_{key}"])
+    full = m[m["method"] == "full"][ids].assign(series="full fine-tuning", value=m[f"after_{key}"])
+    base = pd.DataFrame({"method": ["base"], "series": ["base model"],
+                         "value": [float(m[f"before_{key}"].mean())]})
+    return [lora, full, base]
+
+
+def metric_rank(results, *, panel: str | None = None) -> pd.DataFrame:
+    """Hu et al. Tables 6 / 18: the held-out metric vs r for each sweep, full and base as lines."""
+    rows = [r for label, tables in results.items() for r in _metric_rows(label, tables)]
+    df = pd.concat(rows, ignore_index=True)
+    df = df.drop_duplicates(subset=["method", "series", "rank", "seed", "value"])
+    key, _ = metric_name(_table(_one(results), "metrics", "metric vs r"))
+    title = panel or f"held-out {key} vs LoRA rank"
+    return _panels([df.assign(plot="metric_vs_rank", panel=title, quantity=f"held-out {key}")])
+
+
+def _by_module(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Per run: the median of ``col`` over layers for each module, and over all ("all modules")."""
+    ids = ["method", "rank", "seed"]
+    per = df.groupby(ids + ["module"], dropna=False)[col].median().reset_index()
+    per = per.rename(columns={"module": "series", col: "value"})
+    overall = df.groupby(ids, dropna=False)[col].median().reset_index()
+    overall = overall.rename(columns={col: "value"}).assign(series=ALL)
+    return pd.concat([per, overall], ignore_index=True)
+
+
+CONVERGENCE = {       # column of the convergence table: (panel title, y label)
+    "rel_dist": ("distance to the full update",
+                 r"$\|\Delta W_r - \Delta W_{\rm full}\|_F \,/\, \|\Delta W_{\rm full}\|_F$"),
+    "phi_full_{side}": ("top-r directions shared with full",
+                        r"$\phi(\Delta W_r, \Delta W_{\rm full})$"),
+    "energy_share": ("full update's energy in ΔW_r's span",
+                     r"share of $\|\Delta W_{\rm full}\|_F^2$"),
+    "phi_next_{side}": ("neighbouring ranks r, r′",
+                        r"$\phi(\Delta W_r, \Delta W_{r'})$"),
+}
+
+
+def convergence(results, *, side: str = "right") -> pd.DataFrame:
+    """Convergence as r grows: the metric, then each measure of CONVERGENCE, per module and all."""
+    tables = _one(results)
+    conv = _table(tables, "convergence", "the convergence figure")
+    rows = [metric_rank({"LoRA": tables})]
+    for col, (title, label) in CONVERGENCE.items():
+        col = col.format(side=side)
+        if col not in conv or conv[col].isna().all():
+            continue
+        d = _by_module(conv.dropna(subset=[col]), col)
+        rows.append(d.assign(plot="convergence_curves", panel=title, quantity=label))
+    return _panels(rows)
+
+
+def relation(results, *, layer: int | None = None,
+             modules: list[str] | None = None) -> pd.DataFrame:
+    """Hu et al. Table 7: ‖UᵀWV‖_F for ΔW's, W's and random top-r directions, and amplification."""
+    rel = _table(_one(results), "relation", "ΔW vs W")
+    lora = rel[rel["method"] == "lora"]
+    if lora.empty:
+        raise InputError("ΔW vs W needs LoRA runs in the relation table")
+    lay = _mid_layer(lora, layer)
+    at = lora[lora["layer"] == lay]
+    modules = list(modules or dict.fromkeys(at["module"]))
+    names = {"delta_dirs": "ΔW's top-r", "w_dirs": "W's top-r", "random_dirs": "random"}
+    rows = []
+    for m in modules:
+        d = at[at["module"] == m].melt(id_vars=["rank", "seed", "module", "layer", "w_fro"],
+                                       value_vars=list(names), var_name="directions")
+        d["directions"] = d["directions"].map(names)
+        rows.append(d.assign(plot="relation_bars", panel=f"W = {m}, layer {lay}",
+                             quantity=r"$\|U^\top W V\|_F$"))
+    amp = at[at["module"].isin(modules)].rename(columns={"module": "series",
+                                                         "amplification": "value"})
+    rows.append(amp[["method", "rank", "seed", "series", "value"]].assign(
+        plot="convergence_curves", panel=f"amplification, layer {lay}",
+        quantity=r"amplification $\|\Delta W\|_F \,/\, \|U^\top W V\|_F$"))
+    return _panels(rows)
+
+
+def intruders(results, *, eps: list[float] | None = None, eps_module: float = 0.5,
+              modules: list[str] | None = None) -> pd.DataFrame:
+    """Shuttleworth et al.: intruder dimensions per module vs r for several ε, and per module."""
+    t = _table(_one(results), "intruders", "the intruder figure")
+    modules = list(modules or dict.fromkeys(t[t["method"] == "lora"]["module"]))
+    t = t[t["module"].isin(modules)]        # full runs: only the modules LoRA adapts
+    k = int(t["k"].max())
+    ids = ["method", "rank", "seed", "eps"]
+    eps = eps or sorted(t["eps"].unique())
+    per_eps = t[t["eps"].isin(eps)].groupby(ids, dropna=False)["count"].mean().reset_index()
+    per_eps = per_eps.assign(series=[f"ε = {e:g}" for e in per_eps["eps"]])
+    at = t[np.isclose(t["eps"], eps_module)]
+    if at.empty:
+        raise InputError(f"eps_module {eps_module} is not among the intruder ε values")
+    per_mod = at.groupby(ids + ["module"], dropna=False)["count"].mean().reset_index()
+    per_mod = per_mod.rename(columns={"module": "series"})
+    q = f"intruders in top {k}, per module"
+    return _panels([
+        per_eps.rename(columns={"count": "value"}).assign(
+            plot="intruder_counts", panel="intruder dimensions vs r, by ε", quantity=q),
+        per_mod.rename(columns={"count": "value"}).assign(
+            plot="intruder_counts", panel=f"by module, ε = {eps_module:g}", quantity=q)])
+
+
+def module_group(name: str) -> str:
+    """``attention`` for a module under an attention block, else ``MLP``."""
+    return "attention" if any(s in name for s in ("attn", "attention")) else "MLP"
+
+
+def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
+    """Biderman et al.: the full update's energy rank k_τ by layer and module (attention vs MLP)."""
+    mods = _table(_one(results), "modules", "the energy-rank figure")
+    full = mods[mods["method"] == "full"]
+    if full.empty:
+        raise InputError("the energy-rank figure needs a full fine-tuning run")
+    full = full.assign(group=full["name"].map(module_group))
+    ref = pd.DataFrame({"module": [f"LoRA r = {lora_rank}"], "group": ["reference"],
+                        "value": [float(lora_rank)]})
+    by_layer = full[["layer", "module", "group", "seed"]].assign(value=full[f"energy_rank_{tau}"])
+    taus = [c for c in ("energy_rank_50", "energy_rank_90", "energy_rank_99") if c in full]
+    bars = full.groupby(["group", "module"])[taus].median().reset_index().melt(
+        id_vars=["group", "module"], value_vars=taus, var_name="tau")
+    bars["tau"] = "$k_{" + bars["tau"].str.rsplit("_", n=1).str[1] + "}$"
+    return _panels([
+        pd.concat([by_layer, ref]).assign(
+            plot="energy_rank", panel=f"energy rank of the full update, τ = {tau / 100:g}",
+            quantity=f"energy rank $k_{{{tau}}}$"),
+        pd.concat([bars, ref]).assign(plot="energy_rank_bars", panel="median over layers",
+                                      quantity="energy rank")])
+
+
+def energy_shares(spectra: pd.DataFrame, ks) -> pd.DataFrame:
+    """Σ_{i≤k} σ_i² / Σ σ_i² of each module at each k, the median over modules per run."""
+    out = []
+    for run, g in spectra.groupby("run", sort=False):
+        shares = []
+        for _, s in g.groupby("name", sort=False):
+            e = np.cumsum(np.sort(s["sigma"].to_numpy())[::-1] ** 2)
+            shares.append([e[min(k, len(e)) - 1] / e[-1] for k in ks])
+        med = np.median(np.array(shares), axis=0)
+        out.append(pd.DataFrame({"run": run, "k": list(ks), "value": med}))
+    return pd.concat(out, ignore_index=True)
+
+
+def truncation(results) -> pd.DataFrame:
+    """The truncation test: gain share of W_0 + trunc_k(ΔW) vs k, beside ΔW_full's energy share."""
+    tables = _one(results)
+    curve = _table(tables, "truncation", "the truncation figure")
+    gain = curve[["run", "k", "gain_share"]].rename(columns={"gain_share": "value"})
+    gain = gain.assign(curve="gain share, " + gain["run"])
+    rows = [gain]
+    spectra = tables.get("spectra")
+    if spectra is not None:
+        full = spectra[spectra["method"] == "full"]
+        if len(full):
+            kmax = int(curve["k"].max())
+            ks = sorted({int(k) for k in curve["k"]} | {2 ** p for p in range(int(np.log2(kmax)) + 1)})
+            e = energy_shares(full, ks)
+            rows.append(e.groupby("k")["value"].mean().reset_index().assign(
+                curve=r"energy share of $\Delta W_{\rm full}$ (median module)"))
+    return _panels([pd.concat(rows, ignore_index=True).assign(
+        plot="truncation_curve", panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$")])
+
+
+BUILDERS = {f.__name__: f for f in (subspace_ranks, subspace_seeds, metric_rank, convergence,
+                                     relation, intruders, energy, truncation)}

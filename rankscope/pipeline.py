@@ -1,0 +1,183 @@
+"""The one-command end-to-end job: sweep → analyses → truncation test → recommendation → report.
+
+Resumable like the sweep: finished runs are skipped, and an analysis stage whose inputs (the
+runs' manifests) have not changed since it last completed is skipped too. Its inputs (the
+output folder, the model, a ``--data`` file, the budget) are checked before anything trains.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rankscope.train.config import SweepConfig, build_sweep
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_write_json
+
+STAGES = ("sweep", "compare", "truncate", "recommend", "report")
+TRUNCATION_KS = (1, 2, 4, 8, 16, 32, 64)
+SKIPPED = "      finished earlier on the same runs, skipped"
+
+
+def default_profile() -> str:
+    """paper on a GPU, quick on a CPU."""
+    return "paper" if torch.cuda.is_available() else "quick"
+
+
+def job_config(*, config: str | Path | None = None, profile: str | None = None,
+               overrides: dict | None = None) -> SweepConfig:
+    """The sweep of the job: the profile (by device), then the YAML, then the flags."""
+    return build_sweep(profile=profile or default_profile(), yaml_path=config, overrides=overrides)
+
+
+def _runs_stamp(runs: Path) -> str:
+    h = hashlib.sha256()
+    for m in sorted(runs.glob("*/manifest.json")):
+        h.update(m.read_bytes())
+    return h.hexdigest()
+
+
+def cheapest_adapter(cfg: SweepConfig) -> int | None:
+    """Parameters of the smallest rank-1 adapter the recommendation could give, d_out + d_in.
+
+    The candidates are those of ``recommend``: the LoRA targets when the sweep trains LoRA,
+    else every linear module of the backbone. Shapes come from the model's config alone (the
+    model is built on the meta device: no weight is read).
+
+    Returns:
+        The smallest d_out + d_in, or None when no target names a module (the sweep itself
+        then refuses the targets, before training).
+    Raises:
+        InputError, ModelNotFoundError: a model that cannot be resolved or configured.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    from rankscope.train.models import find_linear_modules, quiet_transformers, resolve_model
+
+    path = resolve_model(cfg.model)
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot load model {cfg.model}: {str(e).strip().splitlines()[0]}") from None
+    infos = find_linear_modules(model)
+    if "lora" in cfg.methods and tuple(cfg.targets) != ("all-linear",):
+        infos = [i for i in infos if any(i.name == t or i.name.endswith("." + t)
+                                         for t in cfg.targets)]
+    return min((i.d_out + i.d_in for i in infos), default=None)
+
+
+def check_job(cfg: SweepConfig, out: str | Path, *, budget=None) -> int | None:
+    """Check what the job can check before training; returns the budget as a count.
+
+    Raises:
+        InputError: ``out`` (or its ``runs``/``results``) is a file; a model that cannot be
+            resolved; a ``--data`` file that is missing or does not match its schema; a
+            budget that is not a parameter count, or smaller than one rank-1 adapter of the
+            sweep's modules.
+        ModelNotFoundError: an unknown model name.
+    """
+    from rankscope.train.data import load_user_file
+    from rankscope.train.models import resolve_model
+    from rankscope.recommend.evidence import parse_budget
+
+    out = Path(out)
+    for path in (out, out / "runs", out / "results"):
+        if path.exists() and not path.is_dir():
+            raise InputError(f"output path {path} exists and is not a folder")
+    resolve_model(cfg.model)
+    if cfg.data is not None:
+        load_user_file(cfg.data, kind=cfg.task_kind)
+    if budget is None:
+        return None
+    count = parse_budget(budget)
+    cheapest = cheapest_adapter(cfg)
+    if cheapest is not None and count < cheapest:
+        raise InputError(f"budget {count:,} parameters is smaller than one rank-1 adapter "
+                         f"({cheapest:,} parameters)")
+    return count
+
+
+class _Stages:
+    """Which analysis stages finished on which runs: ``results/.stages.json``."""
+
+    def __init__(self, results: Path, stamp: str):
+        self.path, self.stamp = results / ".stages.json", stamp
+        try:
+            self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (ValueError, OSError):       # unreadable: every stage is simply redone
+            self.done = {}
+        if not isinstance(self.done, dict):
+            self.done = {}
+
+    def fresh(self, stage: str) -> bool:
+        return self.done.get(stage) == self.stamp
+
+    def mark(self, stage: str) -> None:
+        self.done[stage] = self.stamp
+        atomic_write_json(self.path, self.done)
+
+
+def run_job(cfg: SweepConfig, out: str | Path, *, budget: int | str | None = None,
+            validate: bool = False, progress: bool = True,
+            log: Callable[[str], None] = print) -> Path:
+    """Run every stage into ``out`` (``out/runs``, ``out/results``); returns the report's path.
+
+    Args:
+        budget: trainable LoRA parameters for the recommendation (an int, or ``1.5M``, …).
+        validate: retrain the recommendation beside a uniform rank (``recommend --validate``).
+        log: where the stage lines go (one per stage, then the report's path).
+    Raises:
+        InputError: see ``check_job`` (raised before anything is trained or written), and
+            the errors of each stage.
+    """
+    from rankscope.analysis.compare import compare
+    from rankscope.recommend.stage import recommend
+    from rankscope.outputs.report import build_report
+    from rankscope.store.results import prepare_out, save_tables, write_verdict
+    from rankscope.train.sweep import run_sweep
+    from rankscope.analysis.truncate import truncate_sweep
+
+    budget = check_job(cfg, out, budget=budget)
+    out = Path(out)
+    runs, results = out / "runs", out / "results"
+    t0 = time.perf_counter()
+
+    def stage(i: int, text: str) -> None:
+        log(f"[{i}/{len(STAGES)}] {text}  ({time.perf_counter() - t0:.0f}s)")
+
+    stage(1, f"sweep: {len(cfg.runs())} runs of {cfg.model} on {cfg.task or cfg.data} "
+             f"({cfg.steps} steps each, profile {cfg.profile}) into {runs}")
+    run_sweep(cfg, runs, progress=progress, log=lambda s: log("      " + s))
+    prepare_out(results)
+    stages = _Stages(results, _runs_stamp(runs))
+    stage(2, f"compare: spectra, subspace similarity, convergence, ΔW vs W, intruders → {results}")
+    if stages.fresh("compare"):
+        log(SKIPPED)
+    else:
+        compare(runs, results, progress=progress)
+        stages.mark("compare")
+    if "full" in cfg.methods:
+        stage(3, "truncate: W_0 + trunc_k(ΔW_full) re-evaluated for k = "
+                 + ", ".join(map(str, TRUNCATION_KS)))
+        if stages.fresh("truncate"):
+            log(SKIPPED)
+        else:
+            curve, summary = truncate_sweep(runs, ks=TRUNCATION_KS, device=cfg.device,
+                                            progress=progress)
+            save_tables(results, {"truncation": curve, "truncation_summary": summary},
+                        inputs={"runs": str(runs)})
+            write_verdict(results)
+            stages.mark("truncate")
+    else:
+        stage(3, "truncate: skipped (the sweep has no full fine-tuning run)")
+    stage(4, "recommend: ranks per module and a PEFT LoraConfig")
+    recommend(runs, results, budget=budget, validate=validate, progress=progress, log=log)
+    stage(5, "report: report.html and report.md")
+    report = build_report(runs, results, progress=progress, log=log)
+    log(f"done in {time.perf_counter() - t0:.0f}s; report: {report}")
+    return Path(report)

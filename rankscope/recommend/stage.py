@@ -1,0 +1,256 @@
+"""``rankscope recommend``: a LoRA rank per module, its evidence, a PEFT config and a rationale.
+
+Reads a sweep's results tables (running ``compare``, and ``truncate`` when the sweep has a
+full run, if they are missing), applies ``recommend_core`` (the evidence, the rule, the
+budget allocation) and writes into the results folder:
+
+    recommendation.csv   one row per module: the rank, its evidence and a confidence
+    lora_config.json     ``peft.LoraConfig(**json.load(f))`` accepts it
+    rationale.md         a short account of the evidence and the rule (``recommend_text``)
+    validate.csv         with ``--validate``: the recommended config retrained beside the
+                         uniform rank nearest its parameter count (``recommend_validate``;
+                         one rank on every module rarely matches it exactly, and the
+                         rationale then gives both counts)
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+import pandas as pd
+
+from rankscope.recommend import evidence as core
+from rankscope.recommend.text import rationale, validation_text
+from rankscope.cli_errors import one_line_errors
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_write_json, atomic_write_text
+
+NEEDED = ("metrics", "modules", "spectra", "convergence")
+VALIDATED = "validate/configs.json"      # the configs that validate.csv tested
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A recommendation: the per-module table, the PEFT config, its rationale, its test."""
+
+    table: pd.DataFrame
+    config: dict
+    rationale: str
+    budget: int | None = None
+    validation: pd.DataFrame | None = None
+
+
+def check_runs(runs: str | Path) -> list:
+    """The runs' DeltaSets, once they are known to be finished and of one model and task.
+
+    Raises:
+        InputError: no finished runs, or runs of different models or tasks mixed together.
+    """
+    from rankscope.analysis.decompose import check_same_setup
+    from rankscope.analysis.deltas import from_runs
+
+    sets = from_runs(runs)
+    check_same_setup(sets)
+    return sets
+
+
+def sweep_root(runs: str | Path) -> Path:
+    """The sweep folder of ``runs`` (a sweep folder, or one run folder inside it)."""
+    runs = Path(runs)
+    return runs if (runs / "sweep.yaml").exists() or not (runs / "manifest.json").exists() \
+        else runs.parent
+
+
+def ensure_tables(runs: str | Path, out: str | Path, *, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+    """The results tables in ``out``, computing the missing ones from ``runs`` first.
+
+    ``compare`` runs when any of metrics, modules, spectra or convergence is missing; the
+    truncation test when the sweep has a full run and ``out`` no truncation table (it needs
+    the sweep's ``sweep.yaml``; without one it is skipped with a note).
+    """
+    from rankscope.analysis.compare import compare
+    from rankscope.store.results import check_same_sweep, load_tables, prepare_out, save_tables, write_verdict
+    from rankscope.analysis.truncate import truncate_sweep
+
+    sets = check_runs(runs)
+    check_same_sweep(runs, out)         # before the folder is made
+    out = prepare_out(out)
+    if not all((out / f"{t}.csv").exists() for t in NEEDED):
+        log(f"compare {runs} → {out}")
+        compare(runs, out, progress=progress)
+    if any(s.method == "full" for s in sets) and not (out / "truncation_summary.csv").exists():
+        if (sweep_root(runs) / "sweep.yaml").exists():
+            log(f"truncate {runs} → {out}")
+            curve, summary = truncate_sweep(runs, progress=progress)
+            save_tables(out, {"truncation": curve, "truncation_summary": summary},
+                        inputs={"runs": str(runs)})
+            write_verdict(out)
+        else:
+            log(f"truncation test skipped: {sweep_root(runs)} has no sweep.yaml")
+    return load_tables(out)
+
+
+def alpha_settings(sets) -> tuple[str, float, str]:
+    """(alpha policy, alpha, peft task type) of a sweep, from its LoRA runs' manifests.
+
+    For the scaled policy alpha is the ratio c of α = c·r; without LoRA runs, the sweep's
+    ``sweep.yaml`` defaults (scaled, 2) apply.
+    """
+    from rankscope.train.config import SweepConfig
+
+    meta = [s.meta for s in sets]
+    task = "SEQ_CLS" if meta[0].get("task_kind") == "cls" else "CAUSAL_LM"
+    for m in meta:
+        if m.get("method") == "lora" and m.get("alpha_policy"):
+            a = float(m["lora_alpha"])
+            return m["alpha_policy"], a / m["rank"] if m["alpha_policy"] == "scaled" else a, task
+    d = SweepConfig()
+    return d.alpha_policy, d.alpha, task
+
+
+def recommend_frames(frames: dict[str, pd.DataFrame], *, budget: int | None = None,
+                     targets: tuple[str, ...] | None = None, alpha_policy: str = "scaled",
+                     alpha: float = 2.0, task_type: str = "CAUSAL_LM") -> Recommendation:
+    """The recommendation from results tables alone (pure: no file is read or written).
+
+    Args:
+        frames: tables of ``results.load_tables`` (modules needed; metrics, convergence,
+            truncation_summary and spectra used when present, spectra needed with a budget).
+        budget: trainable LoRA parameters to allocate by the measured spectra, or None for
+            the evidence's ranks.
+    Raises:
+        InputError: missing tables, no evidence, or a budget below one rank-1 adapter.
+    """
+    table, glob = core.evidence_table(frames, targets=targets)
+    if budget is not None:
+        if frames.get("spectra") is None:
+            raise InputError("a budget needs spectra.csv: run `rankscope compare` first")
+        sig = core.module_spectra(frames["spectra"], table["name"])
+        shapes = {n: (o, i) for n, o, i in zip(table["name"], table["d_out"], table["d_in"])}
+        ranks = core.allocate({n: sig[n] for n in table["name"] if n in sig}, shapes, budget)
+        table = table.assign(r_evidence=table["r"], r=table["name"].map(ranks).fillna(0).astype(int))
+        table["reason"] = table["reason"] + "; budget allocation: r = " + table["r"].astype(str)
+        table["params"] = table["r"] * (table["d_out"] + table["d_in"])
+    kinds = dict(zip(table["name"], table["module"]))
+    config = lora_config(dict(zip(table["name"], table["r"])), kinds, alpha_policy=alpha_policy,
+                              alpha=alpha, task_type=task_type)
+    return Recommendation(table, config, rationale(table, config, glob, budget=budget), budget)
+
+
+def lora_config(ranks: dict[str, int], kinds: dict[str, str], *, alpha_policy: str, alpha: float,
+                task_type: str = "CAUSAL_LM") -> dict:
+    """A ``peft.LoraConfig(**config)`` dict: r, lora_alpha, target_modules, rank_pattern, …
+
+    r is the most common rank (ties: the larger); rank_pattern and alpha_pattern name only
+    the modules that differ, by their full path (peft matches a key on a dot boundary).
+    target_modules lists a module kind when every module of that kind has a rank, else the
+    full paths. α follows the sweep's policy: scaled α = alpha·r, fixed and rslora α = alpha.
+    """
+    on = {n: r for n, r in ranks.items() if r > 0}
+    if not on:
+        raise InputError("no module received a rank")
+    counts = Counter(on.values())
+    r0 = max(counts, key=lambda r: (counts[r], r))
+    targets = []
+    for kind in dict.fromkeys(kinds[n] for n in ranks):
+        names = [n for n in ranks if kinds[n] == kind]
+        targets += [kind] if all(n in on for n in names) else [n for n in names if n in on]
+
+    def a(r):
+        v = alpha * r if alpha_policy == "scaled" else alpha
+        return int(v) if float(v).is_integer() else float(v)
+
+    pattern = {n: r for n, r in on.items() if r != r0}
+    cfg = {"r": r0, "lora_alpha": a(r0), "target_modules": targets, "rank_pattern": pattern,
+           "alpha_pattern": {n: a(r) for n, r in pattern.items()} if alpha_policy == "scaled" else {},
+           "lora_dropout": 0.0, "bias": "none", "task_type": task_type}
+    if alpha_policy == "rslora":
+        cfg["use_rslora"] = True
+    return cfg
+
+
+def uniform_rank(table: pd.DataFrame, params: int) -> int:
+    """The uniform rank over the table's modules whose parameter count is nearest ``params``."""
+    per_rank = int((table["d_out"] + table["d_in"]).sum())
+    return max(1, int(round(params / per_rank)))
+
+
+def write_recommendation(rec: Recommendation, out: Path, *, runs: str | Path) -> None:
+    """recommendation.csv (recorded in the results manifest), lora_config.json, rationale.md."""
+    from rankscope.store.results import save_tables
+
+    save_tables(out, {"recommendation": rec.table}, inputs={"runs": str(runs)})
+    atomic_write_json(out / "lora_config.json", rec.config)
+    atomic_write_text(out / "rationale.md", rec.rationale)
+
+
+def recommend(runs: str | Path, out: str | Path, *, budget=None,
+              targets: tuple[str, ...] | None = None, validate: bool = False,
+              progress: bool = True, log: Callable[[str], None] = print) -> Recommendation:
+    """Recommend ranks for a sweep ``runs`` and write them into the results folder ``out``.
+
+    Args:
+        budget: trainable LoRA parameters (an int, or text such as ``1.5M``, ``200k``).
+        targets: module kinds or names, or ``("all-linear",)``; default: the LoRA targets.
+        validate: retrain the recommended config and the uniform rank nearest its size.
+    Raises:
+        InputError: see ``check_runs``, ``recommend_frames`` and ``parse_budget``.
+    """
+    budget = core.parse_budget(budget) if budget is not None else None
+    sets = check_runs(runs)
+    if budget is not None:              # fail before any analysis runs
+        lora = [s for s in sets if s.method == "lora"]
+        pool = lora[0] if lora and targets is None else next(
+            (s for s in sets if s.method == "full"), sets[0])
+        cheapest = min(d.d_out + d.d_in for d in pool)
+        if budget < cheapest:
+            raise InputError(f"budget {budget:,} parameters is smaller than one rank-1 adapter "
+                             f"({cheapest:,} parameters)")
+    frames = ensure_tables(runs, out, progress=progress, log=log)
+    policy, alpha, task_type = alpha_settings(sets)
+    rec = recommend_frames(frames, budget=budget, targets=targets, alpha_policy=policy,
+                           alpha=alpha, task_type=task_type)
+    out = Path(out)
+    write_recommendation(rec, out, runs=runs)
+    if validate:
+        from rankscope.recommend.validate import validate as run_validation
+
+        on = rec.table[rec.table["r"] > 0]
+        u = uniform_rank(on, int(on["params"].sum()))
+        uniform = lora_config(dict.fromkeys(on["name"], u), dict(zip(on["name"], on["module"])),
+                                   alpha_policy=policy, alpha=alpha, task_type=task_type)
+        val = run_validation(runs, {"recommended": rec.config, "uniform": uniform}, out=out,
+                             progress=progress, log=log)
+        rec = Recommendation(rec.table, rec.config, rec.rationale + "\n" + validation_text(val),
+                             rec.budget, val)
+        atomic_write_text(out / "rationale.md", rec.rationale)
+    return rec
+
+
+
+
+@click.command("recommend")
+@click.argument("runs", type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
+@click.option("--budget", help="Trainable LoRA parameters to allocate: 1.5M, 200k, 1500000.")
+@click.option("--targets", help="Comma list of module kinds or names, or all-linear "
+                                "(default: the sweep's LoRA targets).")
+@click.option("--validate", is_flag=True, help="Retrain the recommendation and the uniform rank "
+                                               "nearest its parameter count, side by side.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def recommend_command(runs, out, budget, targets, validate, quiet):
+    """Recommend a LoRA rank per module of sweep RUNS, with its evidence and a PEFT config."""
+    targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None
+    log = (lambda s: click.echo(s, err=True))
+    rec = recommend(runs, out, budget=budget, targets=targets, validate=validate,
+                    progress=not quiet, log=log)
+    click.echo(rec.rationale)
+    click.echo(json.dumps(rec.config, indent=2))
+    click.echo("wrote recommendation.csv, lora_config.json, rationale.md"
+               + (", validate.csv" if validate else "") + f" to {out}")

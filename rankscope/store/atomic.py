@@ -1,0 +1,96 @@
+"""Atomic file and folder writes: nothing half-written is ever left under its final name."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from rankscope.errors import InputError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())     # mkstemp's 0600 would hide reports from others
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: str | Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the usual umask permissions."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_out_dir(out: str | Path, *, overwrite: bool) -> Path:
+    """Refuse an output folder that exists with other content unless ``overwrite``.
+
+    Raises:
+        InputError: ``out`` is a file, or a non-empty folder and ``overwrite`` is false, or
+            its parent cannot be created or written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"output folder {out} exists with other content (use --overwrite)")
+    parent = out.absolute().parent
+    existing = parent
+    while not existing.exists():            # the folders are made only when the result is ready
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot create output folder {parent}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"output folder {existing} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
+
+    On any exception the temporary folder is removed and ``out`` is left as it was.
+    """
+    out = check_out_dir(out, overwrite=overwrite)
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder {out.absolute().parent}: {e.strerror}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+    make_public(tmp)
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

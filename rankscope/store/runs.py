@@ -1,0 +1,167 @@
+"""The run-folder format that ``rankscope sweep`` writes and every analysis reads.
+
+A run folder ``<sweep>/<method>-r<rank>-s<seed>/`` (``full-s<seed>`` for full fine-tuning):
+
+    config.yaml           the run's configuration
+    metrics.jsonl         one JSON object per line: {"step", "kind": "train"|"eval", ...}
+    updates.safetensors   full: "<module>.delta" (d_out, d_in) float32 for every linear module;
+                          LoRA: "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r) and
+                          "<module>.scaling" (a 0-d float32 tensor), ΔW = scaling · B @ A;
+                          header metadata {"format": "rankscope.updates/1", "method": ...}
+    others.safetensors    full only: the final value of every parameter that is not a linear
+                          weight of the pretrained backbone (norms, biases, embeddings, a new
+                          head), so that W_0 + trunc_k(ΔW) can be rebuilt exactly
+    adapter/              LoRA only: the standard PEFT folder (PeftModel.from_pretrained)
+    manifest.json         written last, atomically: a folder without it is not a finished run
+
+Module names are those of the trained model (``model.layers.0.self_attn.q_proj``); the base
+weights are never copied into a run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_write_json, make_public
+
+RUN_FORMAT = "rankscope.run/1"
+UPDATES_FORMAT = "rankscope.updates/1"
+MANIFEST = "manifest.json"
+UPDATES = "updates.safetensors"
+OTHERS = "others.safetensors"
+
+
+def run_name(method: str, rank: int | None, seed: int) -> str:
+    """The folder name of one run: ``full-s0`` or ``lora-r8-s0``."""
+    return f"full-s{seed}" if method == "full" else f"{method}-r{rank}-s{seed}"
+
+
+def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method: str) -> None:
+    """Save update tensors to ``path`` as safetensors, atomically (temp name, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    make_public(tmp)
+    try:
+        contiguous = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata={"format": UPDATES_FORMAT, "method": method})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the header metadata of a safetensors file.
+
+    Raises:
+        InputError: the file is missing, corrupt or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"missing file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise InputError(f"corrupt or truncated safetensors file {path} ({e})") from None
+
+
+class TensorFile(Mapping):
+    """The tensors of a safetensors file, each read from disk when it is asked for.
+
+    Only the header is read up front, so a caller that walks the keys holds one tensor in
+    memory at a time, not the whole file (a full run's ΔW for every module).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"missing file {self.path}")
+        with self._open() as f:
+            self.metadata = f.metadata() or {}
+            self._keys = list(f.keys())
+
+    def _open(self):
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise InputError(f"corrupt or truncated safetensors file {self.path} ({e})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with self._open() as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise InputError(f"corrupt or truncated safetensors file {self.path} ({e})") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """The manifest of a finished run.
+
+    Raises:
+        InputError: no manifest (an unfinished run) or one that is not valid JSON.
+    """
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{run_dir} is not a finished run (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt manifest {path}: {e}") from None
+    if manifest.get("format") != RUN_FORMAT:
+        raise InputError(f"{path} is not a rankscope run manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def write_manifest(run_dir: str | Path, manifest: dict) -> None:
+    """Write the manifest last and atomically: from then on the run counts as finished."""
+    atomic_write_json(Path(run_dir) / MANIFEST, {"format": RUN_FORMAT, **manifest})
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run manifest, i.e. a finished run.
+
+    An analysis folder inside a sweep also has a manifest.json, of another format: not a run.
+    """
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == RUN_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return True     # a corrupt manifest: read_manifest will say so by name
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """The finished run folders at ``path``: the folder itself, or its sub-folders (a sweep).
+
+    Raises:
+        InputError: a missing path, or one with no finished run.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"missing run or sweep folder {path}")
+    if is_finished(path):
+        return [path]
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and is_finished(p))
+    if not runs:
+        raise InputError(f"no finished runs in {path}")
+    return runs

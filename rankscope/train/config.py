@@ -1,0 +1,254 @@
+"""Typed, frozen configurations: a sweep (the grid) and one run of it, with YAML in and out.
+
+Precedence when building a sweep: defaults < the profile a YAML file names < the YAML file <
+a ``--profile`` flag < the other command-line flags. A shipped task brings its own model and
+LoRA targets (MiniLM's ``query``/``value`` for the classification tasks) unless they are given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from rankscope.errors import InputError
+
+METHODS = ("full", "lora")
+ALPHA_POLICIES = ("fixed", "scaled", "rslora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that defines a sweep: model, data, schedule, and the grid of runs."""
+
+    model: str = _f("smollm2-135m", "registry name, local folder or hub id")
+    task: str | None = _f("news", "shipped task (news, qa, sentiment, topic); None with --data")
+    data: str | None = _f(None, "the user's own JSONL/CSV/text file instead of a shipped task")
+    task_kind: str | None = _f(None, "lm, sft or cls: the schema of --data")
+    methods: tuple[str, ...] = _f(("full", "lora"), "full and/or lora")
+    ranks: tuple[int, ...] = _f((1, 2, 4, 8, 16, 64), "LoRA ranks")
+    seeds: tuple[int, ...] = _f((0,), "seeds: LoRA init, data order, dropout")
+    targets: tuple[str, ...] = _f(("q_proj", "v_proj"), "LoRA target modules, or all-linear")
+    alpha_policy: str = _f("scaled", "fixed: α = alpha; scaled: α = alpha·r; rslora: α = alpha, s = α/√r")
+    alpha: float = _f(2.0, "α (fixed, rslora) or the ratio c in α = c·r (scaled)")
+    steps: int = _f(30, "optimizer steps per run")
+    batch_size: int = _f(8, "sequences per micro-batch, over all processes")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_len: int = _f(128, "tokens per sequence")
+    lr_full: float = _f(3e-5, "peak learning rate of full fine-tuning")
+    lr_lora: float = _f(1e-3, "peak learning rate of LoRA")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup: float = _f(0.1, "share of steps spent in linear warm-up")
+    schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
+    clip: float = _f(1.0, "gradient-norm clipping; 0 disables")
+    split_seed: int = _f(0, "seed of the train/held-out split, shared by every run")
+    eval_fraction: float = _f(0.1, "share of examples held out")
+    max_train_examples: int | None = _f(None, "cap on training examples (blocks for lm)")
+    max_eval_examples: int | None = _f(64, "cap on held-out examples (blocks for lm)")
+    eval_every: int = _f(0, "evaluate every N steps (0: only before and after)")
+    checkpoint_every: int = _f(10, "save a resumable checkpoint every N steps")
+    bf16: bool | None = _f(None, "bf16 autocast (weights stay float32); default (null): on "
+                                 "for CUDA and for CPUs with native bf16 (AMX, AVX-512 BF16)")
+    device: str = _f("auto", "auto, cpu or cuda")
+    profile: str | None = _f(None, "the profile these values started from (quick, paper)")
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_choice("methods", self.methods, METHODS)
+        _check_choice("alpha_policy", (self.alpha_policy,), ALPHA_POLICIES)
+        _check_choice("schedule", (self.schedule,), SCHEDULES)
+        if not self.methods:
+            raise InputError("methods: give at least one of full, lora")
+        if "lora" in self.methods and (not self.ranks or any(r <= 0 for r in self.ranks)):
+            raise InputError(f"ranks: every rank must be a positive integer, got {list(self.ranks)}")
+        if not self.seeds:
+            raise InputError("seeds: give at least one seed")
+        if (self.task is None) == (self.data is None):
+            raise InputError("task/data: give a shipped task or a --data file (one of them)")
+        if self.data is not None and self.task_kind not in ("lm", "sft", "cls"):
+            raise InputError("task_kind: --data needs --task-kind lm, sft or cls")
+        for name in ("steps", "batch_size", "grad_accum", "max_len", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("lr_full", "lr_lora", "alpha"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1 or not 0 < self.eval_fraction < 1:
+            raise InputError("warmup and eval_fraction: must lie in [0, 1) and (0, 1)")
+        if not self.targets:
+            raise InputError("targets: give module names or all-linear")
+
+    def runs(self) -> list[tuple[str, int | None, int]]:
+        """The grid: (method, rank, seed) for every run, full first, in a fixed order."""
+        grid = []
+        for seed in self.seeds:
+            if "full" in self.methods:
+                grid.append(("full", None, seed))
+            if "lora" in self.methods:
+                grid.extend(("lora", r, seed) for r in sorted(self.ranks))
+        return grid
+
+    def lora_alpha(self, rank: int) -> float:
+        """α for a LoRA run of rank r under the configured policy."""
+        return self.alpha * rank if self.alpha_policy == "scaled" else self.alpha
+
+    def training_view(self) -> dict:
+        """The fields that change what a run computes (not the grid, not the profile label)."""
+        skip = {"methods", "ranks", "seeds", "profile", "device"}
+        return {k: v for k, v in to_dict(self).items() if k not in skip}
+
+
+_INTS = ("steps", "batch_size", "grad_accum", "max_len", "split_seed", "eval_every",
+         "checkpoint_every", "max_train_examples", "max_eval_examples")
+_FLOATS = ("alpha", "lr_full", "lr_lora", "weight_decay", "warmup", "clip", "eval_fraction")
+_STRS = ("model", "task", "data", "task_kind", "alpha_policy", "schedule", "device", "profile")
+
+
+def _check_types(cfg) -> None:
+    """Each field holds its type (YAML says ``steps: ten`` as easily as ``steps: 10``).
+
+    Raises:
+        InputError: naming the field, the value and the type it needs.
+    """
+    def bad(name, value, what):
+        raise InputError(f"{name}: expected {what}, got {value!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _INTS:
+        v = getattr(cfg, name)
+        if v is not None and not is_int(v):
+            bad(name, v, "an integer")
+    for name in _FLOATS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            bad(name, v, "a number")
+    for name in _STRS:
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, str):
+            bad(name, v, "a string")
+    for name in ("ranks", "seeds"):
+        if not all(is_int(v) for v in getattr(cfg, name)):
+            bad(name, list(getattr(cfg, name)), "a list of integers")
+    for name in ("methods", "targets"):
+        if not all(isinstance(v, str) for v in getattr(cfg, name)):
+            bad(name, list(getattr(cfg, name)), "a list of names")
+    if cfg.bf16 is not None and not isinstance(cfg.bf16, bool):
+        bad("bf16", cfg.bf16, "true, false or null")
+
+
+def _check_choice(name: str, values, allowed) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise InputError(f"{name}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
+
+
+# Profiles size a sweep, whatever its task: quick fits a 2-core CPU (the default sweep in
+# ≤ 10 minutes); paper is for a GPU (3 seeds, ranks 1–64, 1000 steps a run).
+PROFILES = {
+    "quick": dict(steps=24, batch_size=8, max_len=128, ranks=(1, 2, 4, 8, 16, 64), seeds=(0,),
+                  max_eval_examples=32, checkpoint_every=8),
+    # 1000 steps × 8 × 128 = 1.0M tokens a run, ~15 passes over the 67k-token news split: lower
+    # peak rates than quick's, so that held-out loss is not lost to over-fitting by the end.
+    "paper": dict(steps=1000, batch_size=8, max_len=128, ranks=(1, 2, 4, 8, 16, 32, 64),
+                  seeds=(0, 1, 2), lr_full=1e-5, lr_lora=3e-4, max_eval_examples=None,
+                  eval_every=100, checkpoint_every=250),
+}
+
+
+def to_dict(cfg) -> dict:
+    """A config as plain YAML-safe values (tuples become lists)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _coerce(cls, values: dict) -> dict:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"unknown config field {unknown[0]!r}; known: {', '.join(known)}")
+    out = {}
+    for k, v in values.items():
+        default = known[k].default
+        if isinstance(default, tuple) and v is not None:
+            v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        out[k] = v
+    return out
+
+
+def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = None,
+                overrides: dict | None = None) -> SweepConfig:
+    """Defaults, then a profile, then a YAML file, then explicit overrides.
+
+    Raises:
+        InputError: unknown profile, unreadable YAML, unknown fields or invalid values.
+    """
+    from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: flag not given
+    values: dict = dict(from_yaml)
+    base = values.get("profile") or profile            # sizes the YAML and flags refine
+    for name in (base, flags.get("profile")):
+        if name is not None and name not in PROFILES:
+            raise InputError(f"profile: unknown {name!r}; choose from {', '.join(PROFILES)}")
+    if base is not None:
+        values = {**PROFILES[base], **values, "profile": base}
+    if flags.get("profile") is not None:                # an explicit --profile resizes the YAML
+        values.update(PROFILES[flags["profile"]])
+    values.update(flags)
+    # --data replaces the default (or profile's) task unless a task was named explicitly
+    if values.get("data") is not None and "task" not in flags and "task" not in from_yaml:
+        values["task"] = None
+    _task_defaults(values)
+    return SweepConfig(**_coerce(SweepConfig, values))
+
+
+def _task_defaults(values: dict) -> None:
+    """A shipped task's own model, and that model's query/value names, unless given."""
+    from rankscope.train.data import TASKS
+
+    spec = TASKS.get(values.get("task", SweepConfig.task))
+    if spec is None:
+        return
+    values.setdefault("model", spec.default_model)
+    if values["model"] == spec.default_model:
+        values.setdefault("targets", spec.default_targets)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file.
+
+    Raises:
+        InputError: a missing file, invalid YAML, or a document that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"missing config file {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InputError(f"config {path} must be a mapping of field: value")
+    return doc
+
+
+def dump_yaml(cfg) -> str:
+    """A config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg, **changes):
+    """A copy of a frozen config with some fields changed (validated again)."""
+    return dataclasses.replace(cfg, **changes)

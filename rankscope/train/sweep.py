@@ -1,0 +1,172 @@
+"""The grid of runs: one folder per (method, rank, seed); finished runs skipped, the rest resumed."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from rankscope.train import parts as T
+from rankscope.train.config import SweepConfig, dump_yaml, to_dict
+from rankscope.train.data import prepare_task
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_write_json, atomic_write_text
+from rankscope.train.models import quiet_transformers, resolve_model
+from rankscope.train.loop import claim_run_dir, finished_manifest, run_config_text, train_run
+from rankscope.store.runs import run_name
+
+SWEEP_FILE = "sweep.yaml"
+
+
+def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
+    """Create the sweep folder and record its config, or refuse one started with another.
+
+    Raises:
+        InputError: ``out`` is not writable, or holds a sweep of a different configuration.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"     # per process: torchrun ranks race
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"output folder {out} is not writable ({e.strerror})") from None
+    path = out / SWEEP_FILE
+    mine = {k: v for k, v in to_dict(cfg).items() if k != "device"}
+    if path.exists():
+        old = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "device"}
+        if old != mine:
+            diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+            raise InputError(f"{out} holds a sweep started with another config (differs in: "
+                             f"{', '.join(diff)}); rerun with the same config or another --out")
+        return
+    atomic_write_text(path, "# written by rankscope sweep; the grid and settings of this folder\n"
+                      + dump_yaml(cfg))
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of a registry name, local folder or hub id."""
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare(cfg: SweepConfig):
+    """The sweep's data, validated against the model: one split shared by every run.
+
+    Raises:
+        InputError: sequences longer than the model has positions for, or data that fails
+            its task's schema (see ``prepare_task``).
+    """
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        positions = getattr(AutoConfig.from_pretrained(resolve_model(cfg.model)),
+                            "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_len > positions:
+        raise InputError(f"max_len {cfg.max_len} is longer than the {positions} positions of "
+                         f"{cfg.model}")
+    tok = load_tokenizer(cfg.model)
+    task = prepare_task(cfg.task, tok, seed=cfg.split_seed, max_len=cfg.max_len,
+                        data_file=cfg.data, kind=cfg.task_kind, eval_fraction=cfg.eval_fraction,
+                        max_train_examples=cfg.max_train_examples,
+                        max_eval_examples=cfg.max_eval_examples)
+    return task
+
+
+def load_checked_model(cfg: SweepConfig, task, *, world: int):
+    """The base model with the task's head, once the grid is checked against it and ``world``.
+
+    Raises:
+        InputError: an unloadable model, a target it lacks, a rank a target cannot hold, or a
+            batch that ``world`` processes cannot share.
+    """
+    if cfg.batch_size % world:
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    model = T.load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
+    T.check_targets(model, cfg.targets, cfg.ranks if "lora" in cfg.methods else ())
+    return model
+
+
+def base_evaluation(cfg: SweepConfig, task, out: Path, dist: T.Dist, *, model) -> dict:
+    """The base model's held-out metrics, computed once per sweep and cached in ``out``."""
+    path = out / "base_eval.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("split_hash") == task.split_hash:
+            return cached["metrics"]
+    model = model.to(dist.device)
+    bf16 = T.use_bf16(cfg.bf16, dist.device)
+    metrics = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
+    if dist.main:
+        atomic_write_json(path, {"split_hash": task.split_hash, "metrics": metrics})
+    return metrics
+
+
+def summary_line(m: dict) -> str:
+    """One line for a finished run: held-out metric before → after, time, throughput."""
+    b, a = m["eval_before"], m["eval_after"]
+    key = "accuracy" if "accuracy" in a else "loss"
+    tps = f"{m['tokens_per_s']:.0f} tok/s" if m.get("tokens_per_s") else "resumed"
+    return (f"{m['run']:<14} {key} {b[key]:.4f} → {a[key]:.4f}  "
+            f"{m['wall_time_s']:.0f}s  {tps}  peak {m['peak_memory_mb']:.0f} MB")
+
+
+def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Train every run of the grid into ``out/<run>``; finished runs are skipped.
+
+    Returns:
+        The manifests of all runs of the grid, in grid order.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    dist = T.setup_dist(cfg.device)
+    task = prepare(cfg)
+    base = load_checked_model(cfg, task, world=dist.world)
+    claim_sweep_dir(out, cfg)           # only once the inputs are good: nothing half-written
+    base_eval = base_evaluation(cfg, task, out, dist, model=base)
+    del base
+    grid = cfg.runs()
+    manifests = []
+    bar = tqdm(grid, desc="sweep", unit="run", disable=not (progress and dist.main), file=sys.stderr)
+    for method, rank, seed in bar:
+        name = run_name(method, rank, seed)
+        run_dir = out / name
+        done = finished_manifest(run_dir)
+        if done is None:
+            claim_run_dir(run_dir, run_config_text(cfg, method=method, rank=rank, seed=seed))
+            done = train_run(cfg, task, run_dir, method=method, rank=rank, seed=seed, dist=dist,
+                             base_eval=base_eval, progress=progress)
+            if dist.main:
+                log(summary_line(done))
+        elif dist.main:
+            log(f"{name:<14} finished earlier, skipped")
+        manifests.append(done)
+    bar.close()
+    T.leave_dist()
+    return manifests
+
+
+def grid_table(manifests: list[dict]):
+    """A DataFrame of the runs' held-out metrics before and after training."""
+    import pandas as pd
+
+    rows = []
+    for m in manifests:
+        if not m:
+            continue
+        rows.append({"run": m["run"], "method": m["method"], "rank": m["rank"], "seed": m["seed"],
+                     **{f"before_{k}": v for k, v in m["eval_before"].items()},
+                     **{f"after_{k}": v for k, v in m["eval_after"].items()},
+                     "wall_time_s": m["wall_time_s"], "trainable_params": m["trainable_params"]})
+    return pd.DataFrame(rows)
+

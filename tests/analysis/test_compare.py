@@ -1,0 +1,289 @@
+"""``rankscope.analysis.compare`` and its helpers: each decomposition done once, the fast paths equal to
+the dense ones, Hu et al.'s A/B basis for φ, and the edge cases of the figure pairs, the grid
+layers, mixed setups and the verdict.
+
+The sweep is built by hand on the SmolLM2 slice's own names and real shapes (q 576×576, k and
+v 192×576, down_proj 576×1536): full runs with random dense ΔW on those 8 modules and LoRA runs
+r = 1, 4 (two seeds) on q and v, one of them with a planted direction far above W0's spectrum.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rankscope.analysis import compare as C
+from rankscope.analysis.decompose import RunDecomp, check_same_setup, decompose, decompose_sweep
+from rankscope.analysis.deltas import DeltaSet, ModuleDelta, from_runs
+from rankscope.errors import InputError
+from rankscope.linalg.subspace import phi, random_orthonormal
+from rankscope.analysis.verdict import verdict
+
+KINDS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),   # full runs: 4 of
+         "self_attn.v_proj": (192, 576), "mlp.down_proj": (576, 1536)}       # the 7 kinds
+LORA = ("self_attn.q_proj", "self_attn.v_proj")
+RANKS, SEEDS = (1, 4), (0, 1)
+
+
+def _name(layer: int, kind: str) -> str:
+    return f"model.layers.{layer}.{kind}"
+
+
+@pytest.fixture(scope="module")
+def sweep(smollm2_slice, make_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare-sweep") / "sweep"
+    gen = torch.Generator().manual_seed(0)
+    common = dict(model=str(smollm2_slice), model_path=str(smollm2_slice), task="news",
+                  data_hash="d", split_hash="s", task_kind="lm", steps=10,
+                  eval_before={"loss": 3.0})
+    for seed in SEEDS:
+        full = {f"{_name(layer, k)}.delta": 1e-3 * torch.randn(*shape, generator=gen)
+                for layer in (0, 1) for k, shape in KINDS.items()}
+        make_run(out / f"full-s{seed}", full, run=f"full-s{seed}", method="full", rank=None,
+                 seed=seed, eval_after={"loss": 2.0}, **common)
+        for r in RANKS:
+            t = {}
+            for layer in (0, 1):
+                for k in LORA:
+                    d_out, d_in = KINDS[k]
+                    t[f"{_name(layer, k)}.lora_A"] = torch.randn(r, d_in, generator=gen) / 24
+                    t[f"{_name(layer, k)}.lora_B"] = 0.05 * torch.randn(d_out, r, generator=gen)
+                    t[f"{_name(layer, k)}.scaling"] = torch.tensor(2.0)
+            # a planted intruder: one direction far above layer 1 q_proj's spectrum
+            t[f"{_name(1, LORA[0])}.lora_B"][:, 0] *= 400.0
+            make_run(out / f"lora-r{r}-s{seed}", t, run=f"lora-r{r}-s{seed}", method="lora",
+                     rank=r, seed=seed, lora_alpha=2.0 * r, alpha_policy="scaled",
+                     targets=["q_proj", "v_proj"], eval_after={"loss": 2.5 - 0.1 * r}, **common)
+    return out
+
+
+@pytest.fixture(scope="module")
+def counted(sweep):
+    """compare_frames on the sweep, counting every SVD of a matrix with both sides ≥ 100."""
+    calls = {"svd": [], "svdvals": []}
+    real = {k: getattr(torch.linalg, k) for k in calls}
+
+    def counting(kind):
+        def f(x, *a, **kw):
+            if min(x.shape[-2:]) >= 100:
+                calls[kind].append(tuple(x.shape))
+            return real[kind](x, *a, **kw)
+        return f
+
+    with pytest.MonkeyPatch.context() as mp:
+        for kind in calls:
+            mp.setattr(torch.linalg, kind, counting(kind))
+        frames = C.compare_frames(sweep)
+    return frames, calls
+
+
+def test_every_decomposition_is_done_once(counted):
+    frames, calls = counted
+    n_full, analysed, others, w0 = len(SEEDS), 2 * len(LORA), 2 * (len(KINDS) - len(LORA)), 4
+    # full runs' q, v (decompose) + W0 once per module + the full runs' W0 + ΔW (intruders);
+    # LoRA updates and LoRA's W0 + ΔW take no large SVD at all
+    assert len(calls["svd"]) == n_full * analysed + w0 + n_full * analysed
+    assert len(calls["svdvals"]) == n_full * others      # the full runs' other modules, once
+    assert set(frames) == {"metrics", "modules", "spectra", "subspace", "subspace_grid",
+                           "convergence", "relation", "intruders"}
+
+
+def test_spectra_tables_equal_the_analysis_of_every_module(sweep, counted):
+    from rankscope.analysis.analyze import METRIC_COLS, analyze_deltas
+
+    frames, _ = counted
+    spectra, modules = analyze_deltas(from_runs(sweep), progress=False)
+    pd.testing.assert_frame_equal(frames["spectra"].drop(columns="sigma"),
+                                  spectra.drop(columns="sigma"))
+    # float32 dense SVD vs svdvals: equal to float32 rounding of each module's largest σ
+    scale = spectra.groupby(["run", "name"])["sigma"].transform("max")
+    assert ((frames["spectra"]["sigma"] - spectra["sigma"]).abs() <= 1e-5 * scale).all()
+    pd.testing.assert_frame_equal(frames["modules"].drop(columns=METRIC_COLS),
+                                  modules.drop(columns=METRIC_COLS))
+    exact = [c for c in METRIC_COLS if c.startswith(("energy", "numerical"))]
+    pd.testing.assert_frame_equal(frames["modules"][exact], modules[exact])
+    np.testing.assert_allclose(frames["modules"][["fro_norm", "spectral_norm", "stable_rank",
+                                                  "entropy_rank"]],
+                               modules[["fro_norm", "spectral_norm", "stable_rank",
+                                        "entropy_rank"]], rtol=1e-5)
+
+
+def test_fast_intruders_equal_the_dense_svd_of_w0_plus_delta(sweep, counted):
+    frames, _ = counted
+    runs = decompose_sweep(sweep)
+    weights = C.base_weights(runs)
+    dense = C.intruders(runs, weights, dense=True)
+    pd.testing.assert_frame_equal(frames["intruders"], dense)
+    planted = dense[(dense["name"] == _name(1, LORA[0])) & (dense["method"] == "lora")
+                    & (dense["eps"] == 0.5)]
+    assert (planted["count"] >= 1).all()                 # the planted direction is found
+    assert frames["intruders"].query("method == 'full'")["count"].eq(0).all()
+
+
+def test_relation_uses_w0s_singular_values(sweep, counted):
+    frames, _ = counted
+    rel = frames["relation"]
+    runs = decompose_sweep(sweep, names={_name(0, LORA[0])})
+    w = C.base_weights(runs)[_name(0, LORA[0])]
+    s = torch.linalg.svdvals(w)
+    row = rel[(rel["name"] == _name(0, LORA[0])) & (rel["run"] == "lora-r4-s0")].iloc[0]
+    assert row["w_dirs"] == pytest.approx(float(s[:4].square().sum().sqrt()), rel=1e-12)
+    assert set(rel["r_dirs"]) == set(RANKS)
+
+
+def test_subspace_tables_record_their_basis(counted):
+    frames, _ = counted
+    sub, grid = frames["subspace"], frames["subspace_grid"]
+    assert dict(sub.groupby("pair")["basis"].unique().map(list)) == {
+        "full": ["ΔW"], "ranks": ["A/B"], "seeds": ["A/B"]}
+    assert set(grid["pair"]) == {"ranks", "seeds"} and set(grid["layer"]) == {1}
+    assert set(zip(grid["source"], grid["basis"])) == {("trained", "A/B"), ("random", "random")}
+    for col in ("pair", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2", "i", "j", "phi"):
+        assert col in grid                               # what plots_extra._grids reads
+
+
+# ------------------------------------------------------------ Hu et al.'s basis for φ
+
+def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
+    return random_orthonormal(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _lora_run(seed: int, b_cols, a_rows, *, name="model.layers.0.self_attn.q_proj") -> RunDecomp:
+    """A rank-3 LoRA run whose ΔW = B·A is chosen column by column and row by row."""
+    B, A = torch.stack(b_cols, dim=1), torch.stack(a_rows, dim=0)
+    delta = ModuleDelta(name, 0, "q_proj", B.shape[0], A.shape[1], B=B, A=A, scale=1.0)
+    return RunDecomp(f"lora-r3-s{seed}", "lora", 3, seed, {}, {name: decompose(delta)})
+
+
+def test_lora_pairs_use_a_and_b_own_singular_vectors():
+    """A = diag(4, 1, 2)·Qᵀ and B = P·diag(1, 5, 3.5): ΔW = P diag(4, 5, 7) Qᵀ, so ΔW's top
+    direction is (p2, q2), A's is q0 and B's is p1. Seed 1 shares A's top row q0 and B's top
+    column p1 but puts its largest product elsewhere: φ(1, 1) is 1 in the A/B basis and 0 in ΔW's."""
+    p, q = _orthonormal(16, 6, 1), _orthonormal(20, 6, 2)
+    a, b = (4.0, 1.0, 2.0), (1.0, 5.0, 3.5)
+    one = _lora_run(0, [b[i] * p[:, i] for i in (0, 1, 2)], [a[i] * q[:, i] for i in (0, 1, 2)])
+    two = _lora_run(1, [b[0] * p[:, 5], b[1] * p[:, 1], b[2] * p[:, 4]],
+                    [a[0] * q[:, 0], a[1] * q[:, 3], a[2] * q[:, 4]])
+    d = next(iter(one.modules.values()))
+    assert abs(float(C.frame(d, "right", "A/B")[:, 0] @ q[:, 0])) == pytest.approx(1.0)
+    assert abs(float(C.frame(d, "left", "A/B")[:, 0] @ p[:, 1])) == pytest.approx(1.0)
+    assert abs(float(C.frame(d, "right")[:, 0] @ q[:, 2])) == pytest.approx(1.0)
+    assert abs(float(C.frame(d, "left")[:, 0] @ p[:, 2])) == pytest.approx(1.0)
+    sub = C.subspace_similarity([one, two], n_draws=4)
+    top = sub[sub["i"] == 1].set_index("side")
+    assert list(top["pair"]) == ["seeds", "seeds"] and set(top["basis"]) == {"A/B"}
+    assert top.loc["right", "phi"] == pytest.approx(1.0) and top.loc["left", "phi"] == pytest.approx(1.0)
+    d2 = next(iter(two.modules.values()))
+    for side in ("left", "right"):       # the same pair in ΔW's basis shares no top direction
+        assert phi(C.frame(d, side), C.frame(d2, side), 1, 1) == pytest.approx(0.0, abs=1e-20)
+    grid = C.subspace_grids([one, two], layers=[0])
+    g = grid[(grid["source"] == "trained") & (grid["i"] == 1) & (grid["j"] == 1)]
+    assert set(g["basis"]) == {"A/B"} and np.allclose(g["phi"], 1.0)
+
+
+# ------------------------------------------------------- figure pairs and grid layers
+
+def _stub(method: str, rank, seed, layers=(0, 1)) -> RunDecomp:
+    mods = {}
+    for layer in layers:
+        name = f"model.layers.{layer}.self_attn.q_proj"
+        if method == "lora":
+            B = torch.randn(8, rank, generator=torch.Generator().manual_seed(layer + 10 * seed))
+            A = torch.randn(rank, 8, generator=torch.Generator().manual_seed(layer + 10 * seed + 5))
+            delta = ModuleDelta(name, layer, "q_proj", 8, 8, B=B, A=A, scale=1.0)
+        else:
+            delta = ModuleDelta(name, layer, "q_proj", 8, 8, dense=torch.eye(8))
+        mods[name] = decompose(delta)
+    run = f"full-s{seed}" if method == "full" else f"lora-r{rank}-s{seed}"
+    return RunDecomp(run, method, rank, seed, {}, mods)
+
+
+def test_grid_pairs_skip_a_rank_the_first_seed_lacks():
+    runs = [_stub("lora", 8, 0), _stub("lora", 2, 1), _stub("lora", 8, 1)]   # lora-r2-s0 unfinished
+    pairs = {kind: (a.run, b.run) for kind, a, b in C.grid_pairs(runs)}
+    assert pairs == {"ranks": ("lora-r2-s1", "lora-r8-s1"), "seeds": ("lora-r8-s0", "lora-r8-s1")}
+    runs = [_stub("lora", 8, 0), _stub("lora", 2, 1)]      # no seed has both ranks, one has 8
+    assert C.grid_pairs(runs) == []
+    grid = C.subspace_grids([_stub("lora", 8, 0), _stub("lora", 2, 1), _stub("lora", 8, 1)])
+    assert set(grid["pair"]) == {"ranks", "seeds"}
+
+
+def test_an_unknown_grid_layer_names_the_layers_there_are():
+    runs = [_stub("lora", 2, 0), _stub("lora", 4, 0)]
+    with pytest.raises(InputError, match=r"grid layer 99 .*\(layers: 0–1\)"):
+        C.subspace_grids(runs, layers=[99])
+    assert C._spans([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+
+
+def test_compare_refuses_an_unknown_grid_layer_before_any_svd(sweep, monkeypatch):
+    monkeypatch.setattr(C, "decompose_sweep", lambda *a, **k: pytest.fail("decomposed first"))
+    with pytest.raises(InputError, match=r"^grid layer 99 is not in the sweep's analysed "
+                                         r"modules \(layers: 0–1\)$"):
+        C.compare_frames(sweep, grid_layers=[0, 99])
+
+
+# ---------------------------------------------------------------------- mixed setups
+
+def test_runs_of_different_training_settings_are_refused():
+    meta = dict(model="m", task="news", data_hash="d", split_hash="s", steps=10,
+                tokens_per_step=1024, n_eval_examples=8)
+    sets = [DeltaSet("full-s0", "full", None, 0, meta),
+            DeltaSet("lora-r2-s0", "lora", 2, 0, {**meta, "steps": 20})]
+    with pytest.raises(InputError, match=r"^runs full-s0 and lora-r2-s0 differ in steps "
+                                         r"\(10 vs 20\): mixed sweeps$"):
+        check_same_setup(sets)
+    sets[1] = DeltaSet("lora-r2-s0", "lora", 2, 0, {**meta, "tokens_per_step": 4096})
+    with pytest.raises(InputError, match="differ in tokens_per_step"):
+        check_same_setup(sets)
+    sets[1] = DeltaSet("lora-r2-s0", "lora", 2, 0, {**meta, "wall_time_s": 3.0, "seed": 1})
+    check_same_setup(sets)                               # run-specific fields may differ
+
+
+# ------------------------------------------------------------------------ the verdict
+
+def _frames(losses: dict, *, k90=None, before=3.0, full=2.0) -> dict[str, pd.DataFrame]:
+    """metrics (one seed per run), modules of one 576×576 full module, truncation_summary."""
+    rows = [{"run": "full-s0", "method": "full", "rank": None, "seed": 0,
+             "before_loss": before, "after_loss": full}]
+    rows += [{"run": f"lora-r{r}-s0", "method": "lora", "rank": r, "seed": 0,
+              "before_loss": before, "after_loss": v} for r, v in losses.items()]
+    frames = {"metrics": pd.DataFrame(rows),
+              "modules": pd.DataFrame({"method": ["full"], "energy_rank_90": [300],
+                                       "d_out": [576], "d_in": [576]})}
+    if k90 is not None:
+        frames["truncation_summary"] = pd.DataFrame(
+            {"run": ["full-s0"], "method": ["full"], "share": [0.9], "k": [k90]})
+    return frames
+
+
+def test_verdict_holds_when_low_rank_matches_and_truncation_keeps_the_gain():
+    text, ev = verdict(_frames({1: 2.5, 4: 2.0, 64: 2.0}, k90=8))
+    assert ev["match"]["rank"] == 4
+    assert "**The hypothesis holds here:**" in text and "Mixed" not in text
+
+
+def test_verdict_refuted_when_no_rank_matches_and_truncation_needs_many_directions():
+    text, _ = verdict(_frames({1: 2.8, 4: 2.7, 64: 2.6}, k90=512))
+    assert "- No LoRA rank matched" in text
+    assert "**The hypothesis does not hold here:**" in text
+
+
+def test_mixed_verdict_says_which_test_failed():
+    # LoRA r = 4 matches, but truncating the full update needs k = 256: no contradiction
+    text, _ = verdict(_frames({1: 2.5, 4: 2.0}, k90=256))
+    assert "- LoRA at r = 4 matches full fine-tuning" in text
+    assert "**Mixed evidence:** LoRA at r = 4 reached full fine-tuning" in text and "k = 256" in text
+    assert "no low-rank LoRA run" not in text and "no LoRA run of r ≤ 16" not in text
+    # only r = 64 matches, truncation to k = 8 keeps the gain
+    text, _ = verdict(_frames({1: 2.8, 4: 2.7, 64: 2.0}, k90=8))
+    assert "- LoRA at r = 64 matches full fine-tuning" in text
+    assert "**Mixed evidence:** part of the gain lives in a low-rank subspace" in text
+    assert "no LoRA run of r ≤ 16 reached full fine-tuning" in text
+
+
+def test_verdict_without_gain_or_without_truncation():
+    text, ev = verdict(_frames({4: 3.1}, full=3.2))
+    assert ev["match"].get("no_gain") and "**No verdict:**" in text
+    text, _ = verdict(_frames({1: 2.5, 4: 2.0}))          # no truncation table: match decides
+    assert "**The hypothesis holds here:**" in text

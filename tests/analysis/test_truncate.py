@@ -1,0 +1,216 @@
+"""The truncation test: gain shares and functional ranks on curves built with known shares,
+W_0 + trunc_k(ΔW) at full rank giving back the fine-tuned model on a tiny real sweep, and
+``rankscope truncate`` through click's CliRunner with every bad input.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from clichecks import assert_one_line_error as one_line_error
+from click.testing import CliRunner
+
+from rankscope.cli import main
+from rankscope.analysis.truncate import functional_rank, gain_shares
+
+KS = (1, 2, 4, 8, 16, 32)
+FULL_RANK = 576
+
+
+def curve(shares, *, before=3.0, full=2.0, run="full-s0", metric="loss", extra=None):
+    """A truncation curve whose k = KS[i] keeps exactly ``shares[i]`` of the gain, then the
+    full rank (share 1): the metric moves from ``before`` (W_0) towards ``full``."""
+    rows = []
+    for k, share in [*zip(KS, shares), (FULL_RANK, 1.0)]:
+        rows.append({"run": run, "method": "full", "rank": None, "seed": 0, "k": k,
+                     "is_full_rank": k == FULL_RANK,
+                     f"eval_{metric}": before + share * (full - before),
+                     f"before_{metric}": before, **(extra or {})})
+    return pd.DataFrame(rows)
+
+
+def ranks(summary: pd.DataFrame, run: str = "full-s0") -> dict:
+    s = summary[summary["run"] == run]
+    return {share: (None if pd.isna(k) else int(k)) for share, k in zip(s["share"], s["k"])}
+
+
+# ------------------------------------------------------------------ known by construction
+
+def test_90_percent_first_at_k_4_and_95_percent_first_at_k_16():
+    shares = (0.3, 0.6, 0.9, 0.93, 0.95, 0.97)
+    g = gain_shares(curve(shares))
+    assert g["gain_share"].tolist() == pytest.approx([*shares, 1.0])
+    assert (g["metric"] == "loss").all()
+    assert ranks(functional_rank(g)) == {0.9: 4, 0.95: 16}
+    assert ranks(functional_rank(g, shares=(0.5, 0.99))) == {0.5: 2, 0.99: FULL_RANK}
+
+
+def test_accuracy_is_the_metric_when_the_curve_has_it():
+    # accuracy rises 0.5 → 0.9; the loss columns (here falling the other way) are ignored
+    c = curve((0.1, 0.2, 0.5, 0.91, 0.96, 0.99), before=0.5, full=0.9, metric="accuracy",
+              extra={"eval_loss": 1.0, "before_loss": 2.0})
+    g = gain_shares(c)
+    assert (g["metric"] == "accuracy").all()
+    assert g["gain_share"].tolist() == pytest.approx([0.1, 0.2, 0.5, 0.91, 0.96, 0.99, 1.0])
+    assert ranks(functional_rank(g)) == {0.9: 8, 0.95: 16}
+
+
+def test_the_smallest_k_counts_even_when_a_larger_k_falls_back():
+    g = gain_shares(curve((0.2, 0.92, 0.85, 0.96, 0.9, 0.97)))
+    assert ranks(functional_rank(g)) == {0.9: 2, 0.95: 8}
+
+
+def test_no_truncation_keeps_the_share_below_full_rank():
+    g = gain_shares(curve((0.1, 0.2, 0.3, 0.4, 0.5, 0.6)))
+    assert ranks(functional_rank(g)) == {0.9: FULL_RANK, 0.95: FULL_RANK}
+
+
+@pytest.mark.parametrize("full", [3.0, 3.5])         # no gain, or full fine-tuning got worse
+def test_no_gain_over_w0_leaves_every_share_undefined(full):
+    g = gain_shares(curve((0.3, 0.6, 0.9, 0.93, 0.95, 0.97), full=full))
+    assert g["gain_share"].isna().all()
+    summary = functional_rank(g)
+    assert summary["k"].isna().all() and str(summary["k"].dtype) == "Int64"
+
+
+def test_runs_are_kept_apart():
+    c = pd.concat([curve((0.3, 0.6, 0.9, 0.93, 0.95, 0.97)),
+                   curve((0.95, 0.96, 0.97, 0.98, 0.99, 0.99), before=4.0, full=1.0,
+                         run="full-s1")], ignore_index=True)
+    summary = functional_rank(gain_shares(c))
+    assert ranks(summary) == {0.9: 4, 0.95: 16}
+    assert ranks(summary, "full-s1") == {0.9: 1, 0.95: 1}
+    assert list(summary.columns) == ["run", "method", "rank", "seed", "share", "k"]
+
+
+# ------------------------------------------------------------------ a tiny real sweep
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["truncate", *map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def truncated(news_sweep, tmp_path_factory):
+    """``rankscope truncate`` on the shared news sweep, its LoRA r = 2 run included."""
+    out = tmp_path_factory.mktemp("truncate") / "results"
+    res = invoke(news_sweep.out, "--out", out, "--ks", "1,2,4", "--lora-min-rank", "2")
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
+@pytest.mark.slow
+def test_truncation_at_full_rank_gives_back_the_fine_tuned_model(news_sweep, truncated):
+    out, _ = truncated
+    curve = pd.read_csv(out / "truncation.csv")
+    for run_dir in (news_sweep.full, news_sweep.lora):
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        rows = curve[curve["run"] == run_dir.name]
+        top = rows[rows["is_full_rank"]]
+        assert len(top) == 1
+        assert top["eval_loss"].iloc[0] == pytest.approx(manifest["eval_after"]["loss"], rel=1e-6)
+        assert (rows["before_loss"] == manifest["eval_before"]["loss"]).all()
+    full = curve[curve["run"] == "full-s0"]
+    assert full["k"].tolist() == [1, 2, 4, 576]             # 576: the largest module rank
+    lora = curve[curve["run"] == "lora-r2-s0"]
+    assert lora["k"].tolist() == [1, 2]                     # a rank-2 update is whole at k = 2
+
+
+@pytest.mark.slow
+def test_the_cli_writes_the_curve_and_the_functional_ranks(news_sweep, truncated):
+    out, res = truncated
+    summary = pd.read_csv(out / "truncation_summary.csv")
+    assert sorted(set(summary["run"])) == ["full-s0", "lora-r2-s0"]
+    assert sorted(set(summary["share"])) == [0.9, 0.95]
+    curve = pd.read_csv(out / "truncation.csv")
+    for run, g in curve.groupby("run"):
+        gain = g["before_loss"].iloc[0] - g.loc[g["is_full_rank"], "eval_loss"].iloc[0]
+        if gain > 0:
+            assert g.loc[g["is_full_rank"], "gain_share"].iloc[0] == pytest.approx(1.0)
+        else:
+            assert g["gain_share"].isna().all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"truncation", "truncation_summary"} <= set(manifest["tables"])
+    assert manifest["inputs"]["runs"] == str(news_sweep.out)
+    assert "gain_share" in res.stdout and "share" in res.stdout
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+def assert_one_line_error(res, out, *fragments):
+    one_line_error(res, *fragments, out=out)
+
+
+@pytest.fixture(scope="module")
+def lora_only(make_run, tmp_path_factory):
+    """A sweep folder whose only finished run is LoRA r = 2 (no full run to truncate)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("lora-only") / "runs"
+    t = {"m.layers.0.q.lora_A": torch.ones(2, 4), "m.layers.0.q.lora_B": torch.ones(4, 2),
+         "m.layers.0.q.scaling": torch.tensor(1.0)}
+    make_run(out / "lora-r2-s0", t, run="lora-r2-s0", method="lora", rank=2, seed=0, model="m",
+             task="news")
+    return out
+
+
+def test_a_missing_folder_is_one_line(tmp_path):
+    assert_one_line_error(invoke(tmp_path / "nope", "--out", tmp_path / "res"),
+                          tmp_path / "res", "missing run or sweep folder")
+
+
+def test_a_folder_with_no_finished_runs_is_one_line(tmp_path):
+    (tmp_path / "runs" / "full-s0").mkdir(parents=True)         # started, never finished
+    assert_one_line_error(invoke(tmp_path / "runs", "--out", tmp_path / "res"),
+                          tmp_path / "res", "no finished runs")
+
+
+def test_a_sweep_without_a_full_run_is_one_line(lora_only, tmp_path):
+    assert_one_line_error(invoke(lora_only, "--out", tmp_path / "res"), tmp_path / "res",
+                          "no full run", "to truncate")
+    # with --lora-min-rank above every LoRA rank there is still nothing to truncate
+    assert_one_line_error(invoke(lora_only, "--out", tmp_path / "res", "--lora-min-rank", "4"),
+                          tmp_path / "res", "no full run (or LoRA run of rank ≥ 4)")
+
+
+@pytest.mark.parametrize("ks, fragment", [
+    ("0,2", "every k must be a positive integer, got [0, 2]"),
+    ("-1", "every k must be a positive integer, got [-1]"),
+    ("", "every k must be a positive integer, got []"),
+    ("1,two", "--ks: expected comma-separated integers, got '1,two'"),
+    ("1.5", "--ks: expected comma-separated integers, got '1.5'"),
+])
+def test_bad_ks_are_one_line(lora_only, tmp_path, ks, fragment):
+    assert_one_line_error(invoke(lora_only, "--out", tmp_path / "res", "--ks", ks),
+                          tmp_path / "res", fragment)
+
+
+def test_a_non_positive_lora_min_rank_is_one_line(lora_only, tmp_path):
+    assert_one_line_error(invoke(lora_only, "--out", tmp_path / "res", "--lora-min-rank", "0"),
+                          tmp_path / "res", "lora_min_rank: must be a positive integer, got 0")
+
+
+def test_a_sweep_without_its_config_is_one_line(news_sweep, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(news_sweep.full, runs / "full-s0")          # the run, not its sweep.yaml
+    assert_one_line_error(invoke(runs, "--out", tmp_path / "res"), tmp_path / "res",
+                          "has no sweep.yaml")
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_any_work(lora_only, tmp_path):
+    out = tmp_path / "res"
+    out.write_text("mine")
+    assert_one_line_error(invoke(lora_only, "--out", out), None, "exists and is not a folder")
+    assert out.read_text() == "mine"
+
+
+def test_results_of_another_sweep_are_one_line(lora_only, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(lora_only, other)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "manifest.json").write_text(json.dumps({"inputs": {"runs": str(other)},
+                                                   "tables": ["metrics"]}))
+    assert_one_line_error(invoke(lora_only, "--out", res), None, "holds the tables of")
+    assert sorted(p.name for p in res.iterdir()) == ["manifest.json"]

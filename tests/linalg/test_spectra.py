@@ -1,0 +1,225 @@
+"""Tests of rankscope.linalg.spectra against matrices built with a chosen spectrum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rankscope.errors import InputError
+from rankscope.linalg.spectra import (
+    check_finite,
+    dense_svd,
+    energy_rank,
+    entropy_rank,
+    factorized_svd,
+    factorized_svdvals,
+    numerical_rank,
+    spectrum_metrics,
+    stable_rank,
+    truncate,
+    truncate_factors,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return q  # (n, k)
+
+
+def _with_spectrum(s: list[float], d_out: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    """U diag(s) Vᵀ with random orthonormal U, V: a matrix whose singular values are s."""
+    gen = _gen(seed)
+    k = len(s)
+    u, v = _orthonormal(d_out, k, gen), _orthonormal(d_in, k, gen)
+    return (u * torch.tensor(s, dtype=torch.float64)) @ v.T  # (d_out, d_in)
+
+
+S_CHOSEN = [5.0, 3.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_dense_and_factorized_recover_chosen_spectrum():
+    delta = _with_spectrum(S_CHOSEN, 40, 30)
+    s_dense = dense_svd(delta, dtype=torch.float64, compute_uv=False)
+    assert torch.allclose(s_dense[:6], torch.tensor(S_CHOSEN, dtype=torch.float64), atol=1e-10)
+    assert s_dense[3:].abs().max() < 1e-10
+    # The same ΔW as factors B (40, 6), A (6, 30) with scale 2: B·A = ΔW / 2.
+    gen = _gen(1)
+    u, v = _orthonormal(40, 6, gen), _orthonormal(30, 6, gen)
+    b = u * torch.tensor(S_CHOSEN, dtype=torch.float64) / 2
+    s_fact = factorized_svdvals(b, v.T, scale=2.0)
+    assert torch.allclose(s_fact, torch.tensor(S_CHOSEN, dtype=torch.float64), atol=1e-10)
+    _, s_full, _ = factorized_svd(b, v.T, scale=2.0)
+    assert torch.allclose(s_full, s_fact, atol=1e-12)
+
+
+def test_metrics_on_chosen_spectrum_match_hand_values():
+    s = np.array(S_CHOSEN)
+    assert stable_rank(s) == pytest.approx((25 + 9 + 1) / 25)
+    p = np.array([5, 3, 1]) / 9
+    assert entropy_rank(s) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    # Energy shares: 25/35 = .714, 34/35 = .971, 35/35 = 1.
+    assert energy_rank(s, 0.5) == 1
+    assert energy_rank(s, 0.9) == 2
+    assert energy_rank(s, 0.99) == 3
+    assert energy_rank(s, 1.0) == 3
+    assert numerical_rank(s, shape=(40, 30)) == 3
+    metrics = spectrum_metrics(torch.tensor(s), shape=(40, 30))
+    assert set(metrics) == {
+        "fro_norm", "spectral_norm", "stable_rank", "entropy_rank",
+        "energy_rank_50", "energy_rank_90", "energy_rank_99", "numerical_rank",
+    }
+    assert metrics["fro_norm"] == pytest.approx(math.sqrt(35))
+    assert metrics["spectral_norm"] == 5.0
+    assert (metrics["energy_rank_50"], metrics["energy_rank_90"], metrics["energy_rank_99"]) == (
+        1, 2, 3)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 7, 13])
+def test_equal_values_give_energy_rank_k_just_below_one(k):
+    s = np.concatenate([np.full(k, 0.3), np.zeros(20)])
+    assert energy_rank(s, 1 - 1e-12) == k
+    assert energy_rank(s, 1.0) == k
+    assert stable_rank(s) == pytest.approx(k)
+    assert entropy_rank(s) == pytest.approx(k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_planted_rank_k_matrix(k, dtype):
+    gen = _gen(k)
+    delta = torch.randn(120, k, generator=gen) @ torch.randn(k, 80, generator=gen)  # rank k
+    s = dense_svd(delta, dtype=dtype, compute_uv=False)
+    assert numerical_rank(s, shape=(120, 80)) == k
+    assert energy_rank(s, 0.99) <= k
+    assert energy_rank(s, 1 - 1e-9) == k
+
+
+SHAPES = [(576, 576, 1), (576, 576, 4), (576, 576, 8), (576, 576, 64),
+          (1536, 576, 8), (576, 1536, 16), (64, 32, 48)]
+
+
+@pytest.mark.parametrize("d_out,d_in,r", SHAPES)
+@pytest.mark.parametrize("scale", [2.0, -0.5])
+def test_factorized_matches_dense(d_out, d_in, r, scale):
+    gen = _gen(d_out + d_in + r)
+    b = torch.randn(d_out, r, generator=gen)
+    a = torch.randn(r, d_in, generator=gen)
+    m = min(d_out, d_in, r)
+    s_dense = dense_svd(scale * b @ a, compute_uv=False)[:m].double()  # float32 reference
+    s_fact = factorized_svdvals(b, a, scale=scale)
+    assert s_fact.shape == (m,)
+    assert torch.allclose(s_fact, s_dense, rtol=0, atol=1e-5 * float(s_dense[0]))
+    u, s, vh = factorized_svd(b, a, scale=scale)
+    assert u.shape == (d_out, m) and vh.shape == (m, d_in) and s.dtype == torch.float64
+    assert torch.allclose(s, s_fact, atol=1e-10 * float(s[0]))
+    target = scale * b.double() @ a.double()
+    assert torch.allclose((u * s) @ vh, target, atol=1e-10 * float(s[0]))
+    assert torch.allclose(u.T @ u, torch.eye(m, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(vh @ vh.T, torch.eye(m, dtype=torch.float64), atol=1e-10)
+
+
+def test_factorized_float32_dtype():
+    gen = _gen(3)
+    b, a = torch.randn(50, 4, generator=gen), torch.randn(4, 40, generator=gen)
+    u, s, vh = factorized_svd(b.bfloat16(), a.bfloat16(), dtype=torch.float32)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert factorized_svdvals(b, a, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(InputError, match="float32 or float64"):
+        factorized_svd(b, a, dtype=torch.bfloat16)
+
+
+def test_zero_b_lora_at_init_gives_zeros_without_nan():
+    b = torch.zeros(64, 8)
+    a = torch.randn(8, 48, generator=_gen(4))
+    u, s, vh = factorized_svd(b, a, scale=2.0)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert torch.equal(s, torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(factorized_svdvals(b, a), torch.zeros(8, dtype=torch.float64))
+    metrics = spectrum_metrics(s, shape=(64, 48))
+    assert all(v == 0 and not math.isnan(v) for v in metrics.values())
+    assert energy_rank(s, 0.9) == 0 and numerical_rank(s, shape=(64, 48)) == 0
+
+
+def test_dense_svd_reconstructs_and_upcasts():
+    delta = _with_spectrum([4.0, 2.0, 1.0], 30, 20).to(torch.bfloat16)
+    u, s, vh = dense_svd(delta)
+    assert s.dtype == torch.float32 and u.shape == (30, 20) and vh.shape == (20, 20)
+    assert torch.allclose((u * s) @ vh, delta.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_truncate_restores_planted_rank_k(k):
+    gen = _gen(10 + k)
+    b = torch.randn(60, k, generator=gen, dtype=torch.float64)
+    a = torch.randn(k, 45, generator=gen, dtype=torch.float64)
+    delta = b @ a
+    u, s, vh = dense_svd(delta, dtype=torch.float64)
+    assert torch.allclose(truncate(u, s, vh, k), delta, atol=1e-10)
+    assert torch.equal(truncate(u, s, vh, 0), torch.zeros_like(delta))
+    # Factors padded to r = 8 with junk that scale·B·A keeps: truncating at k drops nothing real.
+    b_pad = torch.cat([b, torch.zeros(60, 8 - k, dtype=torch.float64)], dim=1)
+    a_pad = torch.cat([a, torch.randn(8 - k, 45, generator=gen, dtype=torch.float64)], dim=0)
+    b_k, a_k = truncate_factors(b_pad, a_pad, k, scale=3.0)
+    assert b_k.shape == (60, k) and a_k.shape == (k, 45)
+    assert torch.allclose(b_k @ a_k, 3.0 * delta, atol=1e-10)
+
+
+def test_truncate_is_best_rank_k():
+    delta = _with_spectrum([6.0, 4.0, 2.0, 1.0], 25, 20, seed=5)
+    u, s, vh = dense_svd(delta, dtype=torch.float64)
+    err = torch.linalg.matrix_norm(delta - truncate(u, s, vh, 2))
+    assert float(err) == pytest.approx(math.sqrt(4 + 1))
+
+
+def test_bad_inputs_raise_input_error():
+    b, a = torch.randn(10, 3), torch.randn(3, 8)
+    b_nan = b.clone()
+    b_nan[0, 0] = float("nan")
+    with pytest.raises(InputError, match="B contains NaN or Inf"):
+        factorized_svd(b_nan, a)
+    with pytest.raises(InputError, match="A contains NaN or Inf"):
+        factorized_svdvals(b, a.fill_(float("inf")))
+    with pytest.raises(InputError, match="delta contains NaN or Inf"):
+        dense_svd(b_nan)
+    with pytest.raises(InputError, match="shared rank"):
+        factorized_svd(b, torch.randn(4, 8))
+    with pytest.raises(InputError, match="x contains NaN or Inf"):
+        check_finite(torch.tensor([1.0, float("-inf")]), what="x")
+    with pytest.raises(InputError, match="tau"):
+        energy_rank([1.0], 0.0)
+    with pytest.raises(InputError, match="NaN"):
+        stable_rank(np.array([1.0, np.nan]))
+    with pytest.raises(InputError, match=">= 0"):
+        entropy_rank([1.0, -1.0])
+    u, s, vh = dense_svd(torch.randn(6, 5))
+    with pytest.raises(InputError, match="k=6"):
+        truncate(u, s, vh, 6)
+    with pytest.raises(InputError, match="k=4"):
+        truncate_factors(torch.randn(6, 3), torch.randn(3, 5), 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dense_svd_on_cuda_matches_cpu_and_returns_cpu():
+    delta = _with_spectrum([4.0, 2.0, 1.0], 300, 200)
+    s_gpu = dense_svd(delta, dtype=torch.float64, compute_uv=False, device="cuda")
+    u, s, vh = dense_svd(delta, dtype=torch.float64, device="cuda")
+    assert s_gpu.device.type == u.device.type == vh.device.type == "cpu"
+    assert torch.allclose(s_gpu[:3], torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), atol=1e-10)
+    assert torch.allclose((u * s) @ vh, delta, atol=1e-10)
+
+
+def test_negative_scale_is_folded_into_u():
+    gen = _gen(20)
+    b, a = torch.randn(30, 5, generator=gen), torch.randn(5, 25, generator=gen)
+    u_pos, s_pos, vh_pos = factorized_svd(b, a, scale=1.5)
+    u_neg, s_neg, vh_neg = factorized_svd(b, a, scale=-1.5)
+    assert torch.equal(s_pos, s_neg) and torch.equal(vh_pos, vh_neg)
+    assert torch.equal(u_neg, -u_pos)

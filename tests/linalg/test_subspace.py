@@ -1,0 +1,273 @@
+"""Tests of rankscope.linalg.subspace against subspaces and matrices built with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rankscope.errors import InputError
+from rankscope.linalg.spectra import dense_svd
+from rankscope.linalg.subspace import (
+    amplification,
+    counts_below,
+    energy_in_subspace,
+    intruder_counts,
+    intruder_dimensions,
+    intruder_max_cos,
+    phi,
+    phi_grid,
+    phi_null_draws,
+    phi_null_mean,
+    principal_angles,
+    projection_norms,
+    random_orthonormal,
+    relative_fro_distance,
+    top_left_singular,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rotation(n: int, seed: int) -> torch.Tensor:
+    return random_orthonormal(n, n, generator=_gen(seed))  # (n, n) orthogonal
+
+
+THETAS = torch.tensor([1e-7, 0.3, 0.7, 1.1, math.pi / 2], dtype=torch.float64)
+
+
+def _pair_at_angles(thetas: torch.Tensor, n: int = 30, seed: int = 0):
+    """U1 = Q[e_1..e_m], U2 = Q[cos θ_k e_k + sin θ_k e_{m+k}]: principal angles exactly θ."""
+    m = thetas.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    u1 = eye[:, :m]  # (n, m)
+    u2 = eye[:, :m] * thetas.cos() + eye[:, m:2 * m] * thetas.sin()  # (n, m)
+    q = _rotation(n, seed)
+    return q @ u1, q @ u2
+
+
+def test_phi_identical_and_orthogonal():
+    q = _rotation(20, 1)
+    assert phi(q[:, :5], q[:, :5], 5, 5) == pytest.approx(1.0, abs=1e-12)
+    assert phi(q[:, :5], q[:, :8], 3, 8) == pytest.approx(1.0, abs=1e-12)
+    assert phi(q[:, :5], q[:, 5:10], 5, 5) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_phi_is_mean_cos2_of_chosen_angles():
+    u1, u2 = _pair_at_angles(THETAS)
+    cos2 = THETAS.cos().square()
+    assert phi(u1, u2, 5, 5) == pytest.approx(float(cos2.mean()), abs=1e-12)
+    for i in range(1, 6):
+        for j in range(1, 6):
+            expected = float(cos2[: min(i, j)].mean())
+            assert phi(u1, u2, i, j) == pytest.approx(expected, abs=1e-12)
+
+
+def test_principal_angles_recover_chosen_angles():
+    u1, u2 = _pair_at_angles(THETAS)
+    angles = principal_angles(u1, u2)
+    assert torch.allclose(angles, THETAS, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(principal_angles(u1[:, :2], u2), THETAS[:2], rtol=1e-6, atol=1e-12)
+    # Unequal widths: U1's 2 columns lie inside U2's 4, so both angles are 0.
+    q = _rotation(12, 2)
+    assert torch.allclose(principal_angles(q[:, :2], q[:, :4]), torch.zeros(2, dtype=torch.float64))
+
+
+def test_phi_grid_equals_phi_elementwise():
+    gen = _gen(3)
+    u1, u2 = random_orthonormal(40, 8, generator=gen), random_orthonormal(40, 6, generator=gen)
+    grid = phi_grid(u1, u2, imax=8, jmax=5)
+    assert grid.shape == (8, 5)
+    expected = np.array([[phi(u1, u2, i, j) for j in range(1, 6)] for i in range(1, 9)])
+    np.testing.assert_allclose(grid, expected, atol=1e-14)
+
+
+def test_random_orthonormal_has_orthonormal_columns():
+    q = random_orthonormal(50, 7, generator=_gen(4))
+    assert q.shape == (50, 7) and q.dtype == torch.float64
+    assert torch.allclose(q.T @ q, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, random_orthonormal(50, 7, generator=_gen(4)))
+
+
+@pytest.mark.parametrize("n,i,j", [(50, 3, 5), (64, 8, 8), (30, 1, 10)])
+def test_random_baseline_mean_matches_max_ij_over_n(n, i, j):
+    draws = phi_null_draws(n, i, j, n_draws=1500, generator=_gen(n + i + j))
+    assert draws.shape == (1500,) and ((draws >= 0) & (draws <= 1)).all()
+    se = draws.std(ddof=1) / math.sqrt(draws.size)
+    assert abs(draws.mean() - phi_null_mean(n, i, j)) < 4 * se
+    assert phi_null_mean(n, i, j) == max(i, j) / n
+
+
+def _w_with_spectrum(sigmas: torch.Tensor, d_out: int, d_in: int, seed: int):
+    """W = X diag(σ) Yᵀ with random orthonormal X (d_out, m), Y (d_in, m)."""
+    gen = _gen(seed)
+    m = sigmas.shape[0]
+    x = random_orthonormal(d_out, m, generator=gen)
+    y = random_orthonormal(d_in, m, generator=gen)
+    return (x * sigmas) @ y.T, x, y
+
+
+def test_projection_norms_and_amplification_known_by_construction():
+    sig = torch.arange(30, 0, -1, dtype=torch.float64)  # σ_1..σ_30 = 30..1
+    w, x, y = _w_with_spectrum(sig, 40, 30, seed=5)
+    # ΔW = 3·u1 v1ᵀ + 1·u2 v2ᵀ with u1 = x_5, v1 = (y_5 + y_6)/√2, u2 = x_10, v2 = y_10.
+    # Then UᵀWV = diag(σ_5/√2, σ_10) exactly (the cross terms vanish).
+    u = torch.stack([x[:, 4], x[:, 9]], dim=1)  # (40, 2)
+    v = torch.stack([(y[:, 4] + y[:, 5]) / math.sqrt(2), y[:, 9]], dim=1)  # (30, 2)
+    delta = (u * torch.tensor([3.0, 1.0], dtype=torch.float64)) @ v.T
+    du, ds, dvh = dense_svd(delta, dtype=torch.float64)
+    norms = projection_norms(w, du[:, :2], dvh[:2], generator=_gen(6))
+    proj = math.sqrt(sig[4] ** 2 / 2 + sig[9] ** 2)
+    assert norms["delta_dirs"] == pytest.approx(proj, rel=1e-10)
+    assert norms["w_dirs"] == pytest.approx(math.sqrt(30**2 + 29**2), rel=1e-10)
+    assert norms["w_fro"] == pytest.approx(float(sig.square().sum().sqrt()), rel=1e-10)
+    assert 0 < norms["random_dirs"] < norms["w_dirs"]
+    delta_fro = float(ds.square().sum().sqrt())
+    assert delta_fro == pytest.approx(math.sqrt(10))
+    assert amplification(delta_fro, norms["delta_dirs"]) == pytest.approx(math.sqrt(10) / proj)
+
+
+def test_random_dirs_match_a_gaussian_matrix_singular_vectors_in_distribution():
+    """Haar frames stand in for a Gaussian's top-r singular vectors: same E‖UᵀWV‖_F²."""
+    sig = torch.linspace(5, 0.5, 12, dtype=torch.float64)
+    w, _, _ = _w_with_spectrum(sig, 16, 12, seed=7)
+    r, n_draws = 3, 400
+    expected = r * r * float(sig.square().sum()) / (16 * 12)  # E for independent Haar frames
+    gen = _gen(8)
+    ours = [projection_norms(w, w[:, :r], w[:r], generator=gen)["random_dirs"] ** 2
+            for _ in range(n_draws)]
+    g = torch.randn(n_draws, 16, 12, generator=gen, dtype=torch.float64)  # Gaussian matrices
+    gu, _, gvh = torch.linalg.svd(g, full_matrices=False)  # one batched SVD
+    literal = torch.linalg.matrix_norm(gu[:, :, :r].mT @ w @ gvh[:, :r].mT).square().numpy()
+    for sample in (np.array(ours), literal):
+        se = sample.std(ddof=1) / math.sqrt(n_draws)
+        assert abs(sample.mean() - expected) < 4 * se
+
+
+def test_energy_in_subspace():
+    delta = _w_with_spectrum(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), 20, 15, 9)[0]
+    u, s, vh = dense_svd(delta, dtype=torch.float64)
+    u3 = u[:, :3]
+    assert energy_in_subspace(u3, u, s, vh) == pytest.approx(1.0, abs=1e-12)
+    full = random_orthonormal(20, 20, generator=_gen(10))
+    complement = full - u3 @ (u3.T @ full)  # project out span(u3), then orthonormalise
+    comp_u, comp_s, _ = torch.linalg.svd(complement)
+    assert energy_in_subspace(comp_u[:, :17], u, s) == pytest.approx(0.0, abs=1e-12)
+    assert energy_in_subspace(u[:, :1], u, s) == pytest.approx(16 / 21, abs=1e-12)
+
+
+def test_relative_fro_distance():
+    y = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    assert relative_fro_distance(y, y) == 0.0
+    assert relative_fro_distance(torch.zeros(2, 2), y) == pytest.approx(1.0)
+    assert relative_fro_distance(y + torch.tensor([[0.0, 0.5], [0.0, 0.0]]), y) == 0.1
+
+
+def test_planted_intruder_found_and_none_in_unchanged_matrix():
+    sig = torch.linspace(10, 1, 150, dtype=torch.float64)
+    w0, _, _ = _w_with_spectrum(sig, 200, 150, seed=11)
+    gen = _gen(12)
+    u = random_orthonormal(200, 1, generator=gen)  # a random direction in high dimension
+    v = random_orthonormal(150, 1, generator=gen)
+    w_ft = w0 + 50.0 * u @ v.T
+    found = intruder_dimensions(w0, w_ft, k=10, eps=0.5)
+    assert found["count"] >= 1 and found["max_cos"].shape == (10,)
+    assert found["max_cos"][0] < 0.5  # the planted one is the top direction
+    same = intruder_dimensions(w0, w0.clone(), k=10, eps=0.5)
+    assert same["count"] == 0
+    np.testing.assert_allclose(same["max_cos"], 1.0, atol=1e-10)
+    counts = intruder_counts(w0, w_ft, k=10)
+    assert counts[0.5] == found["count"]
+    assert list(counts.values()) == sorted(counts.values())  # more intruders as ε grows
+    assert intruder_counts(w0, w0.float(), dtype=torch.float32) == {
+        e: 0 for e in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
+
+
+def test_bad_inputs_raise_input_error():
+    q = _rotation(10, 13)
+    with pytest.raises(InputError, match="i=0"):
+        phi(q[:, :3], q[:, :3], 0, 2)
+    with pytest.raises(InputError, match="j=4"):
+        phi(q[:, :3], q[:, :3], 2, 4)
+    with pytest.raises(InputError, match="rows"):
+        phi(q[:, :3], q[:5, :3], 1, 1)
+    with pytest.raises(InputError, match="imax=11"):
+        phi_grid(q, q, imax=11, jmax=2)
+    nan = q.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(InputError, match="U1 contains NaN or Inf"):
+        principal_angles(nan, q)
+    with pytest.raises(InputError, match="proj is 0"):
+        amplification(1.0, 0.0)
+    with pytest.raises(InputError, match="k=11"):
+        intruder_dimensions(q, q, k=11)
+    with pytest.raises(InputError, match="eps"):
+        intruder_dimensions(q, q, eps=0.0)
+    with pytest.raises(InputError, match="zero"):
+        energy_in_subspace(q[:, :2], q[:, :2], torch.zeros(2))
+    with pytest.raises(InputError, match="Y is zero"):
+        relative_fro_distance(q, torch.zeros(10, 10))
+    with pytest.raises(InputError, match="k=12"):
+        random_orthonormal(10, 12, generator=_gen())
+
+
+# ------------------------------------------- top-k of W0 + L Rᵀ without its SVD (intruders)
+
+def _planted_update(d_out, d_in, r, scale, seed):
+    """L (d_out, r), R (d_in, r): a rank-r update with singular values scale·(1 … 0.5)."""
+    gen = _gen(seed)
+    u, v = random_orthonormal(d_out, r, generator=gen), random_orthonormal(d_in, r, generator=gen)
+    return u * (scale * torch.linspace(1.0, 0.5, r, dtype=torch.float64)), v
+
+
+@pytest.mark.parametrize("d_out, d_in", [(576, 576), (192, 576)])
+@pytest.mark.parametrize("r, scale", [(1, 0.01), (8, 0.3), (64, 0.5), (1, 2.0), (16, 3.0)])
+def test_top_left_singular_equals_the_dense_svd(d_out, d_in, r, scale):
+    """Real-size random W0 (clustered top spectrum: the hard case) plus planted updates from
+    tiny to dominating (an intruder on top): vectors, values and intruder cosines as a float64
+    dense SVD of W0 + L Rᵀ gives them."""
+    w0 = torch.randn(d_out, d_in, generator=_gen(d_out + r), dtype=torch.float64)
+    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
+    left, right = _planted_update(d_out, d_in, r, scale * float(s0[0]), seed=r)
+    u, s, cos = top_left_singular(u0, s0, vh0, left, right, k=10)
+    ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
+    np.testing.assert_allclose(s.numpy(), sd[:10].numpy(), rtol=1e-12)
+    np.testing.assert_allclose((u.T @ ud[:, :10]).abs().diagonal().numpy(), 1.0, atol=1e-10)
+    np.testing.assert_allclose(intruder_max_cos(u, u0), intruder_max_cos(ud[:, :10], u0),
+                               atol=1e-10)
+    np.testing.assert_allclose(cos.abs().max(dim=0).values.numpy(), intruder_max_cos(u, u0),
+                               atol=1e-12)
+    if scale >= 2.0:  # a planted direction far above W0's spectrum is an intruder
+        assert intruder_max_cos(u, u0)[0] < 0.5
+
+
+def test_top_left_singular_dense_fallback_and_exact_small_cases():
+    sig = torch.linspace(10, 1, 30, dtype=torch.float64)
+    w0, _, _ = _w_with_spectrum(sig, 30, 40, seed=14)
+    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
+    left, right = _planted_update(30, 40, 3, 12.0, seed=15)
+    ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
+    for max_iter in (0, 40):  # 0: straight to the dense eigenproblem of H
+        u, s, _ = top_left_singular(u0, s0, vh0, left, right, k=30, max_iter=max_iter)
+        np.testing.assert_allclose(s.numpy(), sd.numpy(), rtol=1e-10)
+        np.testing.assert_allclose((u.T @ ud).abs().diagonal().numpy(), 1.0, atol=1e-8)
+    zero = top_left_singular(u0, s0, vh0, left * 0, right, k=5)  # ΔW = 0: W0's own vectors
+    np.testing.assert_allclose(zero[1].numpy(), sig[:5].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(intruder_max_cos(zero[0], u0), 1.0, atol=1e-12)
+
+
+def test_top_left_singular_and_counts_refuse_bad_inputs():
+    w0 = torch.randn(40, 30, generator=_gen(16), dtype=torch.float64)
+    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)  # d_out > d_in: U0 is not square
+    with pytest.raises(InputError, match="d_out ≤ d_in"):
+        top_left_singular(u0, s0, vh0, torch.zeros(40, 1), torch.zeros(30, 1))
+    u0, s0, vh0 = torch.linalg.svd(w0.T, full_matrices=False)
+    with pytest.raises(InputError, match="k=31"):
+        top_left_singular(u0, s0, vh0, torch.zeros(30, 1), torch.zeros(40, 1), k=31)
+    with pytest.raises(InputError, match="eps"):
+        counts_below(np.array([0.2]), (0.5, 1.5))
+    assert counts_below(np.array([0.2, 0.45, 0.9]), (0.3, 0.5, 1.0)) == {0.3: 1, 0.5: 2, 1.0: 3}
