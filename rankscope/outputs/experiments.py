@@ -23,20 +23,16 @@ and ``<name>.json`` (the caption and provenance, which ``rankscope plot`` adds w
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import click
 import pandas as pd
 
-from rankscope.train.config import SweepConfig, build_sweep, load_yaml, replace, to_dict
-from rankscope.cli_errors import one_line_errors
+from rankscope.train.config import SweepConfig, build_sweep, load_yaml, replace
 from rankscope.errors import InputError
 from rankscope.store.atomic import make_public, atomic_write_json, atomic_write_text
 from rankscope.outputs.plots import DPI
@@ -46,7 +42,6 @@ KEYS = ("result", "figure", "sweep", "sweeps", "settings", "truncate", "variants
 VARIANTS = ("quick", "cpu", "gpu")
 VARIANT_KEYS = ("sweep", "sweeps", "settings", "truncate")
 TRUNCATE_KEYS = ("ks", "lora_min_rank")
-STAMP = "figures-stamp.json"
 
 
 @dataclass(frozen=True)
@@ -147,60 +142,6 @@ def _targets_label(cfg: SweepConfig) -> str:
     return "LoRA on {" + ", ".join(cfg.targets) + "}"
 
 
-def sweep_folder(cfg: SweepConfig, file: Path, variant: str, runs_root: Path) -> Path:
-    """``<runs_root>/<file stem>-<variant>-<hash of the config>``: equal configs share it."""
-    view = {k: v for k, v in to_dict(cfg).items() if k != "device"}
-    digest = hashlib.sha1(json.dumps(view, sort_keys=True).encode()).hexdigest()[:8]
-    return runs_root / f"{file.stem}-{variant}-{digest}"
-
-
-def ensure_results(cfg: SweepConfig, folder: Path, *, truncate: dict | None,
-                   grid_layers: list[int] | None, log: Callable[[str], None],
-                   progress: bool) -> Path:
-    """Train the sweep (finished runs are skipped), then compare and truncate unless up to date.
-
-    Returns:
-        The results folder, ``<folder>-results``.
-    """
-    from rankscope.analysis.compare import compare
-    from rankscope.store.results import save_tables, write_verdict
-    from rankscope.train.loop import finished_manifest
-    from rankscope.store.runs import run_name
-    from rankscope.train.sweep import claim_sweep_dir, run_sweep
-    from rankscope.analysis.truncate import truncate_sweep
-
-    names = sorted(run_name(m, r, s) for m, r, s in cfg.runs())
-    if (folder / "sweep.yaml").exists() and all(finished_manifest(folder / n) for n in names):
-        claim_sweep_dir(folder, cfg)                 # same config, or InputError
-    else:
-        log(f"sweep {folder}: {len(names)} runs")
-        run_sweep(cfg, folder, progress=progress, log=log)
-    out = folder.with_name(folder.name + "-results")
-    stamp = json.loads((out / STAMP).read_text()) if (out / STAMP).exists() else {}
-    have = stamp.get("compare", {})
-    layers = sorted(set(have.get("grid_layers") or []) | set(grid_layers or []))
-    missing = bool(grid_layers) and layers != sorted(have.get("grid_layers") or [])
-    if have.get("runs") != names or missing:
-        log(f"compare {folder} → {out}")
-        frames = compare(folder, out, grid_layers=layers or None, progress=progress)
-        grid = frames["subspace_grid"]
-        used = sorted(int(x) for x in grid["layer"].dropna().unique()) if len(grid) else []
-        stamp = {**stamp, "compare": {"runs": names, "grid_layers": used}}
-        atomic_write_json(out / STAMP, stamp)
-    if truncate is not None:
-        want = {"ks": sorted(truncate.get("ks") or (1, 2, 4, 8, 16, 32, 64)),
-                "lora_min_rank": truncate.get("lora_min_rank"), "runs": names}
-        if stamp.get("truncate") != want:
-            log(f"truncate {folder}")
-            curve, summary = truncate_sweep(folder, ks=tuple(want["ks"]),
-                                            lora_min_rank=want["lora_min_rank"], progress=progress)
-            save_tables(out, {"truncation": curve, "truncation_summary": summary},
-                        inputs={"runs": str(folder)})
-            write_verdict(out)
-            atomic_write_json(out / STAMP, {**stamp, "truncate": want})
-    return out
-
-
 def caption(exp: Experiment, variant: str, cfgs: dict[str, SweepConfig]) -> str:
     """The result reproduced, then the profile, model, task and training of each sweep."""
     parts = []
@@ -239,30 +180,6 @@ def save_png(fig, png: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def run_experiment(path: str | Path, *, variant: str, out: str | Path,
-                   runs_root: str | Path = "runs", log: Callable[[str], None] = print,
-                   progress: bool = False) -> Path:
-    """Sweep, analyse and draw one experiment's figure into ``out``. Returns the PNG path."""
-    from rankscope.store.results import load_tables
-
-    exp = load_experiment(path)
-    cfgs, settings, trunc = resolve(exp, variant)
-    layer = settings.get("layer")
-    results, sweeps = {}, {}
-    for (label, cfg), (file, _) in zip(cfgs.items(), exp.sweeps.values()):
-        folder = sweep_folder(cfg, file, variant, Path(runs_root))
-        res = ensure_results(cfg, folder, truncate=trunc, grid_layers=[layer] if layer is not None
-                             else None, log=log, progress=progress)
-        results[label], sweeps[label] = load_tables(res), str(folder)
-    df = BUILDERS[exp.figure](results, **settings)
-    meta = {"format": "rankscope.figure/1", "experiment": str(exp.path), "result": exp.result,
-            "variant": variant, "caption": caption(exp, variant, cfgs), "sweeps": sweeps,
-            "settings": settings, "configs": {k: to_dict(c) for k, c in cfgs.items()}}
-    png = write_figure(df, Path(out), exp.name, meta=meta)
-    log(f"wrote {png} and {png.with_suffix('.csv')}")
-    return png
 
 
 def redraw(csv: str | Path, png: str | Path | None = None) -> Path:
@@ -327,35 +244,3 @@ def experiment_files(target: str | Path, *, all_: bool) -> list[Path]:
         raise InputError(f"missing experiment file {target}")
     return [target]
 
-
-
-
-@click.command("figures")
-@click.argument("experiment", type=click.Path(path_type=str))
-@click.option("--all", "all_", is_flag=True, help="EXPERIMENT is a folder: run every YAML in it.")
-@click.option("--variant", type=click.Choice(("auto",) + VARIANTS), default="auto",
-              show_default=True, help="quick (CI), cpu, gpu; auto: gpu where CUDA is present.")
-@click.option("--out", default="figures", show_default=True, type=click.Path(path_type=str),
-              help="Folder of the PNGs and their CSVs.")
-@click.option("--runs-root", default="runs", show_default=True, type=click.Path(path_type=str),
-              help="Folder of the sweeps and their results.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@one_line_errors
-def figures_command(experiment, all_, variant, out, runs_root, quiet):
-    """Run EXPERIMENT.yaml (or every one in a folder, --all) end to end: sweep, analysis, figure."""
-    files = experiment_files(experiment, all_=all_)
-    for f in files:
-        load_experiment(f)                      # every file valid before any training starts
-    variant = default_variant() if variant == "auto" else variant
-    for f in files:
-        run_experiment(f, variant=variant, out=out, runs_root=runs_root,
-                       log=lambda s: click.echo(s, err=True), progress=not quiet)
-
-
-@click.command("plot")
-@click.argument("csv", type=click.Path(path_type=str))
-@click.option("--out", type=click.Path(path_type=str), help="PNG path (default: beside the CSV).")
-@one_line_errors
-def plot_command(csv, out):
-    """Re-draw a figure from its CSV alone (e.g. figures/fig3_subspace.csv)."""
-    click.echo(f"wrote {redraw(csv, out)}")

@@ -2,10 +2,10 @@
 
 The sections: setup, training curves, metric vs r, spectra and effective ranks, φ heatmaps,
 convergence, ΔW vs W, intruder dimensions, truncation, the verdict, and the recommendation
-with its PEFT config (and its validation, when ``recommend --validate`` ran). Missing
-results tables are computed first (``recommend.ensure_tables``), and so is a missing
-recommendation. Figures come from ``plots_extra`` (the paper figures' builders) and
-``report_figures``; ``report_html`` renders the sections.
+with its PEFT config (and its validation, when ``recommend --validate`` ran). It reads only
+what earlier stages wrote; ``pipeline.stages.report_stage`` brings those up to date first.
+Figures come from ``figure_data`` (the paper figures' builders) and ``report_figures``;
+``report_render`` renders the sections.
 """
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import click
 import pandas as pd
 import yaml
 
 from rankscope.outputs import figure_data as PX
 from rankscope.outputs import report_figures as RF
 from rankscope.errors import InputError
-from rankscope.cli_errors import one_line_errors
-from rankscope.recommend.stage import (VALIDATED, check_runs, ensure_tables, recommend,
-                        sweep_root)
+from rankscope.recommend.inputs import VALIDATED, sweep_root
 from rankscope.recommend.text import size_note, validation_side
 from rankscope.analysis.verdict import metric_vs_rank
 
@@ -192,23 +189,19 @@ def recommendation_section(out: Path) -> Section:
     return s
 
 
-def build_report(runs: str | Path, out: str | Path, *, progress: bool = True,
+def build_report(runs: str | Path, out: str | Path, *, sets, frames: dict,
                  log: Callable[[str], None] = print) -> Path:
     """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``report_files/``).
 
-    Raises:
-        InputError: no finished runs, or runs of different models or tasks mixed.
+    Reads only what the earlier stages wrote (``pipeline.stages.report_stage`` makes sure it
+    is up to date): ``frames``, the verdict and the recommendation files in ``out``.
+
     Returns:
         The path of report.html.
     """
     from rankscope.outputs.report_render import write_html, write_markdown
 
     runs, out = Path(runs), Path(out)
-    sets = check_runs(runs)
-    frames = ensure_tables(runs, out, progress=progress, log=log)
-    if not all((out / f).exists() for f in ("recommendation.csv", "lora_config.json", "rationale.md")):
-        log(f"recommend {runs} → {out}")
-        recommend(runs, out, progress=progress, log=log)
     m = sets[0].meta
     title = f"rankscope report: {m.get('model')} on {m.get('task') or m.get('data')}"
     verdict = out / "verdict.md"
@@ -219,14 +212,3 @@ def build_report(runs: str | Path, out: str | Path, *, progress: bool = True,
     html = write_html(out / "report.html", title, sections)
     write_markdown(out / "report.md", title, sections)
     return html
-
-
-@click.command("report")
-@click.argument("runs", type=click.Path(path_type=str))
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@one_line_errors
-def report_command(runs, out, quiet):
-    """Write OUT/report.html (self-contained, offline) and OUT/report.md for sweep RUNS."""
-    html = build_report(runs, out, progress=not quiet, log=lambda s: click.echo(s, err=True))
-    click.echo(f"wrote {html} and {Path(out) / 'report.md'}")

@@ -1,36 +1,32 @@
 """``rankscope recommend``: a LoRA rank per module, its evidence, a PEFT config and a rationale.
 
-Reads a sweep's results tables (running ``compare``, and ``truncate`` when the sweep has a
-full run, if they are missing), applies ``recommend_core`` (the evidence, the rule, the
-budget allocation) and writes into the results folder:
+Takes a sweep's results tables (``pipeline.stages`` makes sure they are up to date), applies
+``recommend.evidence`` (the evidence, the rule, the budget allocation) and writes into the
+results folder:
 
     recommendation.csv   one row per module: the rank, its evidence and a confidence
     lora_config.json     ``peft.LoraConfig(**json.load(f))`` accepts it
-    rationale.md         a short account of the evidence and the rule (``recommend_text``)
+    rationale.md         a short account of the evidence and the rule (``recommend.text``)
     validate.csv         with ``--validate``: the recommended config retrained beside the
-                         uniform rank nearest its parameter count (``recommend_validate``;
+                         uniform rank nearest its parameter count (``recommend.validate``;
                          one rank on every module rarely matches it exactly, and the
                          rationale then gives both counts)
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import click
 import pandas as pd
 
 from rankscope.recommend import evidence as core
 from rankscope.recommend.text import rationale, validation_text
-from rankscope.cli_errors import one_line_errors
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_json, atomic_write_text
 
 NEEDED = ("metrics", "modules", "spectra", "convergence")
-VALIDATED = "validate/configs.json"      # the configs that validate.csv tested
 
 
 @dataclass(frozen=True)
@@ -42,57 +38,6 @@ class Recommendation:
     rationale: str
     budget: int | None = None
     validation: pd.DataFrame | None = None
-
-
-def check_runs(runs: str | Path) -> list:
-    """The runs' DeltaSets, once they are known to be finished and of one model and task.
-
-    Raises:
-        InputError: no finished runs, or runs of different models or tasks mixed together.
-    """
-    from rankscope.analysis.decompose import check_same_setup
-    from rankscope.analysis.deltas import from_runs
-
-    sets = from_runs(runs)
-    check_same_setup(sets)
-    return sets
-
-
-def sweep_root(runs: str | Path) -> Path:
-    """The sweep folder of ``runs`` (a sweep folder, or one run folder inside it)."""
-    runs = Path(runs)
-    return runs if (runs / "sweep.yaml").exists() or not (runs / "manifest.json").exists() \
-        else runs.parent
-
-
-def ensure_tables(runs: str | Path, out: str | Path, *, progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
-    """The results tables in ``out``, computing the missing ones from ``runs`` first.
-
-    ``compare`` runs when any of metrics, modules, spectra or convergence is missing; the
-    truncation test when the sweep has a full run and ``out`` no truncation table (it needs
-    the sweep's ``sweep.yaml``; without one it is skipped with a note).
-    """
-    from rankscope.analysis.compare import compare
-    from rankscope.store.results import check_same_sweep, load_tables, prepare_out, save_tables, write_verdict
-    from rankscope.analysis.truncate import truncate_sweep
-
-    sets = check_runs(runs)
-    check_same_sweep(runs, out)         # before the folder is made
-    out = prepare_out(out)
-    if not all((out / f"{t}.csv").exists() for t in NEEDED):
-        log(f"compare {runs} → {out}")
-        compare(runs, out, progress=progress)
-    if any(s.method == "full" for s in sets) and not (out / "truncation_summary.csv").exists():
-        if (sweep_root(runs) / "sweep.yaml").exists():
-            log(f"truncate {runs} → {out}")
-            curve, summary = truncate_sweep(runs, progress=progress)
-            save_tables(out, {"truncation": curve, "truncation_summary": summary},
-                        inputs={"runs": str(runs)})
-            write_verdict(out)
-        else:
-            log(f"truncation test skipped: {sweep_root(runs)} has no sweep.yaml")
-    return load_tables(out)
 
 
 def alpha_settings(sets) -> tuple[str, float, str]:
@@ -189,29 +134,41 @@ def write_recommendation(rec: Recommendation, out: Path, *, runs: str | Path) ->
     atomic_write_text(out / "rationale.md", rec.rationale)
 
 
-def recommend(runs: str | Path, out: str | Path, *, budget=None,
-              targets: tuple[str, ...] | None = None, validate: bool = False,
-              progress: bool = True, log: Callable[[str], None] = print) -> Recommendation:
-    """Recommend ranks for a sweep ``runs`` and write them into the results folder ``out``.
+def check_budget(sets, budget, *, targets: tuple[str, ...] | None = None) -> int | None:
+    """The budget as a parameter count, checked against the cheapest rank-1 adapter.
+
+    Raises:
+        InputError: a budget that is not a count, or smaller than one rank-1 adapter of the
+            modules the recommendation would rank.
+    """
+    if budget is None:
+        return None
+    budget = core.parse_budget(budget)
+    lora = [s for s in sets if s.method == "lora"]
+    pool = lora[0] if lora and targets is None else next(
+        (s for s in sets if s.method == "full"), sets[0])
+    cheapest = min(d.d_out + d.d_in for d in pool)
+    if budget < cheapest:
+        raise InputError(f"budget {budget:,} parameters is smaller than one rank-1 adapter "
+                         f"({cheapest:,} parameters)")
+    return budget
+
+
+def recommend(runs: str | Path, sets, frames: dict[str, pd.DataFrame], out: str | Path, *,
+              budget: int | None = None, targets: tuple[str, ...] | None = None,
+              validate: bool = False, progress: bool = True,
+              log: Callable[[str], None] = print) -> Recommendation:
+    """Recommend ranks from a sweep's tables and write them into the results folder ``out``.
 
     Args:
-        budget: trainable LoRA parameters (an int, or text such as ``1.5M``, ``200k``).
+        runs: the sweep folder (for the validation's retraining and the manifest).
+        sets: the runs' DeltaSets (``check_runs``); frames: the results tables.
+        budget: trainable LoRA parameters (``check_budget``), or None.
         targets: module kinds or names, or ``("all-linear",)``; default: the LoRA targets.
         validate: retrain the recommended config and the uniform rank nearest its size.
     Raises:
-        InputError: see ``check_runs``, ``recommend_frames`` and ``parse_budget``.
+        InputError: see ``recommend_frames``.
     """
-    budget = core.parse_budget(budget) if budget is not None else None
-    sets = check_runs(runs)
-    if budget is not None:              # fail before any analysis runs
-        lora = [s for s in sets if s.method == "lora"]
-        pool = lora[0] if lora and targets is None else next(
-            (s for s in sets if s.method == "full"), sets[0])
-        cheapest = min(d.d_out + d.d_in for d in pool)
-        if budget < cheapest:
-            raise InputError(f"budget {budget:,} parameters is smaller than one rank-1 adapter "
-                             f"({cheapest:,} parameters)")
-    frames = ensure_tables(runs, out, progress=progress, log=log)
     policy, alpha, task_type = alpha_settings(sets)
     rec = recommend_frames(frames, budget=budget, targets=targets, alpha_policy=policy,
                            alpha=alpha, task_type=task_type)
@@ -223,34 +180,10 @@ def recommend(runs: str | Path, out: str | Path, *, budget=None,
         on = rec.table[rec.table["r"] > 0]
         u = uniform_rank(on, int(on["params"].sum()))
         uniform = lora_config(dict.fromkeys(on["name"], u), dict(zip(on["name"], on["module"])),
-                                   alpha_policy=policy, alpha=alpha, task_type=task_type)
+                              alpha_policy=policy, alpha=alpha, task_type=task_type)
         val = run_validation(runs, {"recommended": rec.config, "uniform": uniform}, out=out,
                              progress=progress, log=log)
         rec = Recommendation(rec.table, rec.config, rec.rationale + "\n" + validation_text(val),
                              rec.budget, val)
         atomic_write_text(out / "rationale.md", rec.rationale)
     return rec
-
-
-
-
-@click.command("recommend")
-@click.argument("runs", type=click.Path(path_type=str))
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Results folder.")
-@click.option("--budget", help="Trainable LoRA parameters to allocate: 1.5M, 200k, 1500000.")
-@click.option("--targets", help="Comma list of module kinds or names, or all-linear "
-                                "(default: the sweep's LoRA targets).")
-@click.option("--validate", is_flag=True, help="Retrain the recommendation and the uniform rank "
-                                               "nearest its parameter count, side by side.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@one_line_errors
-def recommend_command(runs, out, budget, targets, validate, quiet):
-    """Recommend a LoRA rank per module of sweep RUNS, with its evidence and a PEFT config."""
-    targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None
-    log = (lambda s: click.echo(s, err=True))
-    rec = recommend(runs, out, budget=budget, targets=targets, validate=validate,
-                    progress=not quiet, log=log)
-    click.echo(rec.rationale)
-    click.echo(json.dumps(rec.config, indent=2))
-    click.echo("wrote recommendation.csv, lora_config.json, rationale.md"
-               + (", validate.csv" if validate else "") + f" to {out}")

@@ -123,16 +123,3 @@ def load_tables(out: str | Path) -> dict[str, pd.DataFrame]:
     if not frames:
         raise InputError(f"{out} holds no rankscope results (run `rankscope compare` first)")
     return frames
-
-
-def write_verdict(out: Path) -> str:
-    """Build the verdict from the tables in ``out`` and write ``verdict.md``/``verdict.json``."""
-    from rankscope.analysis.verdict import verdict
-
-    frames = load_tables(out)
-    if "metrics" not in frames:
-        raise InputError(f"{out} has no metrics.csv: run `rankscope compare` first")
-    text, evidence = verdict(frames)
-    atomic_write_text(out / "verdict.md", text)
-    atomic_write_json(out / "verdict.json", evidence)
-    return text

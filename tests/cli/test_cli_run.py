@@ -166,7 +166,7 @@ def test_a_budget_for_a_sweep_without_lora_counts_every_linear_module(tiny_yaml,
     # no LoRA run: the candidates are every linear module; the smallest, k_proj and v_proj
     # (192 × 576), cost 768 at rank 1; the MLP's up_proj (1536 × 576) 2,112
     from rankscope.train.config import build_sweep
-    from rankscope.pipeline import cheapest_adapter
+    from rankscope.pipeline.job import cheapest_adapter
 
     cfg = build_sweep(yaml_path=tiny_yaml, overrides={"methods": ("full",)})
     assert cheapest_adapter(cfg) == 192 + 576

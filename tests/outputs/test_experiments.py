@@ -20,8 +20,9 @@ from click.testing import CliRunner  # noqa: E402
 
 from rankscope.train.config import SweepConfig, build_sweep, load_yaml  # noqa: E402
 from rankscope.errors import InputError  # noqa: E402
-from rankscope.outputs.experiments import (VARIANTS, figures_command, load_experiment,  # noqa: E402
-                               plot_command, resolve, run_experiment, sweep_folder)
+from rankscope.cli.read import figures as figures_command, plot as plot_command  # noqa: E402
+from rankscope.outputs.experiments import VARIANTS, load_experiment, resolve  # noqa: E402
+from rankscope.pipeline.figures import run_experiment, sweep_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))

@@ -137,7 +137,8 @@ def test_module_group():
 @pytest.fixture(scope="module")
 def quick_tables(tmp_path_factory):
     """{label: tables} of the quick variant's shared sweep, truncation included."""
-    from rankscope.outputs.experiments import load_experiment, resolve, run_experiment
+    from rankscope.outputs.experiments import load_experiment, resolve
+    from rankscope.pipeline.figures import run_experiment
     from rankscope.store.results import load_tables
 
     root = tmp_path_factory.getbasetemp() / "figure-runs"     # shared with test_experiments

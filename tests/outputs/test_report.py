@@ -19,7 +19,9 @@ import pytest
 from clichecks import assert_one_line_error
 from click.testing import CliRunner
 
-from rankscope.outputs.report import Section, build_report, report_command
+from rankscope.cli.read import report as report_command
+from rankscope.outputs.report import Section
+from rankscope.pipeline.stages import report_stage
 from rankscope.outputs.report_render import md_to_html, write_html, write_markdown
 
 SECTIONS = ["setup", "training", "metric", "spectra", "phi", "convergence", "relation",
@@ -183,7 +185,7 @@ def test_the_markdown_has_every_section_and_its_figures(report):
 
 @pytest.mark.slow
 def test_a_sweep_with_one_lora_rank_still_reports_every_section(news_sweep, tmp_path):
-    path = build_report(news_sweep.out, tmp_path / "res", progress=False, log=lambda s: None)
+    path = report_stage(news_sweep.out, tmp_path / "res", progress=False, log=lambda s: None)
     page = path.read_text()
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in page, anchor

@@ -22,7 +22,9 @@ from click.testing import CliRunner
 
 from rankscope.recommend import evidence as core
 from rankscope.errors import InputError
-from rankscope.recommend.stage import (lora_config, recommend, recommend_command, recommend_frames,
+from rankscope.cli.read import recommend as recommend_command
+from rankscope.pipeline.stages import recommend_stage as recommend
+from rankscope.recommend.stage import (lora_config, recommend_frames,
                                  uniform_rank)
 
 # layer → module → planted singular values (rank = their count); q is 576×576, v is 192×576

@@ -1,13 +1,11 @@
 """The one-command end-to-end job: sweep → analyses → truncation test → recommendation → report.
 
-Resumable like the sweep: finished runs are skipped, and an analysis stage whose inputs (the
-runs' manifests) have not changed since it last completed is skipped too. Its inputs (the
-output folder, the model, a ``--data`` file, the budget) are checked before anything trains.
+Resumable like the sweep: finished runs are skipped, and a stage that is up to date (the one
+rule of ``pipeline.stages``) is skipped too. Its inputs (the output folder, the model, a
+``--data`` file, the budget) are checked before anything trains.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,11 +14,9 @@ import torch
 
 from rankscope.train.config import SweepConfig, build_sweep
 from rankscope.errors import InputError
-from rankscope.store.atomic import atomic_write_json
+from rankscope.pipeline.stages import STAGES, TRUNCATION_KS, compare_stage, recommend_stage, \
+    report_stage, truncate_stage
 
-STAGES = ("sweep", "compare", "truncate", "recommend", "report")
-TRUNCATION_KS = (1, 2, 4, 8, 16, 32, 64)
-SKIPPED = "      finished earlier on the same runs, skipped"
 
 
 def default_profile() -> str:
@@ -32,13 +28,6 @@ def job_config(*, config: str | Path | None = None, profile: str | None = None,
                overrides: dict | None = None) -> SweepConfig:
     """The sweep of the job: the profile (by device), then the YAML, then the flags."""
     return build_sweep(profile=profile or default_profile(), yaml_path=config, overrides=overrides)
-
-
-def _runs_stamp(runs: Path) -> str:
-    h = hashlib.sha256()
-    for m in sorted(runs.glob("*/manifest.json")):
-        h.update(m.read_bytes())
-    return h.hexdigest()
 
 
 def cheapest_adapter(cfg: SweepConfig) -> int | None:
@@ -102,26 +91,6 @@ def check_job(cfg: SweepConfig, out: str | Path, *, budget=None) -> int | None:
     return count
 
 
-class _Stages:
-    """Which analysis stages finished on which runs: ``results/.stages.json``."""
-
-    def __init__(self, results: Path, stamp: str):
-        self.path, self.stamp = results / ".stages.json", stamp
-        try:
-            self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except (ValueError, OSError):       # unreadable: every stage is simply redone
-            self.done = {}
-        if not isinstance(self.done, dict):
-            self.done = {}
-
-    def fresh(self, stage: str) -> bool:
-        return self.done.get(stage) == self.stamp
-
-    def mark(self, stage: str) -> None:
-        self.done[stage] = self.stamp
-        atomic_write_json(self.path, self.done)
-
-
 def run_job(cfg: SweepConfig, out: str | Path, *, budget: int | str | None = None,
             validate: bool = False, progress: bool = True,
             log: Callable[[str], None] = print) -> Path:
@@ -135,12 +104,7 @@ def run_job(cfg: SweepConfig, out: str | Path, *, budget: int | str | None = Non
         InputError: see ``check_job`` (raised before anything is trained or written), and
             the errors of each stage.
     """
-    from rankscope.analysis.compare import compare
-    from rankscope.recommend.stage import recommend
-    from rankscope.outputs.report import build_report
-    from rankscope.store.results import prepare_out, save_tables, write_verdict
     from rankscope.train.sweep import run_sweep
-    from rankscope.analysis.truncate import truncate_sweep
 
     budget = check_job(cfg, out, budget=budget)
     out = Path(out)
@@ -150,34 +114,23 @@ def run_job(cfg: SweepConfig, out: str | Path, *, budget: int | str | None = Non
     def stage(i: int, text: str) -> None:
         log(f"[{i}/{len(STAGES)}] {text}  ({time.perf_counter() - t0:.0f}s)")
 
+    def sub(text: str) -> None:
+        log("      " + text)
+
     stage(1, f"sweep: {len(cfg.runs())} runs of {cfg.model} on {cfg.task or cfg.data} "
              f"({cfg.steps} steps each, profile {cfg.profile}) into {runs}")
-    run_sweep(cfg, runs, progress=progress, log=lambda s: log("      " + s))
-    prepare_out(results)
-    stages = _Stages(results, _runs_stamp(runs))
+    run_sweep(cfg, runs, progress=progress, log=sub)
     stage(2, f"compare: spectra, subspace similarity, convergence, ΔW vs W, intruders → {results}")
-    if stages.fresh("compare"):
-        log(SKIPPED)
-    else:
-        compare(runs, results, progress=progress)
-        stages.mark("compare")
+    compare_stage(runs, results, device=cfg.device, force=False, progress=progress, log=sub)
     if "full" in cfg.methods:
         stage(3, "truncate: W_0 + trunc_k(ΔW_full) re-evaluated for k = "
                  + ", ".join(map(str, TRUNCATION_KS)))
-        if stages.fresh("truncate"):
-            log(SKIPPED)
-        else:
-            curve, summary = truncate_sweep(runs, ks=TRUNCATION_KS, device=cfg.device,
-                                            progress=progress)
-            save_tables(results, {"truncation": curve, "truncation_summary": summary},
-                        inputs={"runs": str(runs)})
-            write_verdict(results)
-            stages.mark("truncate")
+        truncate_stage(runs, results, device=cfg.device, force=False, progress=progress, log=sub)
     else:
         stage(3, "truncate: skipped (the sweep has no full fine-tuning run)")
     stage(4, "recommend: ranks per module and a PEFT LoraConfig")
-    recommend(runs, results, budget=budget, validate=validate, progress=progress, log=log)
+    recommend_stage(runs, results, budget=budget, validate=validate, progress=progress, log=sub)
     stage(5, "report: report.html and report.md")
-    report = build_report(runs, results, progress=progress, log=log)
+    report = report_stage(runs, results, progress=progress, log=sub)
     log(f"done in {time.perf_counter() - t0:.0f}s; report: {report}")
     return Path(report)

@@ -1,0 +1,66 @@
+"""The CLI's edge: every error of rankscope (or the OS) becomes one line and exit status 2."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from rankscope.errors import RankscopeError
+
+
+class OneLineGroup(click.Group):
+    """A click group whose own usage errors (unknown option, missing argument) are one line too."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            click.echo(f"rankscope: error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"rankscope: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("rankscope: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line_errors(fn):
+    """Turn rankscope's (and the OS's) errors into ``rankscope: error: …`` and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RankscopeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+                NotADirectoryError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"rankscope: error: {msg}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("rankscope: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def ints(text, what: str = "list"):
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def strs(text):
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def check_ranks(ranks):
+    if ranks is not None and any(r <= 0 for r in ranks):
+        raise ValueError(f"ranks: every rank must be a positive integer, got {list(ranks)}")
+    return ranks

@@ -1,0 +1,1 @@
+"""The study's stages (``stages``), the whole job (``job``) and the paper figures (``figures``)."""

@@ -1,0 +1,29 @@
+"""What a recommendation reads from a sweep: its finished runs and its sweep folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rankscope.store.runs import MANIFEST
+
+VALIDATED = "validate/configs.json"      # the configs that validate.csv tested
+
+
+def check_runs(runs: str | Path) -> list:
+    """The runs' DeltaSets, once they are known to be finished and of one model and task.
+
+    Raises:
+        InputError: no finished runs, or runs of different models or tasks mixed together.
+    """
+    from rankscope.analysis.decompose import check_same_setup
+    from rankscope.analysis.deltas import from_runs
+
+    sets = from_runs(runs)
+    check_same_setup(sets)
+    return sets
+
+
+def sweep_root(runs: str | Path) -> Path:
+    """The sweep folder of ``runs`` (a sweep folder, or one run folder inside it)."""
+    runs = Path(runs)
+    return runs if (runs / "sweep.yaml").exists() or not (runs / MANIFEST).exists() \
+        else runs.parent
