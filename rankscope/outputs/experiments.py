@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import pandas as pd
 
 from rankscope.train.config import SweepConfig, build_sweep, load_yaml, replace
 from rankscope.errors import InputError
-from rankscope.store.atomic import make_public, atomic_write_json, atomic_write_text
+from rankscope.store.atomic import atomic_file, atomic_write_json, atomic_write_text
 from rankscope.outputs.plots import DPI
 from rankscope.outputs.figure_data import BUILDERS, draw_figure
 
@@ -170,16 +168,9 @@ def write_figure(df: pd.DataFrame, out: Path, name: str, *, meta: dict) -> Path:
 
 
 def save_png(fig, png: Path) -> None:
-    """Save a Figure as PNG through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
-    os.close(fd)
-    make_public(tmp)
-    try:
+    """Save a Figure as PNG, atomically."""
+    with atomic_file(png) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def redraw(csv: str | Path, png: str | Path | None = None) -> Path:

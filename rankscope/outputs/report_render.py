@@ -8,12 +8,11 @@ from __future__ import annotations
 import base64
 import html
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
-from rankscope.store.atomic import atomic_write_text
+from rankscope.store.atomic import atomic_dir, atomic_write_text
 from rankscope.store.provenance import now
 
 CSS = """
@@ -135,14 +134,17 @@ def write_html(path: Path, title: str, sections) -> Path:
 
 
 def write_markdown(path: Path, title: str, sections) -> Path:
-    """The report as Markdown; figures as PNG files in ``<path stem>_files/``."""
+    """The report as Markdown; figures as PNG files in ``<path stem>_files/``.
+
+    The figures folder is written whole beside its final name and renamed into place, then
+    the Markdown; a failure leaves the previous report and its figures as they were.
+    """
     from rankscope.recommend.text import md_table
 
     files = path.with_name(f"{path.stem}_files")
-    shutil.rmtree(files, ignore_errors=True)
-    files.mkdir(parents=True)
     lines = [f"# {title}", "", f"Written by rankscope on {now()}.", ""]
     lines += [f"{n}. [{s.title}](#{s.anchor})" for n, s in enumerate(sections, 1)] + [""]
+    pngs = {}
     for n, s in enumerate(sections, 1):
         lines += [f'<a id="{s.anchor}"></a>', f"## {n}. {s.title}", ""]
         for b in s.blocks:
@@ -153,7 +155,10 @@ def write_markdown(path: Path, title: str, sections) -> Path:
             elif b[0] == "code":
                 lines += [f"```{b[1]}", b[2].rstrip(), "```", ""]
             else:
-                (files / f"{b[3]}.png").write_bytes(b[2])
+                pngs[f"{b[3]}.png"] = b[2]
                 lines += [f"![{b[1]}]({files.name}/{b[3]}.png)", "", f"_{b[1]}_", ""]
+    with atomic_dir(files, overwrite=True) as tmp:
+        for name, data in pngs.items():
+            (tmp / name).write_bytes(data)          # inside the folder that is renamed whole
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -12,21 +12,38 @@ from typing import Iterator
 from rankscope.errors import InputError
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is synced and renamed to ``path``.
+
+    The one way rankscope writes a file: whatever writes the temporary path (text, JSON, a
+    PNG, safetensors), a reader sees the old file or the whole new one, never a part. On any
+    exception the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())     # mkstemp's 0600 would hide reports from others
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp's 0600 would hide reports from others
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_file``)."""
+    atomic_write_bytes(path, text.encode())
 
 
 def _umask() -> int:

@@ -20,8 +20,6 @@ weights are never copied into a run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rankscope.errors import InputError
-from rankscope.store.atomic import atomic_write_json, make_public
+from rankscope.store.atomic import atomic_file, atomic_write_json
 
 RUN_FORMAT = "rankscope.run/1"
 UPDATES_FORMAT = "rankscope.updates/1"
@@ -45,18 +43,10 @@ def run_name(method: str, rank: int | None, seed: int) -> str:
 
 
 def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method: str) -> None:
-    """Save update tensors to ``path`` as safetensors, atomically (temp name, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    make_public(tmp)
-    try:
-        contiguous = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    """Save update tensors to ``path`` as float32 safetensors, atomically."""
+    contiguous = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    with atomic_file(path) as tmp:
         save_file(contiguous, tmp, metadata={"format": UPDATES_FORMAT, "method": method})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

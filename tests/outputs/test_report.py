@@ -16,6 +16,7 @@ import subprocess
 
 import click
 import pytest
+from pathlib import Path
 from clichecks import assert_one_line_error
 from click.testing import CliRunner
 
@@ -72,6 +73,32 @@ def test_html_is_self_contained_and_markdown_has_its_files(tmp_path):
     md = write_markdown(tmp_path / "report.md", "T", [s]).read_text()
     assert "![a figure](report_files/fig1.png)" in md and "| x | y |" in md
     assert (tmp_path / "report_files" / "fig1.png").read_bytes() == _png_1x1()
+
+
+def test_a_failed_markdown_write_leaves_the_previous_report_and_its_figures(tmp_path, monkeypatch):
+    def section(data: bytes) -> Section:
+        s = Section("Figures", "figs")
+        for name in ("one", "two"):
+            s.blocks.append(("fig", name, data, name))
+        return s
+
+    path = tmp_path / "report.md"
+    write_markdown(path, "T", [section(b"old")])
+    before = path.read_bytes()
+    real = Path.write_bytes
+
+    def fail_on_two(self, data):
+        if self.name == "two.png":
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail_on_two)
+    with pytest.raises(OSError):
+        write_markdown(path, "T", [section(b"new")])
+    files = tmp_path / "report_files"
+    assert {p.name: p.read_bytes() for p in files.iterdir()} == {"one.png": b"old", "two.png": b"old"}
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "report_files"]
 
 
 def test_a_figure_whose_data_cannot_be_drawn_becomes_a_note():
