@@ -20,7 +20,8 @@ import yaml
 from rankscope.outputs import figure_data as PX
 from rankscope.outputs import report_figures as RF
 from rankscope.errors import InputError
-from rankscope.recommend.inputs import VALIDATED, sweep_root
+from rankscope.recommend.inputs import VALIDATED
+from rankscope.store.runs import SWEEP_FILE, sweep_root
 from rankscope.recommend.text import size_note, validation_side
 from rankscope.analysis.verdict import metric_vs_rank
 
@@ -70,7 +71,7 @@ def _label(sets) -> str:
 def setup_section(runs: Path, sets, frames: dict) -> Section:
     """Model, data, training, device and versions; the runs with their metrics."""
     m = sets[0].meta
-    cfg = (sweep_root(runs) / "sweep.yaml")
+    cfg = (sweep_root(runs) / SWEEP_FILE)
     sweep = yaml.safe_load(cfg.read_text()) if cfg.exists() else {}
     rows = {"model": m.get("model"), "task": m.get("task") or m.get("data"),
             "task kind": m.get("task_kind"), "data hash": str(m.get("data_hash"))[:12],

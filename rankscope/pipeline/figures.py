@@ -33,12 +33,12 @@ def ensure_results(cfg: SweepConfig, folder: Path, *, truncate: dict | None,
     Returns:
         The tables of the results folder ``<folder>-results``.
     """
-    from rankscope.store.runs import run_name
+    from rankscope.store.runs import SWEEP_FILE, run_name
     from rankscope.train.loop import finished_manifest
     from rankscope.train.sweep import claim_sweep_dir, run_sweep
 
     names = sorted(run_name(m, r, s) for m, r, s in cfg.runs())
-    if (folder / "sweep.yaml").exists() and all(finished_manifest(folder / n) for n in names):
+    if (folder / SWEEP_FILE).exists() and all(finished_manifest(folder / n) for n in names):
         claim_sweep_dir(folder, cfg)                 # same config, or InputError
     else:
         log(f"sweep {folder}: {len(names)} runs")

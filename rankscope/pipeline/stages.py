@@ -19,11 +19,11 @@ from typing import Callable
 import pandas as pd
 
 from rankscope.errors import InputError
-from rankscope.recommend.inputs import check_runs, sweep_root
+from rankscope.recommend.inputs import check_runs
 from rankscope.store.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from rankscope.store.results import check_results_out, check_same_sweep, load_tables, \
     prepare_out, save_tables
-from rankscope.store.runs import MANIFEST, find_runs
+from rankscope.store.runs import MANIFEST, SWEEP_FILE, find_runs, sweep_root
 
 STAGES = ("sweep", "compare", "truncate", "recommend", "report")
 STAMPS = ".stages.json"
@@ -180,7 +180,7 @@ def analyses(runs: str | Path, results: str | Path, *, grid_layers: list[int] | 
     has_full = any(read_manifest(d).get("method") == "full" for d in find_runs(runs))
     if not with_truncation:
         pass
-    elif has_full and (sweep_root(runs) / "sweep.yaml").exists():
+    elif has_full and (sweep_root(runs) / SWEEP_FILE).exists():
         opts = truncate or {}
         truncate_stage(runs, results, ks=opts.get("ks") or TRUNCATION_KS,
                        lora_min_rank=opts.get("lora_min_rank"), device=device, force=False,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rankscope.store.runs import MANIFEST
+from rankscope.store.runs import sweep_root  # noqa: F401 (what a recommendation reads)
 
 VALIDATED = "validate/configs.json"      # the configs that validate.csv tested
 
@@ -20,10 +20,3 @@ def check_runs(runs: str | Path) -> list:
     sets = from_runs(runs)
     check_same_setup(sets)
     return sets
-
-
-def sweep_root(runs: str | Path) -> Path:
-    """The sweep folder of ``runs`` (a sweep folder, or one run folder inside it)."""
-    runs = Path(runs)
-    return runs if (runs / "sweep.yaml").exists() or not (runs / MANIFEST).exists() \
-        else runs.parent

@@ -35,6 +35,14 @@ UPDATES_FORMAT = "rankscope.updates/1"
 MANIFEST = "manifest.json"
 UPDATES = "updates.safetensors"
 OTHERS = "others.safetensors"
+SWEEP_FILE = "sweep.yaml"          # a sweep folder's config, beside its run folders
+
+
+def sweep_root(runs: str | Path) -> Path:
+    """The sweep folder of ``runs`` (a sweep folder, or one run folder inside it)."""
+    runs = Path(runs)
+    return runs if (runs / SWEEP_FILE).exists() or not (runs / MANIFEST).exists() \
+        else runs.parent
 
 
 def run_name(method: str, rank: int | None, seed: int) -> str:
