@@ -27,5 +27,6 @@ figures: install
 	$(PYTHON) -m rankscope figures experiments/paper --all --variant $(FIGURES_VARIANT) \
 		--out figures --runs-root runs
 
+# every benchmark script (each prints its table of ratios and names the machine)
 bench: install
-	$(PYTHON) benchmarks/svd.py
+	@set -e; for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PYTHON) $$f; done

@@ -3,7 +3,7 @@
 An experiment file (``experiments/paper/*.yaml``) holds:
 
     result:    the published result it reproduces in shape (the start of every caption)
-    figure:    the builder of ``plots_extra.BUILDERS`` that turns results tables into the figure
+    figure:    the builder of ``figure_data.BUILDERS`` that turns results tables into the figure
     sweep:     a SweepConfig YAML (path relative to the experiment file), or
     sweeps:    {label: path, or {file: path, <SweepConfig field>: value, …}} for several
     settings:  keyword options of the builder

@@ -3,7 +3,7 @@
 Every function draws a tidy DataFrame (the columns its docstring names; others are ignored)
 onto ``ax`` (a new figure when None) and returns the Axes. matplotlib and seaborn are imported
 inside; nothing here shows or saves a figure. Draw inside ``with style():`` for the house
-look (``plots_extra.draw_figure`` does).
+look (``figure_data.draw_figure`` does).
 """
 from __future__ import annotations
 

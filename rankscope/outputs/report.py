@@ -44,7 +44,7 @@ class Section:
         return self
 
     def figure(self, caption: str, draw, df: pd.DataFrame | None, *, name: str, **kw) -> "Section":
-        """Add a figure drawn by ``draw`` (a plot function, or None for a plots_extra frame)."""
+        """Add a figure drawn by ``draw`` (a plot function, or None for a figure_data frame)."""
         if df is None or df.empty:
             return self.md(f"_{caption}: no data._")
         try:
@@ -55,7 +55,7 @@ class Section:
         return self
 
     def built(self, caption: str, builder, results: dict, *, name: str, **settings) -> "Section":
-        """Add a ``plots_extra`` figure, or a note when its tables are missing."""
+        """Add a ``figure_data`` figure, or a note when its tables are missing."""
         try:
             df = builder(results, **settings)
         except InputError as e:

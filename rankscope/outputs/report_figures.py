@@ -1,7 +1,7 @@
 """The report's figures that ``plots`` has no function for, in its house style.
 
 Each ``(df, *, ax=None) -> Axes``: training curves, singular-value spectra and the
-recommended rank by layer. ``figure_png`` draws a panel function or a ``plots_extra``
+recommended rank by layer. ``figure_png`` draws a panel function or a ``figure_data``
 figure frame into PNG bytes.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def rank_by_layer(df: pd.DataFrame, *, ax=None):
 
 def figure_png(draw, df: pd.DataFrame, *, panels: int = 1) -> bytes:
     """PNG bytes of ``draw(df, ax=…)`` (a plot function) on ``panels`` columns' width, or of
-    ``plots_extra.draw_figure(df)`` when ``draw`` is None."""
+    ``figure_data.draw_figure(df)`` when ``draw`` is None."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

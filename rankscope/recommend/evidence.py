@@ -1,7 +1,7 @@
 """A LoRA rank per module from a sweep's measurements, with its evidence and a confidence.
 
-Pure functions of the results tables (``results.load_tables``); no model, file or print here
-(``recommend_run`` reads and writes). Four pieces of evidence, each a rank:
+Pure functions of the results tables (``store.results.load_tables``); no model, file or print
+here (``recommend.stage`` writes the files). Four pieces of evidence, each a rank:
 
 * **energy** (per module): k_τ of the full update (τ = 90%), rounded up to a power of two;
   with no full run, that of the largest LoRA run (a lower bound when it fills its rank).
@@ -162,12 +162,10 @@ def knee(metrics: pd.DataFrame | None, *, share: float = KNEE_SHARE) -> dict:
     best = int(np.argmax(gain.to_numpy()))
     if gain.iloc[best] <= 0:
         return {"rank": None, "at_edge": False, "ranks": ranks, "metric": key}
-    for i in range(len(ranks)):
-        tol = max((1 - share) * gain.iloc[best], math.hypot(lora["std"].iloc[i], lora["std"].iloc[best]))
-        if gain.iloc[best] - gain.iloc[i] <= tol:
-            return {"rank": ranks[i], "at_edge": i == len(ranks) - 1,
-                    "ranks": ranks, "metric": key}
-    raise AssertionError("the best rank is always within tolerance of itself")
+    # the first rank within tolerance of the best; the best itself always is, so i <= best
+    i = next(i for i in range(len(ranks)) if gain.iloc[best] - gain.iloc[i] <= max(
+        (1 - share) * gain.iloc[best], math.hypot(lora["std"].iloc[i], lora["std"].iloc[best])))
+    return {"rank": ranks[i], "at_edge": i == len(ranks) - 1, "ranks": ranks, "metric": key}
 
 
 def truncation_rank(summary: pd.DataFrame | None, curve: pd.DataFrame | None = None, *,
