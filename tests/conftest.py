@@ -53,6 +53,68 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A 256-token byte-level BPE tokenizer trained on the news corpus (eos = pad = ``<eos>``).
+
+    Small enough that a model's vocabulary projection costs nothing: tiny models on it train
+    in milliseconds a step, even under bf16 autocast on a CPU without native bf16.
+    """
+    from gensim.test.utils import datapath
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = Path(datapath("lee_background.cor")).read_text(encoding="utf-8").splitlines()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=256, special_tokens=["<unk>", "<eos>"], show_progress=False))
+    out = tmp_path_factory.mktemp("tiny-tokenizer") / "tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                            pad_token="<eos>").save_pretrained(out)
+    return out
+
+
+def _tiny_model(tokenizer_dir: Path, out: Path, make) -> Path:
+    """``make(vocab_size, pad_id)``'s model, drawn from seed 0, saved with the tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    make(len(tok), tok.pad_token_id).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A random 2-block Llama (hidden 32, q/k/v/o and MLP projections) on ``tiny_tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(vocab, pad):
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            bos_token_id=None, eos_token_id=pad, pad_token_id=pad, tie_word_embeddings=True))
+
+    return _tiny_model(tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama") / "model", make)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A random 2-block BERT encoder (hidden 32) on ``tiny_tokenizer``, for classification."""
+    from transformers import BertConfig, BertModel
+
+    def make(vocab, pad):
+        return BertModel(BertConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, pad_token_id=pad))
+
+    return _tiny_model(tiny_tokenizer, tmp_path_factory.mktemp("tiny-bert") / "model", make)
+
+
 # ------------------------------------------------------- builders of inputs with known ΔW
 
 @pytest.fixture(scope="session")
@@ -152,8 +214,10 @@ def make_run():
 
 # ------------------------------------------------------- a small finished sweep, shared
 
+# bf16 pinned off: tests compare these runs' numbers to float32 tolerances (DDP, truncation,
+# resume), and the default would turn bf16 on where the chip has it (or RANKSCOPE_FORCE_BF16=1)
 NEWS_TINY = dict(task="news", methods=["full", "lora"], ranks=[2], steps=4, checkpoint_every=2,
-                 batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32)
+                 batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32, bf16=False)
 
 
 @pytest.fixture(scope="session")

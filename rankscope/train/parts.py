@@ -23,6 +23,8 @@ from rankscope.train.data import TASKS, TaskData
 from rankscope.errors import InputError
 from rankscope.train.models import find_linear_modules, linear_weight, load_pretrained, match_name, resolve_model
 
+FORCE_BF16_ENV = "RANKSCOPE_FORCE_BF16"     # 1/0: use_bf16's default, whatever the chip
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -171,9 +173,26 @@ def use_bf16(setting: bool | None, device: torch.device) -> bool:
 
     A CPU without AVX-512 BF16 or AMX has no fast bf16 matmul: oneDNN is skipped and torch falls
     back to a reference GEMM loop, measured at ~100× slower than float32 on a 2-core AMD EPYC.
+
+    The environment variable ``RANKSCOPE_FORCE_BF16`` (``1`` or ``0``) replaces the chip's answer
+    when ``setting`` is None, on any device: it exists so that the test suite can be run once as
+    a chip with native bf16 would run it and once as one without. An explicit setting wins.
+
+    Args:
+        setting: the configured ``bf16`` (True, False, or None for the default).
+        device: where the run trains.
+    Returns:
+        True to train and evaluate under bf16 autocast.
+    Raises:
+        InputError: ``RANKSCOPE_FORCE_BF16`` is set to something other than 1, 0 or empty.
     """
     if setting is not None:
         return setting
+    forced = os.environ.get(FORCE_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise InputError(f"{FORCE_BF16_ENV} must be 1 or 0, got {forced!r}")
+        return forced == "1"
     if device.type == "cuda":
         return True
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -97,7 +97,7 @@ def test_two_gloo_processes_give_the_lora_update_of_one_on_padded_sft(smollm2_sl
     config = tmp_path / "qa.yaml"
     config.write_text(yaml.safe_dump(dict(
         model=str(smollm2_slice), task="qa", methods=["lora"], ranks=[2], steps=3, batch_size=4,
-        max_len=64, max_eval_examples=8, max_train_examples=32)))
+        max_len=64, max_eval_examples=8, max_train_examples=32, bf16=False)))
     run_sweep(build_sweep(yaml_path=config), tmp_path / "one", progress=False, log=lambda s: None)
     done = _torchrun(config, tmp_path / "two")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -24,7 +24,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def _cfg(model, **kw):
     base = dict(model=str(model), task="news", ranks=(4,), steps=4, batch_size=4, max_len=32,
-                max_eval_examples=8, max_train_examples=32)
+                max_eval_examples=8, max_train_examples=32, bf16=False)    # float32 tolerances
     return build_sweep(overrides={**base, **kw})
 
 
@@ -310,9 +310,25 @@ def test_a_run_folder_under_a_file_is_an_input_error(tmp_path):
         R.claim_run_dir(tmp_path / "file.txt" / "run", "method: full\n")
 
 
-def test_bf16_autocast_by_default_only_where_the_chip_has_native_bf16():
+def test_bf16_autocast_by_default_only_where_the_chip_has_native_bf16(monkeypatch):
+    monkeypatch.delenv(T.FORCE_BF16_ENV, raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert T.use_bf16(True, cpu) is True and T.use_bf16(False, cuda) is False   # as set
     assert T.use_bf16(None, cuda) is True
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert T.use_bf16(None, cpu) is bool(native)      # no reference-GEMM bf16 on other CPUs
+
+
+@pytest.mark.parametrize("forced, expected", [("1", True), ("0", False)])
+def test_the_force_variable_replaces_the_chips_answer_but_not_a_setting(monkeypatch, forced,
+                                                                          expected):
+    monkeypatch.setenv(T.FORCE_BF16_ENV, forced)
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        assert T.use_bf16(None, device) is expected
+        assert T.use_bf16(not expected, device) is (not expected)
+
+
+def test_a_bad_force_value_is_an_input_error(monkeypatch):
+    monkeypatch.setenv(T.FORCE_BF16_ENV, "yes")
+    with pytest.raises(InputError, match="RANKSCOPE_FORCE_BF16 must be 1 or 0, got 'yes'"):
+        T.use_bf16(None, torch.device("cpu"))
