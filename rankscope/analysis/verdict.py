@@ -1,9 +1,38 @@
-"""A short statement on the low-intrinsic-rank hypothesis, built only from a sweep's numbers."""
+"""The verdict on the low-intrinsic-rank hypothesis: holds, refuted or inconclusive.
+
+Built only from a sweep's tables, by tests declared here before any number is seen
+(docs/science.md, "A verdict that can fail"). Each test has a value, a threshold and the gate
+it needs; a failed gate makes its test inconclusive, never a pass:
+
+* **gates** — full fine-tuning gained over the base model and plateaued (its last fifth of
+  training made at most ``PLATEAU_MAX`` of its gain); the LoRA runs a test reads gained.
+* **equivalence** — the smallest LoRA rank whose metric lies within a margin of full
+  fine-tuning's *in both directions*; the margin is the larger of ``MARGIN_MIN`` of the full
+  gain and 2 pooled standard deviations of the seeds, so it needs ≥ 2 seeds of each.
+* **functional rank** — k₉₀ of the truncation test measured from the k = 0 baseline (linear
+  weights at W₀, the rest fine-tuned), against min(d_out, d_in) and against the k₉₀ of a
+  Gaussian matrix of the same shape (the noise floor).
+* **shared direction** — median φ of the top direction between LoRA ranks (column space) above
+  its null's 99% quantile.
+
+*Holds*: no gate fails, equivalence passes at r ≤ ``LOW_RANK``, the functional rank is low, and
+every other test that ran passes. *Refuted*: no gate fails, no tested rank matches and the
+functional rank is high. Anything else is *inconclusive*, with the failed gate or test named
+and what to run next.
+"""
 from __future__ import annotations
 
 import math
 
 import pandas as pd
+
+PLATEAU_MAX = 0.15      # share of full fine-tuning's gain allowed in its last fifth of training
+MARGIN_MIN = 0.05       # smallest equivalence margin, as a share of full fine-tuning's gain
+LOW_RANK = 16           # the largest r that counts as "a small r" for equivalence
+LOW_SHARE = 1 / 8       # functional k₉₀ at most this share of min(d_out, d_in) is "low" …
+HIGH_SHARE = 1 / 4      # … and at least this share (or not reached) is "high"
+COLUMNS = ["test", "status", "value", "threshold", "gate", "note"]
+GATES = ("full gained", "full plateaued", "LoRA gained")
 
 
 def metric_name(metrics: pd.DataFrame) -> tuple[str, bool]:
@@ -25,134 +54,143 @@ def metric_vs_rank(metrics: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def matching_rank(metrics: pd.DataFrame, *, share: float = 0.95) -> dict:
-    """The smallest LoRA rank whose metric matches full fine-tuning.
+def _row(test, status, value=None, threshold=None, gate="", note="") -> dict:
+    return dict(zip(COLUMNS, (test, status, value, threshold, gate, note)))
 
-    "Matches": within the seeds' spread (2 pooled standard deviations), or within
-    ``1 − share`` of full fine-tuning's gain over the base model, whichever is larger.
-    """
+
+def gates(metrics: pd.DataFrame) -> list[dict]:
+    """Full fine-tuning gained and plateaued; the LoRA runs gained. One row per gate."""
+    key, higher = metric_name(metrics)
+    sign = 1 if higher else -1
+    gain = sign * (metrics[f"after_{key}"] - metrics[f"before_{key}"])
+    full, lora = metrics["method"] == "full", metrics["method"] == "lora"
+    rows = []
+    if full.any():
+        g = float(gain[full].median())
+        rows.append(_row("full gained", "pass" if g > 0 else "fail", g, 0.0,
+                         note=f"median held-out {key} gain of full fine-tuning over the base model"))
+        late = metrics.loc[full, "late_gain_share"] if "late_gain_share" in metrics else None
+        if late is None or late.isna().all():
+            rows.append(_row("full plateaued", "inconclusive", None, PLATEAU_MAX,
+                             note="the runs record no held-out metric at 80% of training"))
+        else:
+            worst = float(late.max())
+            rows.append(_row("full plateaued", "pass" if worst <= PLATEAU_MAX else "fail", worst,
+                             PLATEAU_MAX, note=f"full fine-tuning's last fifth made {worst:.0%} "
+                                               "of its gain"))
+    if lora.any():
+        bad = metrics.loc[lora & (gain <= 0), "run"].tolist()
+        rows.append(_row("LoRA gained", "fail" if bad else "pass", len(bad), 0,
+                         note=("runs with no gain: " + ", ".join(bad)) if bad else
+                         "every LoRA run improved on the base model"))
+    return rows
+
+
+def equivalence(metrics: pd.DataFrame) -> dict:
+    """The smallest LoRA rank within a two-sided margin of full fine-tuning, as a verdict row."""
     key, higher = metric_name(metrics)
     t = metric_vs_rank(metrics)
-    full = t[t["method"] == "full"]
-    lora = t[t["method"] == "lora"].sort_values("rank")
+    full, lora = t[t["method"] == "full"], t[t["method"] == "lora"].sort_values("rank")
+    gate = "full gained, full plateaued"
     if full.empty or lora.empty:
-        return {"metric": key, "rank": None, "tolerance": None}
-    f_mean, f_std, before = float(full["mean"].iloc[0]), float(full["std"].iloc[0]), float(full["before"].iloc[0])
-    gain = (f_mean - before) if higher else (before - f_mean)
-    if gain <= 0:
-        return {"metric": key, "rank": None, "tolerance": None, "full": f_mean, "gain": gain,
-                "no_gain": True}
-    for _, row in lora.iterrows():
-        tol = max(2 * math.hypot(f_std, row["std"]) / math.sqrt(2), (1 - share) * abs(gain))
-        gap = (f_mean - row["mean"]) if higher else (row["mean"] - f_mean)
-        if gap <= tol:
-            return {"metric": key, "rank": int(row["rank"]), "tolerance": tol, "full": f_mean,
-                    "lora": float(row["mean"]), "gain": gain}
-    return {"metric": key, "rank": None, "tolerance": None, "full": f_mean, "gain": gain}
+        return _row("equivalence", "skipped", gate=gate, note="needs full and LoRA runs")
+    f = full.iloc[0]
+    gain = (f["mean"] - f["before"]) * (1 if higher else -1)
+    if int(f["count"]) < 2 or int(lora["count"].min()) < 2:
+        return _row("equivalence", "inconclusive", gate=gate,
+                    note="one seed gives no spread to set the margin: run ≥ 2 seeds")
+    for _, r in lora.iterrows():
+        margin = max(MARGIN_MIN * abs(gain), 2 * math.hypot(f["std"], r["std"]) / math.sqrt(2))
+        gap = r["mean"] - f["mean"]
+        if abs(gap) <= margin:
+            return _row("equivalence", "pass" if r["rank"] <= LOW_RANK else "fail", int(r["rank"]),
+                        LOW_RANK, gate, f"LoRA r = {int(r['rank'])} {key} {r['mean']:.4g} vs full "
+                        f"{f['mean']:.4g}: |gap| {abs(gap):.3g} ≤ margin {margin:.3g}")
+    best = lora.iloc[(lora["mean"] - f["mean"]).abs().argmin()]
+    return _row("equivalence", "fail", None, LOW_RANK, gate,
+                f"no LoRA rank within the margin of full's {key} {f['mean']:.4g} (closest: "
+                f"r = {int(best['rank'])} at {best['mean']:.4g})")
 
 
-def _median(df: pd.DataFrame, col: str, **where) -> float | None:
+def functional_rank(summary: pd.DataFrame | None, modules: pd.DataFrame | None) -> dict:
+    """k₉₀ of the full update from the k = 0 baseline, against min(d) and the noise floor."""
+    gate = "full gained, full plateaued"
+    full = summary[(summary["method"] == "full") & (summary["share"].round(2) == 0.9)] \
+        if summary is not None and len(summary) else pd.DataFrame()
+    if full.empty:
+        return _row("functional rank", "skipped", gate=gate, note="no truncation test of a full run")
+    dmin = _median_min_dim(modules)
+    floor = _median(modules, "energy_rank_90_noise", method="full")
+    k = None if full["k"].isna().any() else float(full["k"].median())
+    tested = int(full["k_max"].max()) if "k_max" in full else None
+    low = max(1, int(dmin * LOW_SHARE)) if dmin else None
+    high = int(dmin * HIGH_SHARE) if dmin else None
+    k0 = _median(full, "k0_share")
+    base = f"; the k = 0 baseline (non-linear weights only) keeps {k0:.0%} of the gain" \
+        if k0 is not None else ""
+    if k is None:
+        return _row("functional rank", "high", None, high, gate, f"90% of the gain not reached "
+                    f"up to k = {tested}" + base)
+    under_floor = floor is None or k < floor
+    status = "low" if low and k <= low and under_floor else "high" if high and k >= high \
+        else "between"
+    return _row("functional rank", status, k, low, gate, f"k₉₀ = {k:.0f} of min(d) = {dmin}; "
+                f"a Gaussian matrix's k₉₀ = {floor if floor is not None else 'n/a'}" + base)
+
+
+def shared_direction(subspace: pd.DataFrame | None) -> dict:
+    """Median φ(1, 1) between LoRA ranks on the column space, against its null's 99% quantile."""
+    if subspace is None or not len(subspace) or "null_q99" not in subspace:
+        return _row("shared direction", "skipped", note="no φ table with null quantiles")
+    top = subspace[(subspace["pair"] == "ranks") & (subspace["i"] == 1)
+                   & (subspace["side"] == "left")]
+    if top.empty:
+        return _row("shared direction", "skipped", note="no pair of LoRA ranks")
+    phi, q99 = float(top["phi"].median()), float(top["null_q99"].median())
+    return _row("shared direction", "pass" if phi > q99 else "fail", phi, q99, "LoRA gained",
+                f"median φ(1, 1) = {phi:.3f} against the null's 99% quantile {q99:.3f}")
+
+
+def verdict_table(frames: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
+    """The outcome ("holds", "refuted", "inconclusive") and the table of gates and tests."""
+    metrics = frames["metrics"]
+    rows = gates(metrics) + [equivalence(metrics),
+                             functional_rank(frames.get("truncation_summary"), frames.get("modules")),
+                             shared_direction(frames.get("subspace"))]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    failed = set(table.loc[table["test"].isin(GATES) & (table["status"] != "pass"), "test"])
+    for i, r in table.iterrows():         # a failed gate makes the tests that need it inconclusive
+        needs = {g.strip() for g in str(r["gate"]).split(",")} & failed
+        if needs and r["status"] != "skipped":
+            table.loc[i, "note"] = f"gate failed ({', '.join(sorted(needs))}); " + str(r["note"])
+            table.loc[i, "status"] = "inconclusive"
+    return _outcome(table), table
+
+
+def _outcome(t: pd.DataFrame) -> str:
+    status = dict(zip(t["test"], t["status"]))
+    if (t["test"].isin(GATES) & (t["status"] != "pass")).any():
+        return "inconclusive"
+    eq, fr, sd = status.get("equivalence"), status.get("functional rank"), status.get("shared direction")
+    if eq == "pass" and fr == "low" and sd in ("pass", "skipped"):
+        return "holds"
+    if eq == "fail" and t.loc[t["test"] == "equivalence", "value"].isna().all() and fr == "high":
+        return "refuted"
+    return "inconclusive"
+
+
+def _median(df: pd.DataFrame | None, col: str, **where) -> float | None:
+    if df is None or col not in df:
+        return None
     for k, v in where.items():
         df = df[df[k] == v]
-    return None if df.empty or col not in df else float(df[col].median())
+    vals = df[col].dropna()
+    return None if vals.empty else float(vals.median())
 
 
-def verdict(frames: dict[str, pd.DataFrame]) -> tuple[str, dict]:
-    """The hypothesis verdict as Markdown text, and the numbers it rests on.
-
-    Evidence used (each when its table is present): the smallest rank matching full
-    fine-tuning; the functional (truncation) vs energy rank of the full update; φ of the top
-    direction between ranks against its random null; amplification at small vs large r.
-    """
-    ev: dict = {"match": matching_rank(frames["metrics"])}
-    mods = frames.get("modules")
-    full_mods = mods[mods["method"] == "full"] if mods is not None else pd.DataFrame()
-    ev["full_energy_rank_90"] = _median(full_mods, "energy_rank_90")
-    ev["full_min_dim"] = int(full_mods[["d_out", "d_in"]].min(axis=1).median()) if len(full_mods) else None
-    sub = frames.get("subspace")
-    if sub is not None and len(sub):
-        top = sub[(sub["pair"] == "ranks") & (sub["i"] == 1)]
-        ev["phi_top_ranks"] = _median(top, "phi")
-        ev["phi_top_null"] = _median(top, "null_mean")
-    rel = frames.get("relation")
-    if rel is not None and len(rel):
-        lora = rel[rel["method"] == "lora"]
-        if len(lora):
-            ranks = sorted(lora["rank"].dropna().unique())
-            ev["amp_small"] = (int(ranks[0]), _median(lora, "amplification", rank=ranks[0]))
-            ev["amp_large"] = (int(ranks[-1]), _median(lora, "amplification", rank=ranks[-1]))
-    trunc = frames.get("truncation_summary")
-    if trunc is not None and len(trunc[trunc["method"] == "full"]):
-        full = trunc[trunc["method"] == "full"]
-        ev["functional_rank"] = {}
-        for share, g in full.groupby("share"):
-            # a share no seed reached counts as unreached; else the median over seeds
-            ks = g["k"]
-            ev["functional_rank"][f"{round(share * 100)}%"] = \
-                None if ks.isna().any() else int(ks.median())
-    return _text(ev), ev
-
-
-def _text(ev: dict) -> str:
-    m = ev["match"]
-    lines = ["## Verdict", ""]
-    holds = {}      # test → whether it supports the hypothesis
-    if m.get("rank") is not None:
-        lines.append(f"- LoRA at r = {m['rank']} matches full fine-tuning: {m['metric']} "
-                     f"{m['lora']:.4g} vs {m['full']:.4g} (tolerance {m['tolerance']:.3g}, full gain "
-                     f"{m['gain']:.3g} over the base model).")
-        holds["match"] = m["rank"] <= 16
-    elif m.get("no_gain"):
-        lines.append(f"- Full fine-tuning did not improve on the base model ({m['metric']} "
-                     f"{m['full']:.4g}, gain {m['gain']:.3g}): there is no gain whose rank to measure.")
-        lines += ["", "**No verdict:** train longer or with another learning rate until full "
-                  "fine-tuning beats the base model.", ""]
-        return "\n".join(lines) + "\n"
-    elif m.get("full") is not None:
-        lines.append(f"- No LoRA rank matched full fine-tuning's {m['metric']} {m['full']:.4g}.")
-        holds["match"] = False
-    er, dmin = ev.get("full_energy_rank_90"), ev.get("full_min_dim")
-    if er is not None:
-        lines.append(f"- 90% of the full update's energy needs a median rank k₉₀ = {er:.0f} per "
-                     f"module, of at most {dmin} ({100 * er / dmin:.0f}%).")
-    fr = ev.get("functional_rank")
-    if fr:
-        shown = ", ".join(f"{k} of the gain at k = {v}" if v is not None else f"{k} not reached"
-                          for k, v in fr.items())
-        lines.append(f"- Truncating the full update keeps {shown}: its functional rank.")
-        k90 = fr.get("90%")
-        if k90 is not None and dmin:
-            holds["truncation"] = k90 <= max(16, dmin // 8)
-    if ev.get("phi_top_ranks") is not None:
-        lines.append(f"- The top direction of different ranks overlaps with median φ = "
-                     f"{ev['phi_top_ranks']:.2f} against a random null of {ev['phi_top_null']:.3f}.")
-    if ev.get("amp_small") and ev["amp_small"][1] is not None:
-        (rs, a_s), (rl, a_l) = ev["amp_small"], ev["amp_large"]
-        lines.append(f"- Amplification ‖ΔW‖/‖UᵀWV‖ is {a_s:.3g} at r = {rs} and {a_l:.3g} at r = {rl}.")
-    lines.append("")
-    lines.append(_conclusion(holds, ev))
-    lines.append("It would have been refuted if no r ≤ 16 came within the tolerance of full "
-                 "fine-tuning, or if truncating the full update to 90% of its gain needed a rank "
-                 "near min(d_out, d_in).")
-    return "\n".join(lines) + "\n"
-
-
-def _conclusion(holds: dict[str, bool], ev: dict) -> str:
-    """The bold conclusion from the tests that were run: "match" (a LoRA rank ≤ 16 matches full
-    fine-tuning) and "truncation" (90% of the full update's gain survives truncation to a low
-    rank); each mixed case says which test failed."""
-    if not holds:
-        return "**Not enough evidence:** the sweep needs a full run and LoRA runs to decide."
-    if all(holds.values()):
-        return "**The hypothesis holds here:** a low rank reaches full fine-tuning's quality."
-    if not any(holds.values()):
-        return "**The hypothesis does not hold here:** the update needs a high rank."
-    if holds.get("match"):
-        k90 = ev["functional_rank"]["90%"]
-        return (f"**Mixed evidence:** LoRA at r = {ev['match']['rank']} reached full fine-tuning "
-                f"within the tolerance, but the full update keeps 90% of its gain only from "
-                f"k = {k90} directions: full fine-tuning spread its gain over more directions "
-                "than LoRA needed.")
-    return ("**Mixed evidence:** part of the gain lives in a low-rank subspace (truncating the "
-            "full update to a low rank keeps 90% of it), but no LoRA run of r ≤ 16 reached full "
-            "fine-tuning within the tolerance.")
+def _median_min_dim(modules: pd.DataFrame | None) -> int | None:
+    if modules is None or not len(modules):
+        return None
+    full = modules[modules["method"] == "full"]
+    full = full if len(full) else modules
+    return int(full[["d_out", "d_in"]].min(axis=1).median())

@@ -74,15 +74,16 @@ class Stamps:
 
 
 def write_verdict(results: Path) -> str:
-    """Build the verdict from the tables in ``results``; write verdict.md/.json/.csv."""
-    from rankscope.analysis.verdict import verdict
+    """Build the verdict from the tables in ``results``: verdict.md, verdict.csv, verdict.json."""
+    from rankscope.analysis.verdict_text import verdict
 
     frames = load_tables(results)
     if "metrics" not in frames:
         raise InputError(f"{results} has no metrics.csv: run `rankscope compare` first")
     text, evidence = verdict(frames)
-    atomic_write_text(results / "verdict.md", text)
+    atomic_write_text(results / "verdict.csv", pd.DataFrame(evidence["tests"]).to_csv(index=False))
     atomic_write_json(results / "verdict.json", evidence)
+    atomic_write_text(results / "verdict.md", text)
     return text
 
 

@@ -1,0 +1,65 @@
+"""The verdict in words: the outcome, each test with its number, and what to run next."""
+from __future__ import annotations
+
+import pandas as pd
+
+from rankscope.analysis.verdict import verdict_table
+
+HEADLINE = {
+    "holds": "**The hypothesis holds here:** a small rank matches full fine-tuning within the "
+             "seeds' margin, and the full update keeps 90% of its gain at a low rank.",
+    "refuted": "**The hypothesis is refuted here:** no tested LoRA rank matches full "
+               "fine-tuning, and the full update needs a high rank to keep 90% of its gain.",
+    "inconclusive": "**Inconclusive:** the runs cannot decide the question yet.",
+}
+NEXT = {   # (test, status) → what to run next
+    ("full gained", "fail"): "full fine-tuning did not beat the base model: train longer or pick "
+                             "its learning rate on a validation split",
+    ("full plateaued", "fail"): "full fine-tuning was still improving: run more steps (or the "
+                                "paper profile) until its last fifth adds little",
+    ("full plateaued", "inconclusive"): "re-run the sweep with this version, which records the "
+                                        "held-out metric at 80% of training",
+    ("LoRA gained", "fail"): "some LoRA runs did not improve: run more steps or raise the LoRA "
+                             "learning rate",
+    ("equivalence", "inconclusive"): "run at least two seeds (--seeds 0,1) so the margin has a "
+                                     "spread",
+    ("equivalence", "skipped"): "run full fine-tuning and LoRA side by side (--methods full,lora)",
+    ("functional rank", "skipped"): "add a full fine-tuning run so its update can be truncated",
+    ("functional rank", "between"): "the functional rank is neither low nor high: test more "
+                                    "truncation ranks or a longer full run",
+    ("shared direction", "fail"): "the top directions of different ranks overlap no more than "
+                                  "chance: the LoRA factors may still sit near their "
+                                  "initialisation; run more steps",
+}
+
+
+def verdict(frames: dict[str, pd.DataFrame]) -> tuple[str, dict]:
+    """The verdict as Markdown, and its evidence ({"outcome", "tests": [rows]}).
+
+    Raises:
+        KeyError: ``frames`` has no metrics table.
+    """
+    outcome, table = verdict_table(frames)
+    return markdown(outcome, table), {"outcome": outcome,
+                                      "tests": table.astype(object).where(table.notna(), None)
+                                      .to_dict("records")}
+
+
+def markdown(outcome: str, table: pd.DataFrame) -> str:
+    """verdict.md: the headline, one line per gate and test, and what to run next."""
+    lines = ["## Verdict", "", HEADLINE[outcome], ""]
+    for r in table.itertuples():
+        value = "" if pd.isna(r.value) else f" = {_fmt(r.value)}"
+        threshold = "" if pd.isna(r.threshold) else f" (threshold {_fmt(r.threshold)})"
+        gate = f"; needs {r.gate}" if r.gate else ""
+        lines.append(f"- **{r.test}**: {r.status}{value}{threshold}{gate}. {r.note}".rstrip())
+    todo = [NEXT[(r.test, r.status)] for r in table.itertuples() if (r.test, r.status) in NEXT]
+    if outcome != "holds" and todo:
+        lines += ["", "What to run next: " + "; ".join(dict.fromkeys(todo)) + "."]
+    lines += ["", "It would be refuted if no LoRA rank came within the margin of full "
+                  "fine-tuning and the full update needed a high rank to keep 90% of its gain."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,107 @@
+"""The verdict's three outcomes on tables built by hand, each test against its declared threshold."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from rankscope.analysis.verdict import PLATEAU_MAX, verdict_table
+from rankscope.analysis.verdict_text import verdict
+
+
+def metrics(full=(2.0, 2.02), lora=None, *, before=3.0, late=0.05):
+    """Held-out losses after training: full per seed, and {rank: per-seed losses} for LoRA."""
+    lora = {4: (2.01, 2.03), 64: (2.0, 2.0)} if lora is None else lora
+    rows = [{"run": f"full-s{s}", "method": "full", "rank": None, "seed": s, "after_loss": v,
+             "late_gain_share": late} for s, v in enumerate(full)]
+    rows += [{"run": f"lora-r{r}-s{s}", "method": "lora", "rank": r, "seed": s, "after_loss": v,
+              "late_gain_share": None} for r, vs in lora.items() for s, v in enumerate(vs)]
+    return pd.DataFrame(rows).assign(before_loss=before)
+
+
+def frames(m, *, k90=4.0, k0=0.1, phi=None, dmin=576):
+    out = {"metrics": m,
+           "modules": pd.DataFrame({"method": ["full"], "d_out": [dmin], "d_in": [dmin],
+                                    "energy_rank_90_noise": [294]}),
+           "truncation_summary": pd.DataFrame({"run": ["full-s0", "full-s1"], "method": "full",
+                                               "share": 0.9, "k": [k90, k90], "k0_share": k0,
+                                               "k_max": 64})}
+    if phi is not None:
+        out["subspace"] = pd.DataFrame({"pair": ["ranks"], "side": ["left"], "i": [1],
+                                        "phi": [phi], "null_q99": [0.011]})
+    return out
+
+
+def status(table, test):
+    return table.set_index("test").loc[test, "status"]
+
+
+def test_a_small_rank_within_the_margin_and_a_low_functional_rank_hold():
+    outcome, table = verdict_table(frames(metrics(), phi=0.6))
+    assert outcome == "holds"
+    assert table.set_index("test").loc["equivalence", "value"] == 4
+    assert status(table, "functional rank") == "low"
+    assert status(table, "shared direction") == "pass"
+
+
+def test_one_seed_makes_equivalence_inconclusive():
+    m = metrics(full=(2.0,), lora={4: (2.01,), 64: (2.0,)})
+    outcome, table = verdict_table(frames(m))
+    assert outcome == "inconclusive"
+    assert status(table, "equivalence") == "inconclusive"
+    text, _ = verdict(frames(m))
+    assert "run at least two seeds" in text
+
+
+def test_a_full_run_still_improving_fails_its_gate_and_names_it():
+    outcome, table = verdict_table(frames(metrics(late=0.4)))
+    assert outcome == "inconclusive"
+    row = table.set_index("test").loc["full plateaued"]
+    assert row["status"] == "fail" and row["value"] == pytest.approx(0.4) and row["threshold"] == PLATEAU_MAX
+    assert status(table, "equivalence") == "inconclusive"            # it needs that gate
+    text, ev = verdict(frames(metrics(late=0.4)))
+    assert "last fifth made 40% of its gain" in text and ev["outcome"] == "inconclusive"
+
+
+def test_the_match_is_two_sided_lora_far_better_than_full_is_no_match():
+    m = metrics(full=(2.5, 2.52), lora={4: (2.0, 2.01), 64: (2.0, 2.0)})
+    outcome, table = verdict_table(frames(m, k90=None))
+    assert status(table, "equivalence") == "fail"
+    assert outcome == "refuted"       # converged runs, no r matches, 90% not reached by k = 64
+
+
+def test_no_match_and_a_high_functional_rank_refute():
+    m = metrics(full=(2.0, 2.0), lora={4: (2.5, 2.51), 64: (2.4, 2.41)})
+    outcome, table = verdict_table(frames(m, k90=300.0))
+    assert (outcome, status(table, "functional rank")) == ("refuted", "high")
+
+
+def test_a_functional_rank_between_low_and_high_is_inconclusive():
+    outcome, table = verdict_table(frames(metrics(), k90=100.0))
+    assert (outcome, status(table, "functional rank")) == ("inconclusive", "between")
+
+
+def test_a_low_rank_above_the_noise_floor_is_not_low():
+    f = frames(metrics(), k90=8.0)
+    f["modules"]["energy_rank_90_noise"] = 6
+    _, table = verdict_table(f)
+    assert status(table, "functional rank") != "low"
+
+
+def test_a_top_direction_at_chance_blocks_holds():
+    outcome, table = verdict_table(frames(metrics(), phi=0.005))
+    assert (outcome, status(table, "shared direction")) == ("inconclusive", "fail")
+
+
+def test_no_gain_from_full_fine_tuning_is_inconclusive_not_refuted():
+    m = metrics(full=(3.1, 3.1), lora={4: (2.9, 2.9)})
+    outcome, table = verdict_table(frames(m, k90=None))
+    assert outcome == "inconclusive" and status(table, "full gained") == "fail"
+
+
+def test_the_verdict_table_carries_value_threshold_and_gate_for_every_test():
+    _, ev = verdict(frames(metrics(), phi=0.6))
+    assert {r["test"] for r in ev["tests"]} == {"full gained", "full plateaued", "LoRA gained",
+                                                "equivalence", "functional rank",
+                                                "shared direction"}
+    assert all(set(r) == {"test", "status", "value", "threshold", "gate", "note"}
+               for r in ev["tests"])
