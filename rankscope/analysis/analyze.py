@@ -5,47 +5,23 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import pandas as pd
 import torch
 
 from rankscope.analysis import deltas as _deltas
+from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import DeltaSet, ModuleDelta
+from rankscope.analysis.tables import add_module_rows, spectra_frames
 from rankscope.errors import InputError
+from rankscope.linalg.spectra import svd_device
 from rankscope.store.atomic import atomic_dir, atomic_write_json
 from rankscope.store.provenance import provenance
-from rankscope.linalg.spectra import dense_svd, factorized_svdvals, spectrum_metrics, svd_device
-
-ID_COLS = ["run", "method", "rank", "seed", "layer", "module", "name"]
-METRIC_COLS = ["fro_norm", "spectral_norm", "stable_rank", "entropy_rank", "energy_rank_50",
-               "energy_rank_90", "energy_rank_99", "numerical_rank"]
-
-
-def singular_values(delta: ModuleDelta, *, dtype: torch.dtype = torch.float32,
-                    device: str | None = None) -> torch.Tensor:
-    """The singular values of one module's ΔW, descending, on the CPU.
-
-    LoRA factors use the exact factorized SVD (QR of B and Aᵀ, then an r×r SVD) in float64;
-    dense updates use a dense SVD in ``dtype`` (float32 or float64), on ``device`` if given.
-    """
-    if delta.factored:
-        return factorized_svdvals(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
-    # σ(ΔWᵀ) = σ(ΔW); LAPACK is ~2× faster on a tall row-major matrix than on a wide one
-    x = delta.dense if delta.d_out >= delta.d_in else delta.dense.T
-    return dense_svd(x, dtype=dtype, compute_uv=False, device=device)
 
 
 def _ids(ds: DeltaSet, d: ModuleDelta) -> dict:
     return {"run": ds.run, "method": ds.method,
             "rank": d.rank if ds.method == "lora" else None, "seed": ds.seed,
             "layer": d.layer, "module": d.module, "name": d.name}
-
-
-def _tidy(rows: list[dict] | pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=cols)
-    for col in ("rank", "seed", "layer"):
-        df[col] = df[col].astype("Int64")   # nullable: empty for full updates / non-block modules
-    return df
 
 
 def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float32,
@@ -55,9 +31,7 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
     Modules are streamed: each ΔW is decomposed once and dropped before the next is read.
 
     Returns:
-        ``(spectra, modules)``: spectra has one row per singular value (``ID_COLS`` then
-        ``index, sigma``); modules one row per module (``ID_COLS``, ``d_out, d_in`` and
-        ``METRIC_COLS``).
+        ``(spectra, modules)``, see ``tables.spectra_frames``.
     """
     from tqdm.auto import tqdm
 
@@ -68,7 +42,7 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
     try:
         for ds in sets:
             for d in ds:
-                s = singular_values(d, dtype=dtype, device=device)
+                s = update_svd(d, compute_uv=False, dtype=dtype, device=device)
                 add_module_rows(spectra, modules, _ids(ds, d), s, shape=(d.d_out, d.d_in))
                 bar.set_postfix_str(f"{ds.run}:{d.name}", refresh=False)
                 bar.update(1)
@@ -77,40 +51,7 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
         raise
     finally:
         bar.close()
-    return spectra_tables(spectra, modules)
-
-
-def add_module_rows(spectra: list, modules: list[dict], ids: dict, s: torch.Tensor, *,
-                    shape: tuple[int, int]) -> None:
-    """Append one module's rows: its singular values to ``spectra``, its measures to ``modules``.
-
-    Args:
-        ids: the ``ID_COLS`` values of the module.
-        s: (m,) its singular values, descending.
-        shape: (d_out, d_in).
-    """
-    modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape)})
-    spectra.append((ids, s.detach().cpu().double().numpy()))
-
-
-def spectra_tables(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``(spectra, modules)`` DataFrames of rows made by ``add_module_rows``.
-
-    The spectra table is built column by column (one row per singular value: ~10⁵ rows for a
-    full model), not from a dict per row.
-
-    Raises:
-        InputError: no rows: every ΔW was zero.
-    """
-    if not modules:
-        raise InputError("no updated modules found: every ΔW is zero")
-    counts = [len(s) for _, s in spectra]
-    cols = {c: np.repeat(np.array([ids[c] for ids, _ in spectra], dtype=object), counts)
-            for c in ID_COLS}
-    cols["index"] = np.concatenate([np.arange(n) for n in counts])
-    cols["sigma"] = np.concatenate([s for _, s in spectra])
-    return (_tidy(pd.DataFrame(cols), ID_COLS + ["index", "sigma"]),
-            _tidy(modules, ID_COLS + ["d_out", "d_in"] + METRIC_COLS))
+    return spectra_frames(spectra, modules)
 
 
 def resolve_sources(runs: str | Path | None = None, *, base: str | None = None,

@@ -1,4 +1,5 @@
-"""Decompose every update of a sweep once, so that each analysis reuses the same SVDs."""
+"""The one SVD of an update ΔW, and every update of a sweep decomposed once with it, so that
+each analysis reuses the same SVDs."""
 from __future__ import annotations
 
 import sys
@@ -6,13 +7,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from rankscope.analysis.deltas import DeltaSet, ModuleDelta, from_runs
 from rankscope.errors import InputError
 from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name
-from rankscope.linalg.spectra import dense_svd, factorized_svd, svd_device
+from rankscope.linalg.spectra import dense_svd, factorized_svd, factorized_svdvals, svd_device
 
 # Manifest fields that must agree across a sweep's runs: same model, same data and split, same
 # held-out set and the same training length, else their updates and metrics are not comparable.
@@ -82,30 +82,46 @@ class RunDecomp:
     spectra: tuple[ModuleSpectrum, ...] = ()   # every module of the run, in file order
 
 
-def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
-    """SVD of one update: factorized for LoRA (exact), dense float32→float64 otherwise."""
+def update_svd(delta: ModuleDelta, *, compute_uv: bool = True, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = None):
+    """The thin SVD of one update ΔW = U diag(S) Vh: the one place an update is decomposed.
+
+    LoRA factors (ΔW = scale·B·A) take the exact factorized SVD in float64 (QR of B and Aᵀ,
+    then the SVD of an r × r core: ``spectra.factorized_svd``); a dense ΔW takes
+    ``spectra.dense_svd`` in ``dtype`` on ``device``, never in its storage dtype.
+
+    Args:
+        delta: the module's update.
+        compute_uv: False returns only S (cheaper: no singular vectors).
+        dtype: float32 or float64 for a dense update (LoRA factors always use float64).
+        device: where a dense SVD runs (None: where ΔW is); results come back on the CPU.
+
+    Returns:
+        (U (d_out, m), S (m,) descending, Vh (m, d_in)), or S alone; m = min(d_out, d_in) for
+        a dense update, min(d_out, d_in, r) for LoRA.
+
+    Raises:
+        InputError: a dtype other than float32/float64, NaN/Inf, or factors that do not chain.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"SVD dtype must be float32 or float64, got {dtype}")
     if delta.factored:
-        U, S, Vh = factorized_svd(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
-    else:
-        U, S, Vh = tall_svd(delta.dense, dtype=torch.float32, device=svd_device("auto"))
-        U, S, Vh = U.double(), S.double(), Vh.double()
+        svd = factorized_svd if compute_uv else factorized_svdvals
+        return svd(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
+    return dense_svd(delta.dense, dtype=dtype, compute_uv=compute_uv, device=device)
+
+
+def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
+    """One update's ``update_svd`` (dense: float32 on CUDA when present) as a float64 Decomp.
+
+    ``fro`` is ‖ΔW‖_F over the whole spectrum; ``keep`` then keeps the top triplets only.
+    """
+    U, S, Vh = (t.double() for t in update_svd(delta, device=svd_device("auto")))
     fro = float(torch.linalg.vector_norm(S))
     if keep is not None:
         U, S, Vh = U[:, :keep], S[:keep], Vh[:keep]
     return Decomp(delta.name, delta.layer, delta.module, delta.d_out, delta.d_in, U, S, Vh, fro,
                   delta)
-
-
-def tall_svd(x: torch.Tensor, *, dtype: torch.dtype, device: str | None = None):
-    """``spectra.dense_svd`` of x (d_out, d_in), run on xᵀ when x is wide: x = U diag(S) Vh.
-
-    A row-major wide matrix is ~2× slower in LAPACK's SVD than its transpose (576×1536: 164 vs
-    118 ms; 192×576: 10 vs 6 ms, one thread); xᵀ = Vhᵀ S Uᵀ gives the same triplets.
-    """
-    if x.shape[0] >= x.shape[1]:
-        return dense_svd(x, dtype=dtype, device=device)
-    u, s, vh = dense_svd(x.T, dtype=dtype, device=device)
-    return vh.T, s, u.T
 
 
 def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str] | None = None,
@@ -114,7 +130,7 @@ def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str
 
     Full runs hold every linear module; only those some LoRA run also adapted are decomposed
     (all of them when the sweep has no LoRA run, or ``names`` when given). With ``spectra``,
-    every other module's singular values are computed too (``analysis.singular_values``), so
+    every other module's singular values are computed too (``update_svd(..., compute_uv=False)``), so
     that each run's ``spectra`` lists every module once, and each ΔW is decomposed once.
 
     Raises:
@@ -136,8 +152,6 @@ def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str
 
 
 def _decompose_run(s: DeltaSet, names: set[str] | None, *, keep, spectra: bool, bar) -> RunDecomp:
-    from rankscope.analysis.analyze import singular_values
-
     mods, specs = {}, []
     for d in s:
         analysed = names is None or d.name in names
@@ -145,7 +159,7 @@ def _decompose_run(s: DeltaSet, names: set[str] | None, *, keep, spectra: bool, 
             mods[d.name] = decompose(d, keep=keep if s.method == "full" else None)
         if spectra:  # the decomposition's S when it kept the whole spectrum, else svdvals
             whole = analysed and (keep is None or s.method != "full")
-            sv = mods[d.name].S if whole else singular_values(d)
+            sv = mods[d.name].S if whole else update_svd(d, compute_uv=False)
             specs.append(ModuleSpectrum(d.name, d.layer, d.module, d.rank, d.d_out, d.d_in, sv))
         bar.update(1)
     return RunDecomp(s.run, s.method, s.rank, s.seed, s.meta, mods, tuple(specs))
@@ -167,22 +181,7 @@ def base_weights(runs: list[RunDecomp]) -> dict[str, torch.Tensor]:
 
 def base_svds(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """W_0's thin SVD (U, S, Vh) in float64, once per module: shared by ΔW-vs-W and intruders."""
-    return {n: tall_svd(w, dtype=torch.float64) for n, w in weights.items()}
-
-
-def spectra_tables(runs: list[RunDecomp]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(spectra, modules)`` as ``analysis.analyze_deltas`` makes them, from the singular values
-    ``decompose_sweep(..., spectra=True)`` already holds (no SVD here)."""
-    from rankscope.analysis.analyze import add_module_rows
-    from rankscope.analysis.analyze import spectra_tables as tables
-
-    spectra, modules = [], []
-    for r in runs:
-        for m in r.spectra:
-            ids = {"run": r.run, "method": r.method, "rank": m.rank if r.method == "lora" else None,
-                   "seed": r.seed, "layer": m.layer, "module": m.module, "name": m.name}
-            add_module_rows(spectra, modules, ids, m.S, shape=(m.d_out, m.d_in))
-    return tables(spectra, modules)
+    return {n: dense_svd(w, dtype=torch.float64) for n, w in weights.items()}
 
 
 def check_same_setup(sets: list[DeltaSet]) -> None:

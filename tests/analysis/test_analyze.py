@@ -2,7 +2,7 @@
 
 Each source (a real peft adapter, a run or sweep folder, a model pair of real model slices)
 holds ΔW = U diag(s) Vᵀ with s chosen here; the CSVs that ``analyze`` writes must give back s
-and the effective ranks that follow from s by their definitions (docs: SCIENCE.md).
+and the effective ranks that follow from s by their definitions (docs/science.md).
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from rankscope import analyze as analyze
-from rankscope.analysis.analyze import ID_COLS, METRIC_COLS, resolve_sources, singular_values, summary
+from rankscope.analysis.analyze import resolve_sources, summary
+from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import ModuleDelta
+from rankscope.analysis.tables import ID_COLS, METRIC_COLS
 from rankscope.errors import InputError
 
 
@@ -204,15 +206,34 @@ def test_float64_and_manifest(make_run, chosen_factors, tmp_path):
     assert manifest["versions"]["torch"] == importlib.metadata.version("torch")
 
 
-def test_singular_values_dtypes():
+def test_update_svd_dtypes():
     B, A = torch.ones(5, 1), torch.ones(1, 3)
     factored = ModuleDelta("x", 0, "x", 5, 3, B=B, A=A, scale=2.0)
-    assert singular_values(factored).dtype == torch.float64
-    torch.testing.assert_close(singular_values(factored), torch.tensor([2 * math.sqrt(15)],
-                                                                       dtype=torch.float64))
+    s = update_svd(factored, compute_uv=False)
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(s, torch.tensor([2 * math.sqrt(15)], dtype=torch.float64))
     dense = ModuleDelta("x", 0, "x", 5, 3, dense=(B @ A).bfloat16())
-    assert singular_values(dense).dtype == torch.float32                 # never the bf16 input's
-    assert singular_values(dense, dtype=torch.float64).dtype == torch.float64
+    s = update_svd(dense, compute_uv=False)
+    assert s.dtype == torch.float32                                      # never the bf16 input's
+    assert update_svd(dense, compute_uv=False, dtype=torch.float64).dtype == torch.float64
+    for delta in (factored, dense):                                      # never in bf16
+        with pytest.raises(InputError, match="float32 or float64"):
+            update_svd(delta, dtype=torch.bfloat16)
+
+
+def test_update_svd_is_exact_for_factors_and_dense_alike(chosen_factors):
+    """One update as LoRA factors and as the dense matrix: the same spectrum and ΔW, wide or tall."""
+    for d_out, d_in in ((24, 40), (40, 24)):
+        B, A = chosen_factors([3.0, 2.0, 0.5], d_out, d_in, seed=d_out)
+        factored = ModuleDelta("x", 0, "x", d_out, d_in, B=B / 2, A=A, scale=2.0)
+        dense = ModuleDelta("x", 0, "x", d_out, d_in, dense=B @ A)
+        for delta, atol in ((factored, 1e-12), (dense, 1e-5)):
+            U, S, Vh = update_svd(delta, dtype=torch.float64 if delta.factored else torch.float32)
+            assert U.shape == (d_out, S.numel()) and Vh.shape == (S.numel(), d_in)
+            torch.testing.assert_close(S[:3].double(), torch.tensor([3.0, 2.0, 0.5],
+                                                                    dtype=torch.float64),
+                                       rtol=0, atol=atol)
+            torch.testing.assert_close(((U * S) @ Vh).double(), B @ A, rtol=0, atol=atol)
 
 
 def test_summary_medians_over_layers(make_run, chosen_factors, tmp_path):

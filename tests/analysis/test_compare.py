@@ -1,6 +1,6 @@
-"""``rankscope.analysis.compare`` and its helpers: each decomposition done once, the fast paths equal to
-the dense ones, Hu et al.'s A/B basis for φ, and the edge cases of the figure pairs, the grid
-layers, mixed setups and the verdict.
+"""``rankscope.analysis.compare``: each decomposition done once, the fast paths equal to the dense
+ones, the tables' bases, an unknown grid layer refused before any SVD, mixed setups and the
+verdict (φ's own cases: ``test_similarity.py``).
 
 The sweep is built by hand on the SmolLM2 slice's own names and real shapes (q 576×576, k and
 v 192×576, down_proj 576×1536): full runs with random dense ΔW on those 8 modules and LoRA runs
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from rankscope.analysis import compare as C
-from rankscope.analysis.decompose import RunDecomp, check_same_setup, decompose, decompose_sweep
-from rankscope.analysis.deltas import DeltaSet, ModuleDelta, from_runs
-from rankscope.errors import InputError
-from rankscope.linalg.subspace import phi, random_orthonormal
+from rankscope.analysis.decompose import base_svds, base_weights, check_same_setup, decompose_sweep
+from rankscope.analysis.deltas import DeltaSet, from_runs
+from rankscope.analysis.relation import intruders
 from rankscope.analysis.verdict import verdict
+from rankscope.errors import InputError
 
 KINDS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),   # full runs: 4 of
          "self_attn.v_proj": (192, 576), "mlp.down_proj": (576, 1536)}       # the 7 kinds
@@ -90,7 +90,8 @@ def test_every_decomposition_is_done_once(counted):
 
 
 def test_spectra_tables_equal_the_analysis_of_every_module(sweep, counted):
-    from rankscope.analysis.analyze import METRIC_COLS, analyze_deltas
+    from rankscope.analysis.analyze import analyze_deltas
+    from rankscope.analysis.tables import METRIC_COLS
 
     frames, _ = counted
     spectra, modules = analyze_deltas(from_runs(sweep), progress=False)
@@ -112,8 +113,8 @@ def test_spectra_tables_equal_the_analysis_of_every_module(sweep, counted):
 def test_fast_intruders_equal_the_dense_svd_of_w0_plus_delta(sweep, counted):
     frames, _ = counted
     runs = decompose_sweep(sweep)
-    weights = C.base_weights(runs)
-    dense = C.intruders(runs, weights, dense=True)
+    weights = base_weights(runs)
+    dense = intruders(runs, weights, svds=base_svds(weights), dense=True)
     pd.testing.assert_frame_equal(frames["intruders"], dense)
     planted = dense[(dense["name"] == _name(1, LORA[0])) & (dense["method"] == "lora")
                     & (dense["eps"] == 0.5)]
@@ -125,7 +126,7 @@ def test_relation_uses_w0s_singular_values(sweep, counted):
     frames, _ = counted
     rel = frames["relation"]
     runs = decompose_sweep(sweep, names={_name(0, LORA[0])})
-    w = C.base_weights(runs)[_name(0, LORA[0])]
+    w = base_weights(runs)[_name(0, LORA[0])]
     s = torch.linalg.svdvals(w)
     row = rel[(rel["name"] == _name(0, LORA[0])) & (rel["run"] == "lora-r4-s0")].iloc[0]
     assert row["w_dirs"] == pytest.approx(float(s[:4].square().sum().sqrt()), rel=1e-12)
@@ -141,79 +142,6 @@ def test_subspace_tables_record_their_basis(counted):
     assert set(zip(grid["source"], grid["basis"])) == {("trained", "A/B"), ("random", "random")}
     for col in ("pair", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2", "i", "j", "phi"):
         assert col in grid                               # what plots_extra._grids reads
-
-
-# ------------------------------------------------------------ Hu et al.'s basis for φ
-
-def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
-    return random_orthonormal(n, k, generator=torch.Generator().manual_seed(seed))
-
-
-def _lora_run(seed: int, b_cols, a_rows, *, name="model.layers.0.self_attn.q_proj") -> RunDecomp:
-    """A rank-3 LoRA run whose ΔW = B·A is chosen column by column and row by row."""
-    B, A = torch.stack(b_cols, dim=1), torch.stack(a_rows, dim=0)
-    delta = ModuleDelta(name, 0, "q_proj", B.shape[0], A.shape[1], B=B, A=A, scale=1.0)
-    return RunDecomp(f"lora-r3-s{seed}", "lora", 3, seed, {}, {name: decompose(delta)})
-
-
-def test_lora_pairs_use_a_and_b_own_singular_vectors():
-    """A = diag(4, 1, 2)·Qᵀ and B = P·diag(1, 5, 3.5): ΔW = P diag(4, 5, 7) Qᵀ, so ΔW's top
-    direction is (p2, q2), A's is q0 and B's is p1. Seed 1 shares A's top row q0 and B's top
-    column p1 but puts its largest product elsewhere: φ(1, 1) is 1 in the A/B basis and 0 in ΔW's."""
-    p, q = _orthonormal(16, 6, 1), _orthonormal(20, 6, 2)
-    a, b = (4.0, 1.0, 2.0), (1.0, 5.0, 3.5)
-    one = _lora_run(0, [b[i] * p[:, i] for i in (0, 1, 2)], [a[i] * q[:, i] for i in (0, 1, 2)])
-    two = _lora_run(1, [b[0] * p[:, 5], b[1] * p[:, 1], b[2] * p[:, 4]],
-                    [a[0] * q[:, 0], a[1] * q[:, 3], a[2] * q[:, 4]])
-    d = next(iter(one.modules.values()))
-    assert abs(float(C.frame(d, "right", "A/B")[:, 0] @ q[:, 0])) == pytest.approx(1.0)
-    assert abs(float(C.frame(d, "left", "A/B")[:, 0] @ p[:, 1])) == pytest.approx(1.0)
-    assert abs(float(C.frame(d, "right")[:, 0] @ q[:, 2])) == pytest.approx(1.0)
-    assert abs(float(C.frame(d, "left")[:, 0] @ p[:, 2])) == pytest.approx(1.0)
-    sub = C.subspace_similarity([one, two], n_draws=4)
-    top = sub[sub["i"] == 1].set_index("side")
-    assert list(top["pair"]) == ["seeds", "seeds"] and set(top["basis"]) == {"A/B"}
-    assert top.loc["right", "phi"] == pytest.approx(1.0) and top.loc["left", "phi"] == pytest.approx(1.0)
-    d2 = next(iter(two.modules.values()))
-    for side in ("left", "right"):       # the same pair in ΔW's basis shares no top direction
-        assert phi(C.frame(d, side), C.frame(d2, side), 1, 1) == pytest.approx(0.0, abs=1e-20)
-    grid = C.subspace_grids([one, two], layers=[0])
-    g = grid[(grid["source"] == "trained") & (grid["i"] == 1) & (grid["j"] == 1)]
-    assert set(g["basis"]) == {"A/B"} and np.allclose(g["phi"], 1.0)
-
-
-# ------------------------------------------------------- figure pairs and grid layers
-
-def _stub(method: str, rank, seed, layers=(0, 1)) -> RunDecomp:
-    mods = {}
-    for layer in layers:
-        name = f"model.layers.{layer}.self_attn.q_proj"
-        if method == "lora":
-            B = torch.randn(8, rank, generator=torch.Generator().manual_seed(layer + 10 * seed))
-            A = torch.randn(rank, 8, generator=torch.Generator().manual_seed(layer + 10 * seed + 5))
-            delta = ModuleDelta(name, layer, "q_proj", 8, 8, B=B, A=A, scale=1.0)
-        else:
-            delta = ModuleDelta(name, layer, "q_proj", 8, 8, dense=torch.eye(8))
-        mods[name] = decompose(delta)
-    run = f"full-s{seed}" if method == "full" else f"lora-r{rank}-s{seed}"
-    return RunDecomp(run, method, rank, seed, {}, mods)
-
-
-def test_grid_pairs_skip_a_rank_the_first_seed_lacks():
-    runs = [_stub("lora", 8, 0), _stub("lora", 2, 1), _stub("lora", 8, 1)]   # lora-r2-s0 unfinished
-    pairs = {kind: (a.run, b.run) for kind, a, b in C.grid_pairs(runs)}
-    assert pairs == {"ranks": ("lora-r2-s1", "lora-r8-s1"), "seeds": ("lora-r8-s0", "lora-r8-s1")}
-    runs = [_stub("lora", 8, 0), _stub("lora", 2, 1)]      # no seed has both ranks, one has 8
-    assert C.grid_pairs(runs) == []
-    grid = C.subspace_grids([_stub("lora", 8, 0), _stub("lora", 2, 1), _stub("lora", 8, 1)])
-    assert set(grid["pair"]) == {"ranks", "seeds"}
-
-
-def test_an_unknown_grid_layer_names_the_layers_there_are():
-    runs = [_stub("lora", 2, 0), _stub("lora", 4, 0)]
-    with pytest.raises(InputError, match=r"grid layer 99 .*\(layers: 0–1\)"):
-        C.subspace_grids(runs, layers=[99])
-    assert C._spans([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
 
 
 def test_compare_refuses_an_unknown_grid_layer_before_any_svd(sweep, monkeypatch):

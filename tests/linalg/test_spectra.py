@@ -12,15 +12,14 @@ from rankscope.errors import InputError
 from rankscope.linalg.spectra import (
     check_finite,
     dense_svd,
-    energy_rank,
     entropy_rank,
     factorized_svd,
     factorized_svdvals,
     numerical_rank,
+    rank_at_energy,
     spectrum_metrics,
     stable_rank,
     truncate,
-    truncate_factors,
 )
 
 
@@ -65,10 +64,10 @@ def test_metrics_on_chosen_spectrum_match_hand_values():
     p = np.array([5, 3, 1]) / 9
     assert entropy_rank(s) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     # Energy shares: 25/35 = .714, 34/35 = .971, 35/35 = 1.
-    assert energy_rank(s, 0.5) == 1
-    assert energy_rank(s, 0.9) == 2
-    assert energy_rank(s, 0.99) == 3
-    assert energy_rank(s, 1.0) == 3
+    assert rank_at_energy(s, 0.5) == 1
+    assert rank_at_energy(s, 0.9) == 2
+    assert rank_at_energy(s, 0.99) == 3
+    assert rank_at_energy(s, 1.0) == 3
     assert numerical_rank(s, shape=(40, 30)) == 3
     metrics = spectrum_metrics(torch.tensor(s), shape=(40, 30))
     assert set(metrics) == {
@@ -84,8 +83,8 @@ def test_metrics_on_chosen_spectrum_match_hand_values():
 @pytest.mark.parametrize("k", [1, 2, 5, 7, 13])
 def test_equal_values_give_energy_rank_k_just_below_one(k):
     s = np.concatenate([np.full(k, 0.3), np.zeros(20)])
-    assert energy_rank(s, 1 - 1e-12) == k
-    assert energy_rank(s, 1.0) == k
+    assert rank_at_energy(s, 1 - 1e-12) == k
+    assert rank_at_energy(s, 1.0) == k
     assert stable_rank(s) == pytest.approx(k)
     assert entropy_rank(s) == pytest.approx(k)
 
@@ -97,8 +96,8 @@ def test_planted_rank_k_matrix(k, dtype):
     delta = torch.randn(120, k, generator=gen) @ torch.randn(k, 80, generator=gen)  # rank k
     s = dense_svd(delta, dtype=dtype, compute_uv=False)
     assert numerical_rank(s, shape=(120, 80)) == k
-    assert energy_rank(s, 0.99) <= k
-    assert energy_rank(s, 1 - 1e-9) == k
+    assert rank_at_energy(s, 0.99) <= k
+    assert rank_at_energy(s, 1 - 1e-9) == k
 
 
 SHAPES = [(576, 576, 1), (576, 576, 4), (576, 576, 8), (576, 576, 64),
@@ -144,7 +143,7 @@ def test_zero_b_lora_at_init_gives_zeros_without_nan():
     assert torch.equal(factorized_svdvals(b, a), torch.zeros(8, dtype=torch.float64))
     metrics = spectrum_metrics(s, shape=(64, 48))
     assert all(v == 0 and not math.isnan(v) for v in metrics.values())
-    assert energy_rank(s, 0.9) == 0 and numerical_rank(s, shape=(64, 48)) == 0
+    assert rank_at_energy(s, 0.9) == 0 and numerical_rank(s, shape=(64, 48)) == 0
 
 
 def test_dense_svd_reconstructs_and_upcasts():
@@ -152,6 +151,19 @@ def test_dense_svd_reconstructs_and_upcasts():
     u, s, vh = dense_svd(delta)
     assert s.dtype == torch.float32 and u.shape == (30, 20) and vh.shape == (20, 20)
     assert torch.allclose((u * s) @ vh, delta.float(), atol=1e-5)
+
+
+def test_dense_svd_of_a_wide_matrix_is_that_of_its_transpose():
+    """A wide ΔW is decomposed as ΔWᵀ: same triplets, U and Vh in ΔW's own orientation."""
+    wide = _with_spectrum([4.0, 2.0, 1.0], 20, 30)  # (20, 30)
+    u, s, vh = dense_svd(wide, dtype=torch.float64)
+    assert u.shape == (20, 20) and s.shape == (20,) and vh.shape == (20, 30)
+    assert torch.allclose((u * s) @ vh, wide, atol=1e-12)
+    assert torch.allclose(u.T @ u, torch.eye(20, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(vh @ vh.T, torch.eye(20, dtype=torch.float64), atol=1e-12)
+    ut, st, vht = dense_svd(wide.T.contiguous(), dtype=torch.float64)
+    assert torch.equal(s, st) and torch.equal(u, vht.T) and torch.equal(vh, ut.T)
+    assert torch.allclose(dense_svd(wide, dtype=torch.float64, compute_uv=False), s, atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -163,12 +175,12 @@ def test_truncate_restores_planted_rank_k(k):
     u, s, vh = dense_svd(delta, dtype=torch.float64)
     assert torch.allclose(truncate(u, s, vh, k), delta, atol=1e-10)
     assert torch.equal(truncate(u, s, vh, 0), torch.zeros_like(delta))
-    # Factors padded to r = 8 with junk that scale·B·A keeps: truncating at k drops nothing real.
+    # Factors padded to r = 8 with rows of A that B's zero columns cancel: the factorized SVD
+    # truncated at k drops nothing real.
     b_pad = torch.cat([b, torch.zeros(60, 8 - k, dtype=torch.float64)], dim=1)
     a_pad = torch.cat([a, torch.randn(8 - k, 45, generator=gen, dtype=torch.float64)], dim=0)
-    b_k, a_k = truncate_factors(b_pad, a_pad, k, scale=3.0)
-    assert b_k.shape == (60, k) and a_k.shape == (k, 45)
-    assert torch.allclose(b_k @ a_k, 3.0 * delta, atol=1e-10)
+    assert torch.allclose(truncate(*factorized_svd(b_pad, a_pad, scale=3.0), k), 3.0 * delta,
+                          atol=1e-10)
 
 
 def test_truncate_is_best_rank_k():
@@ -193,7 +205,7 @@ def test_bad_inputs_raise_input_error():
     with pytest.raises(InputError, match="x contains NaN or Inf"):
         check_finite(torch.tensor([1.0, float("-inf")]), what="x")
     with pytest.raises(InputError, match="tau"):
-        energy_rank([1.0], 0.0)
+        rank_at_energy([1.0], 0.0)
     with pytest.raises(InputError, match="NaN"):
         stable_rank(np.array([1.0, np.nan]))
     with pytest.raises(InputError, match=">= 0"):
@@ -201,8 +213,6 @@ def test_bad_inputs_raise_input_error():
     u, s, vh = dense_svd(torch.randn(6, 5))
     with pytest.raises(InputError, match="k=6"):
         truncate(u, s, vh, 6)
-    with pytest.raises(InputError, match="k=4"):
-        truncate_factors(torch.randn(6, 3), torch.randn(3, 5), 4)
 
 
 @pytest.mark.gpu

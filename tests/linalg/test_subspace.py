@@ -12,10 +12,9 @@ from rankscope.errors import InputError
 from rankscope.linalg.spectra import dense_svd
 from rankscope.linalg.subspace import (
     amplification,
+    count_intruders,
     counts_below,
     energy_in_subspace,
-    intruder_counts,
-    intruder_dimensions,
     intruder_max_cos,
     phi,
     phi_grid,
@@ -25,7 +24,6 @@ from rankscope.linalg.subspace import (
     projection_norms,
     random_orthonormal,
     relative_fro_distance,
-    top_left_singular,
 )
 
 
@@ -75,6 +73,28 @@ def test_principal_angles_recover_chosen_angles():
     # Unequal widths: U1's 2 columns lie inside U2's 4, so both angles are 0.
     q = _rotation(12, 2)
     assert torch.allclose(principal_angles(q[:, :2], q[:, :4]), torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n, p, q", [(30, 5, 5), (40, 3, 7), (64, 8, 2), (12, 6, 6)])
+def test_principal_angles_and_phi_agree_with_scipy(n, p, q):
+    """φ(i, j) is the mean squared cosine of the principal angles between the top-i and top-j
+    spans, as ``scipy.linalg.subspace_angles`` gives them, on random frames with overlap."""
+    from scipy.linalg import subspace_angles
+
+    gen = _gen(n + p + q)
+    shared = random_orthonormal(n, 2, generator=gen)  # a common part: angles away from π/2
+    u1 = torch.linalg.qr(torch.cat([shared, torch.randn(n, p - 2, generator=gen,
+                                                        dtype=torch.float64)], dim=1))[0]
+    u2 = torch.linalg.qr(torch.cat([shared + 0.3 * torch.randn(n, 2, generator=gen, dtype=torch.float64),
+                                    torch.randn(n, max(q - 2, 0), generator=gen,
+                                                dtype=torch.float64)], dim=1)[:, :q])[0]
+    reference = np.sort(subspace_angles(u1.numpy(), u2.numpy()))  # ascending, (min(p, q),)
+    np.testing.assert_allclose(principal_angles(u1, u2).numpy(), reference, atol=1e-12)
+    for i in range(1, p + 1):
+        for j in range(1, q + 1):
+            angles = subspace_angles(u1[:, :i].numpy(), u2[:, :j].numpy())
+            assert phi(u1, u2, i, j) == pytest.approx(float(np.mean(np.cos(angles) ** 2)),
+                                                      abs=1e-12)
 
 
 def test_phi_grid_equals_phi_elementwise():
@@ -152,7 +172,7 @@ def test_energy_in_subspace():
     delta = _w_with_spectrum(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), 20, 15, 9)[0]
     u, s, vh = dense_svd(delta, dtype=torch.float64)
     u3 = u[:, :3]
-    assert energy_in_subspace(u3, u, s, vh) == pytest.approx(1.0, abs=1e-12)
+    assert energy_in_subspace(u3, u, s) == pytest.approx(1.0, abs=1e-12)
     full = random_orthonormal(20, 20, generator=_gen(10))
     complement = full - u3 @ (u3.T @ full)  # project out span(u3), then orthonormalise
     comp_u, comp_s, _ = torch.linalg.svd(complement)
@@ -174,16 +194,17 @@ def test_planted_intruder_found_and_none_in_unchanged_matrix():
     u = random_orthonormal(200, 1, generator=gen)  # a random direction in high dimension
     v = random_orthonormal(150, 1, generator=gen)
     w_ft = w0 + 50.0 * u @ v.T
-    found = intruder_dimensions(w0, w_ft, k=10, eps=0.5)
-    assert found["count"] >= 1 and found["max_cos"].shape == (10,)
-    assert found["max_cos"][0] < 0.5  # the planted one is the top direction
-    same = intruder_dimensions(w0, w0.clone(), k=10, eps=0.5)
-    assert same["count"] == 0
-    np.testing.assert_allclose(same["max_cos"], 1.0, atol=1e-10)
-    counts = intruder_counts(w0, w_ft, k=10)
-    assert counts[0.5] == found["count"]
+    u0 = dense_svd(w0, dtype=torch.float64)[0]
+    max_cos = intruder_max_cos(dense_svd(w_ft, dtype=torch.float64)[0][:, :10], u0)
+    assert max_cos.shape == (10,) and max_cos[0] < 0.5  # the planted one is the top direction
+    assert abs(float(u[:, 0] @ dense_svd(w_ft, dtype=torch.float64)[0][:, 0])) > 0.99
+    counts = count_intruders(w0, w_ft, k=10)
+    assert counts[0.5] == int((max_cos < 0.5).sum()) >= 1
     assert list(counts.values()) == sorted(counts.values())  # more intruders as ε grows
-    assert intruder_counts(w0, w0.float(), dtype=torch.float32) == {
+    assert count_intruders(w0, w_ft, k=10, U0=u0) == counts
+    np.testing.assert_allclose(intruder_max_cos(u0[:, :10], u0), 1.0, atol=1e-10)
+    assert count_intruders(w0, w0.clone(), k=10, eps_values=(0.5,)) == {0.5: 0}
+    assert count_intruders(w0, w0.float(), dtype=torch.float32) == {
         e: 0 for e in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
 
 
@@ -204,9 +225,11 @@ def test_bad_inputs_raise_input_error():
     with pytest.raises(InputError, match="proj is 0"):
         amplification(1.0, 0.0)
     with pytest.raises(InputError, match="k=11"):
-        intruder_dimensions(q, q, k=11)
+        count_intruders(q, q, k=11)
     with pytest.raises(InputError, match="eps"):
-        intruder_dimensions(q, q, eps=0.0)
+        count_intruders(q, q, eps_values=(0.0,))
+    with pytest.raises(InputError, match="equal 2-D"):
+        count_intruders(q, q[:, :5])
     with pytest.raises(InputError, match="zero"):
         energy_in_subspace(q[:, :2], q[:, :2], torch.zeros(2))
     with pytest.raises(InputError, match="Y is zero"):
@@ -215,59 +238,7 @@ def test_bad_inputs_raise_input_error():
         random_orthonormal(10, 12, generator=_gen())
 
 
-# ------------------------------------------- top-k of W0 + L Rᵀ without its SVD (intruders)
-
-def _planted_update(d_out, d_in, r, scale, seed):
-    """L (d_out, r), R (d_in, r): a rank-r update with singular values scale·(1 … 0.5)."""
-    gen = _gen(seed)
-    u, v = random_orthonormal(d_out, r, generator=gen), random_orthonormal(d_in, r, generator=gen)
-    return u * (scale * torch.linspace(1.0, 0.5, r, dtype=torch.float64)), v
-
-
-@pytest.mark.parametrize("d_out, d_in", [(576, 576), (192, 576)])
-@pytest.mark.parametrize("r, scale", [(1, 0.01), (8, 0.3), (64, 0.5), (1, 2.0), (16, 3.0)])
-def test_top_left_singular_equals_the_dense_svd(d_out, d_in, r, scale):
-    """Real-size random W0 (clustered top spectrum: the hard case) plus planted updates from
-    tiny to dominating (an intruder on top): vectors, values and intruder cosines as a float64
-    dense SVD of W0 + L Rᵀ gives them."""
-    w0 = torch.randn(d_out, d_in, generator=_gen(d_out + r), dtype=torch.float64)
-    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
-    left, right = _planted_update(d_out, d_in, r, scale * float(s0[0]), seed=r)
-    u, s, cos = top_left_singular(u0, s0, vh0, left, right, k=10)
-    ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
-    np.testing.assert_allclose(s.numpy(), sd[:10].numpy(), rtol=1e-12)
-    np.testing.assert_allclose((u.T @ ud[:, :10]).abs().diagonal().numpy(), 1.0, atol=1e-10)
-    np.testing.assert_allclose(intruder_max_cos(u, u0), intruder_max_cos(ud[:, :10], u0),
-                               atol=1e-10)
-    np.testing.assert_allclose(cos.abs().max(dim=0).values.numpy(), intruder_max_cos(u, u0),
-                               atol=1e-12)
-    if scale >= 2.0:  # a planted direction far above W0's spectrum is an intruder
-        assert intruder_max_cos(u, u0)[0] < 0.5
-
-
-def test_top_left_singular_dense_fallback_and_exact_small_cases():
-    sig = torch.linspace(10, 1, 30, dtype=torch.float64)
-    w0, _, _ = _w_with_spectrum(sig, 30, 40, seed=14)
-    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)
-    left, right = _planted_update(30, 40, 3, 12.0, seed=15)
-    ud, sd, _ = torch.linalg.svd(w0 + left @ right.T, full_matrices=False)
-    for max_iter in (0, 40):  # 0: straight to the dense eigenproblem of H
-        u, s, _ = top_left_singular(u0, s0, vh0, left, right, k=30, max_iter=max_iter)
-        np.testing.assert_allclose(s.numpy(), sd.numpy(), rtol=1e-10)
-        np.testing.assert_allclose((u.T @ ud).abs().diagonal().numpy(), 1.0, atol=1e-8)
-    zero = top_left_singular(u0, s0, vh0, left * 0, right, k=5)  # ΔW = 0: W0's own vectors
-    np.testing.assert_allclose(zero[1].numpy(), sig[:5].numpy(), rtol=1e-12)
-    np.testing.assert_allclose(intruder_max_cos(zero[0], u0), 1.0, atol=1e-12)
-
-
-def test_top_left_singular_and_counts_refuse_bad_inputs():
-    w0 = torch.randn(40, 30, generator=_gen(16), dtype=torch.float64)
-    u0, s0, vh0 = torch.linalg.svd(w0, full_matrices=False)  # d_out > d_in: U0 is not square
-    with pytest.raises(InputError, match="d_out ≤ d_in"):
-        top_left_singular(u0, s0, vh0, torch.zeros(40, 1), torch.zeros(30, 1))
-    u0, s0, vh0 = torch.linalg.svd(w0.T, full_matrices=False)
-    with pytest.raises(InputError, match="k=31"):
-        top_left_singular(u0, s0, vh0, torch.zeros(30, 1), torch.zeros(40, 1), k=31)
+def test_counts_below_counts_each_threshold_and_refuses_bad_ones():
+    assert counts_below(np.array([0.2, 0.45, 0.9]), (0.3, 0.5, 1.0)) == {0.3: 1, 0.5: 2, 1.0: 3}
     with pytest.raises(InputError, match="eps"):
         counts_below(np.array([0.2]), (0.5, 1.5))
-    assert counts_below(np.array([0.2, 0.45, 0.9]), (0.3, 0.5, 1.0)) == {0.3: 1, 0.5: 2, 1.0: 3}

@@ -1,0 +1,243 @@
+"""How updates' singular subspaces relate to each other: φ between LoRA ranks, seeds and full
+fine-tuning (Hu et al. 2021 eq. 4, Figs. 3–4), with its random-subspace null, and how each
+LoRA update approaches the full one as r grows.
+
+Each table function takes the decomposed runs (``decompose.decompose_sweep``) and returns one
+tidy DataFrame. Definitions: docs/science.md.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rankscope.analysis.tables import nullable_ints
+from rankscope.errors import InputError
+from rankscope.linalg.subspace import (energy_in_subspace, phi, phi_grid, phi_null_draws,
+                                       phi_null_mean, random_orthonormal, relative_fro_distance)
+
+SIDES = {"right": "Vh", "left": "U"}   # right: row space (of A); left: column space (of B)
+FACTORS, DELTA = "A/B", "ΔW"           # the two bases φ is measured in (the ``basis`` column)
+PAIR_INTS = ("rank_1", "rank_2", "seed_1", "seed_2", "layer")
+
+
+def frame(d, side: str, basis: str = DELTA) -> torch.Tensor:
+    """Orthonormal columns of one side of an update, most important first.
+
+    basis "ΔW": ΔW's singular vectors, U or Vhᵀ (any update). basis "A/B": Hu et al.'s (eq. 4),
+    B's left singular vectors or A's right ones (LoRA only): same spans, other order.
+    """
+    if basis == FACTORS:
+        return d.factor_frames[side]
+    return d.U if side == "left" else d.Vh.T
+
+
+def pair_basis(kind: str) -> str:
+    """LoRA-vs-LoRA pairs (ranks, seeds) use A and B as Hu et al.; pairs with full use ΔW."""
+    return DELTA if kind == "full" else FACTORS
+
+
+def _null(n: int, i: int, j: int, cache: dict, n_draws: int = 100) -> tuple[float, float]:
+    key = (n, i, j)
+    if key not in cache:
+        draws = phi_null_draws(n, i, j, n_draws=n_draws,
+                               generator=torch.Generator().manual_seed(hash(key) % 2**31))
+        cache[key] = (float(draws.mean()), float(draws.std()))
+    return cache[key]
+
+
+def lora_pairs(runs: list) -> list[tuple]:
+    """Pairs of LoRA runs: every two ranks with one seed, and every two seeds with one rank."""
+    lora = [r for r in runs if r.method == "lora"]
+    pairs = []
+    for a, b in itertools.combinations(lora, 2):
+        if a.seed == b.seed and a.rank != b.rank:
+            pairs.append(("ranks", *sorted((a, b), key=lambda r: r.rank)))
+        elif a.rank == b.rank and a.seed != b.seed:
+            pairs.append(("seeds", a, b))
+    return pairs
+
+
+def _pair_ids(kind: str, a, b) -> dict:
+    return {"pair": kind, "run_1": a.run, "run_2": b.run, "rank_1": a.rank, "rank_2": b.rank,
+            "seed_1": a.seed, "seed_2": b.seed}
+
+
+def subspace_similarity(runs: list, *, n_draws: int = 100) -> pd.DataFrame:
+    """φ of the top direction and of the top-m directions, m = min(r1, r2), for every pair.
+
+    Pairs: LoRA ranks (same seed), LoRA seeds (same rank), both in the basis of A's right and
+    B's left singular vectors (Hu et al. eq. 4), and each LoRA run against the full update of
+    its seed (its top-r directions), in ΔW's singular vectors (``basis`` column). Both sides;
+    with the analytic null max(i, j)/n and an empirical draw of random subspaces (mean and
+    standard deviation).
+    """
+    full = {r.seed: r for r in runs if r.method == "full"}
+    pairs = lora_pairs(runs)
+    pairs += [("full", r, full.get(r.seed, next(iter(full.values()))))
+              for r in runs if r.method == "lora" and full]
+    rows, cache = [], {}
+    for kind, a, b in pairs:
+        basis = pair_basis(kind)
+        for name, da in a.modules.items():
+            db = b.modules.get(name)
+            if db is None:
+                continue
+            for side in SIDES:
+                ua, ub = frame(da, side, basis), frame(db, side, basis)
+                m = min(x for x in (a.rank, b.rank, ua.shape[1], ub.shape[1]) if x)
+                n = ua.shape[0]
+                grid = phi_grid(ua, ub, imax=m, jmax=m)  # (m, m): φ(i, i) on its diagonal
+                for i in sorted({1, m}):
+                    mean, std = _null(n, i, i, cache, n_draws)
+                    rows.append({**_pair_ids(kind, a, b), "layer": da.layer, "module": da.module,
+                                 "name": name, "side": side, "basis": basis, "i": i, "j": i,
+                                 "phi": float(grid[i - 1, i - 1]),
+                                 "null_mean": phi_null_mean(n, i, i),
+                                 "null_draw_mean": mean, "null_draw_std": std})
+    return nullable_ints(pd.DataFrame(rows), PAIR_INTS)
+
+
+def grid_pairs(runs: list, *, ranks: tuple[int, int] = (8, 64)):
+    """The pairs Hu et al. draw: r = 8 vs 64 of one seed (Fig. 3), two seeds at r = 64 (Fig. 4).
+
+    Falls back to the closest ranks the sweep has: the largest rank and the one nearest
+    ``ranks[0]``. The rank pair is drawn from the first seed that has both ranks, the seed pair
+    from the first two seeds that have the top rank; a pair no seed completes (an unfinished
+    run) is left out.
+    """
+    lora = [r for r in runs if r.method == "lora"]
+    if not lora:
+        return []
+    have = sorted({r.rank for r in lora})
+    hi = ranks[1] if ranks[1] in have else have[-1]
+    lo = min((r for r in have if r < hi), key=lambda r: abs(r - ranks[0]), default=None)
+    by = {(r.rank, r.seed): r for r in lora}
+    seeds_at = {k: sorted({s for (rk, s) in by if rk == k}, key=_seed_key) for k in (lo, hi)}
+    out = []
+    both = [s for s in seeds_at[hi] if s in seeds_at[lo]]
+    if lo is not None and both:
+        out.append(("ranks", by[(lo, both[0])], by[(hi, both[0])]))
+    if len(seeds_at[hi]) >= 2:
+        s1, s2 = seeds_at[hi][:2]
+        out.append(("seeds", by[(hi, s1)], by[(hi, s2)]))
+    return out
+
+
+def _seed_key(seed):
+    return (seed is None, seed if seed is not None else 0)
+
+
+def subspace_grids(runs: list, *, layers: list[int] | None = None,
+                   seed: int = 0) -> pd.DataFrame:
+    """φ(i, j) grids for the figure pairs, at the chosen layers (default: the middle one).
+
+    The trained grids use Hu et al.'s basis (A's right and B's left singular vectors, ``basis``
+    "A/B"); each comes with a 'random' twin: two independent random subspaces of the same sizes.
+
+    Raises:
+        InputError: a requested layer the pairs' runs do not have (naming the ones they have).
+    """
+    pairs = grid_pairs(runs)
+    if not pairs:
+        return pd.DataFrame()
+    all_layers = sorted({d.layer for d in pairs[0][1].modules.values() if d.layer is not None})
+    require_layers(layers, all_layers)
+    layers = layers or ([all_layers[len(all_layers) // 2]] if all_layers else [])
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for kind, a, b in pairs:
+        for name, da in a.modules.items():
+            db = b.modules.get(name)
+            if db is None or da.layer not in layers:
+                continue
+            for side in SIDES:
+                rows += _grid_rows(kind, a, b, da, frame(da, side, FACTORS)[:, :a.rank],
+                                   frame(db, side, FACTORS)[:, :b.rank], side, gen)
+    if not rows:
+        return pd.DataFrame()
+    return nullable_ints(pd.concat(rows, ignore_index=True), PAIR_INTS)
+
+
+def require_layers(layers: list[int] | None, have: list[int]) -> None:
+    """Raise InputError naming the first of ``layers`` not in ``have``, and those there are."""
+    missing = [x for x in layers or [] if x not in have]
+    if missing:
+        raise InputError(f"grid layer {missing[0]} is not in the sweep's analysed modules "
+                         f"(layers: {_spans(have) or 'none'})")
+
+
+def _grid_rows(kind: str, a, b, da, ua, ub, side: str, gen) -> list[pd.DataFrame]:
+    """The trained φ(i, j) grid of one module and side, and its random twin."""
+    n, ia, jb = ua.shape[0], ua.shape[1], ub.shape[1]
+    random = (random_orthonormal(n, ia, generator=gen), random_orthonormal(n, jb, generator=gen))
+    ii, jj = np.meshgrid(np.arange(1, ia + 1), np.arange(1, jb + 1), indexing="ij")
+    out = []
+    for label, (x, y) in (("trained", (ua, ub)), ("random", random)):
+        g = phi_grid(x, y, imax=ia, jmax=jb)
+        out.append(pd.DataFrame({
+            **_pair_ids(kind, a, b), "layer": da.layer, "module": da.module, "name": da.name,
+            "side": side, "source": label, "basis": FACTORS if label == "trained" else "random",
+            "i": ii.ravel(), "j": jj.ravel(), "phi": g.ravel()}))
+    return out
+
+
+def _spans(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → "0–2, 5, 7–8"."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}–{v}" if v != start else f"{v}")
+            start = None
+    return ", ".join(out)
+
+
+def convergence_table(runs: list) -> pd.DataFrame:
+    """How each LoRA update approaches the full one as r grows, per module.
+
+    Columns: rel_dist = ‖ΔW_r − ΔW_full‖_F / ‖ΔW_full‖_F; phi_full_{left,right} = φ of the top-r
+    directions of both; energy_share = share of ‖ΔW_full‖_F² inside ΔW_r's column space;
+    phi_next_{left,right} = φ(ΔW_r, ΔW_r', r, r) with r' the next larger rank of the same seed.
+    The full run is the one of the LoRA run's seed, or the first full run when that seed has
+    none. Every φ here is on ΔW's singular vectors (ordered by the update's own energy), also between
+    two ranks, so that full and LoRA rows are measured alike.
+    """
+    full = {r.seed: r for r in runs if r.method == "full"}
+    lora = sorted((r for r in runs if r.method == "lora"), key=lambda r: (_seed_key(r.seed), r.rank))
+    nxt = {(a.run): b for a, b in zip(lora, lora[1:]) if a.seed == b.seed}
+    rows, dense_full, last = [], {}, None   # module → ΔW_full in float64, of the full run f
+    for r in lora:
+        f = full.get(r.seed, next(iter(full.values()), None))
+        if f is not last:   # runs come seed by seed: each full ΔW is made once
+            dense_full, last = {}, f
+        for name, d in r.modules.items():
+            row = {"run": r.run, "method": "lora", "rank": r.rank, "seed": r.seed,
+                   "layer": d.layer, "module": d.module, "name": name, "fro_norm": d.fro}
+            df = f.modules.get(name) if f else None
+            if df is not None:
+                row.update(_against_full(d, df, r.rank, dense_full))
+            n = nxt.get(r.run)
+            if n is not None and name in n.modules:
+                k = min(r.rank, d.S.numel())
+                for side in SIDES:
+                    row[f"phi_next_{side}"] = phi(frame(d, side)[:, :k],
+                                                  frame(n.modules[name], side)[:, :k], k, k)
+            rows.append(row)
+    return nullable_ints(pd.DataFrame(rows), ("rank", "seed", "layer"))
+
+
+def _against_full(d, df, rank: int, cache: dict) -> dict:
+    """rel_dist, phi_full_{side}, energy_share and full_fro_norm of one LoRA module ``d``
+    against the full run's ``df`` (both ``decompose.Decomp``)."""
+    if df.name not in cache:
+        cache[df.name] = df.dense()  # (d_out, d_in) ΔW_full in float64
+    row = {"rel_dist": relative_fro_distance(d.dense(), cache[df.name])}
+    k = min(rank, d.S.numel(), df.S.numel())
+    for side in SIDES:
+        row[f"phi_full_{side}"] = phi(frame(d, side)[:, :k], frame(df, side)[:, :k], k, k)
+    row["energy_share"] = energy_in_subspace(d.U, df.U, df.S)
+    row["full_fro_norm"] = df.fro
+    return row

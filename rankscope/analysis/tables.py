@@ -1,0 +1,70 @@
+"""Tidy tables of spectra: identifying columns first, one row per singular value or module."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rankscope.errors import InputError
+from rankscope.linalg.spectra import spectrum_metrics
+
+ID_COLS = ["run", "method", "rank", "seed", "layer", "module", "name"]
+METRIC_COLS = ["fro_norm", "spectral_norm", "stable_rank", "entropy_rank", "energy_rank_50",
+               "energy_rank_90", "energy_rank_99", "numerical_rank"]
+
+
+def nullable_ints(df: pd.DataFrame, cols) -> pd.DataFrame:
+    """``df`` with each of ``cols`` it has as a nullable integer (empty for a full update's rank,
+    a run without seed, a module outside the blocks)."""
+    for c in cols:
+        if c in df:
+            df[c] = df[c].astype("Int64")
+    return df
+
+
+def add_module_rows(spectra: list, modules: list[dict], ids: dict, s: torch.Tensor, *,
+                    shape: tuple[int, int]) -> None:
+    """Append one module's rows: its singular values to ``spectra``, its measures to ``modules``.
+
+    Args:
+        ids: the ``ID_COLS`` values of the module.
+        s: (m,) its singular values, descending.
+        shape: (d_out, d_in).
+    """
+    modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape)})
+    spectra.append((ids, s.detach().cpu().double().numpy()))
+
+
+def spectra_frames(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``(spectra, modules)`` DataFrames of rows made by ``add_module_rows``.
+
+    spectra has one row per singular value (``ID_COLS`` then ``index, sigma``: ~10⁵ rows for a
+    full model, so it is built column by column, not from a dict per row); modules one row per
+    module (``ID_COLS``, ``d_out, d_in`` and ``METRIC_COLS``).
+
+    Raises:
+        InputError: no rows: every ΔW was zero.
+    """
+    if not modules:
+        raise InputError("no updated modules found: every ΔW is zero")
+    counts = [len(s) for _, s in spectra]
+    cols = {c: np.repeat(np.array([ids[c] for ids, _ in spectra], dtype=object), counts)
+            for c in ID_COLS}
+    cols["index"] = np.concatenate([np.arange(n) for n in counts])
+    cols["sigma"] = np.concatenate([s for _, s in spectra])
+    ints = ("rank", "seed", "layer")
+    return (nullable_ints(pd.DataFrame(cols, columns=ID_COLS + ["index", "sigma"]), ints),
+            nullable_ints(pd.DataFrame(modules, columns=ID_COLS + ["d_out", "d_in"] + METRIC_COLS),
+                          ints))
+
+
+def decomposed_spectra(runs: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``spectra_frames`` of the singular values that ``decompose_sweep(..., spectra=True)``
+    already holds in each ``RunDecomp`` (no SVD here)."""
+    spectra, modules = [], []
+    for r in runs:
+        for m in r.spectra:
+            ids = {"run": r.run, "method": r.method, "rank": m.rank if r.method == "lora" else None,
+                   "seed": r.seed, "layer": m.layer, "module": m.module, "name": m.name}
+            add_module_rows(spectra, modules, ids, m.S, shape=(m.d_out, m.d_in))
+    return spectra_frames(spectra, modules)

@@ -1,0 +1,117 @@
+"""``rankscope.analysis.similarity``: φ in Hu et al.'s A/B basis and in ΔW's, the figure pairs and
+grid layers, and the convergence of LoRA updates to the full one, on runs built by hand with
+known answers.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rankscope.analysis import similarity as S
+from rankscope.analysis.decompose import RunDecomp, decompose
+from rankscope.analysis.deltas import ModuleDelta
+from rankscope.errors import InputError
+from rankscope.linalg.subspace import phi, random_orthonormal
+
+
+# ------------------------------------------------------------ Hu et al.'s basis for φ
+
+def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
+    return random_orthonormal(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _lora_run(seed: int, b_cols, a_rows, *, name="model.layers.0.self_attn.q_proj") -> RunDecomp:
+    """A rank-3 LoRA run whose ΔW = B·A is chosen column by column and row by row."""
+    B, A = torch.stack(b_cols, dim=1), torch.stack(a_rows, dim=0)
+    delta = ModuleDelta(name, 0, "q_proj", B.shape[0], A.shape[1], B=B, A=A, scale=1.0)
+    return RunDecomp(f"lora-r3-s{seed}", "lora", 3, seed, {}, {name: decompose(delta)})
+
+
+def test_lora_pairs_use_a_and_b_own_singular_vectors():
+    """A = diag(4, 1, 2)·Qᵀ and B = P·diag(1, 5, 3.5): ΔW = P diag(4, 5, 7) Qᵀ, so ΔW's top
+    direction is (p2, q2), A's is q0 and B's is p1. Seed 1 shares A's top row q0 and B's top
+    column p1 but puts its largest product elsewhere: φ(1, 1) is 1 in the A/B basis and 0 in ΔW's."""
+    p, q = _orthonormal(16, 6, 1), _orthonormal(20, 6, 2)
+    a, b = (4.0, 1.0, 2.0), (1.0, 5.0, 3.5)
+    one = _lora_run(0, [b[i] * p[:, i] for i in (0, 1, 2)], [a[i] * q[:, i] for i in (0, 1, 2)])
+    two = _lora_run(1, [b[0] * p[:, 5], b[1] * p[:, 1], b[2] * p[:, 4]],
+                    [a[0] * q[:, 0], a[1] * q[:, 3], a[2] * q[:, 4]])
+    d = next(iter(one.modules.values()))
+    assert abs(float(S.frame(d, "right", "A/B")[:, 0] @ q[:, 0])) == pytest.approx(1.0)
+    assert abs(float(S.frame(d, "left", "A/B")[:, 0] @ p[:, 1])) == pytest.approx(1.0)
+    assert abs(float(S.frame(d, "right")[:, 0] @ q[:, 2])) == pytest.approx(1.0)
+    assert abs(float(S.frame(d, "left")[:, 0] @ p[:, 2])) == pytest.approx(1.0)
+    sub = S.subspace_similarity([one, two], n_draws=4)
+    top = sub[sub["i"] == 1].set_index("side")
+    assert list(top["pair"]) == ["seeds", "seeds"] and set(top["basis"]) == {"A/B"}
+    assert top.loc["right", "phi"] == pytest.approx(1.0) and top.loc["left", "phi"] == pytest.approx(1.0)
+    d2 = next(iter(two.modules.values()))
+    for side in ("left", "right"):       # the same pair in ΔW's basis shares no top direction
+        assert phi(S.frame(d, side), S.frame(d2, side), 1, 1) == pytest.approx(0.0, abs=1e-20)
+    grid = S.subspace_grids([one, two], layers=[0])
+    g = grid[(grid["source"] == "trained") & (grid["i"] == 1) & (grid["j"] == 1)]
+    assert set(g["basis"]) == {"A/B"} and np.allclose(g["phi"], 1.0)
+
+
+# ------------------------------------------------------- figure pairs and grid layers
+
+def _stub(method: str, rank, seed, layers=(0, 1)) -> RunDecomp:
+    mods = {}
+    for layer in layers:
+        name = f"model.layers.{layer}.self_attn.q_proj"
+        if method == "lora":
+            B = torch.randn(8, rank, generator=torch.Generator().manual_seed(layer + 10 * seed))
+            A = torch.randn(rank, 8, generator=torch.Generator().manual_seed(layer + 10 * seed + 5))
+            delta = ModuleDelta(name, layer, "q_proj", 8, 8, B=B, A=A, scale=1.0)
+        else:
+            delta = ModuleDelta(name, layer, "q_proj", 8, 8, dense=torch.eye(8))
+        mods[name] = decompose(delta)
+    run = f"full-s{seed}" if method == "full" else f"lora-r{rank}-s{seed}"
+    return RunDecomp(run, method, rank, seed, {}, mods)
+
+
+def test_grid_pairs_skip_a_rank_the_first_seed_lacks():
+    runs = [_stub("lora", 8, 0), _stub("lora", 2, 1), _stub("lora", 8, 1)]   # lora-r2-s0 unfinished
+    pairs = {kind: (a.run, b.run) for kind, a, b in S.grid_pairs(runs)}
+    assert pairs == {"ranks": ("lora-r2-s1", "lora-r8-s1"), "seeds": ("lora-r8-s0", "lora-r8-s1")}
+    runs = [_stub("lora", 8, 0), _stub("lora", 2, 1)]      # no seed has both ranks, one has 8
+    assert S.grid_pairs(runs) == []
+    grid = S.subspace_grids([_stub("lora", 8, 0), _stub("lora", 2, 1), _stub("lora", 8, 1)])
+    assert set(grid["pair"]) == {"ranks", "seeds"}
+
+
+def test_an_unknown_grid_layer_names_the_layers_there_are():
+    runs = [_stub("lora", 2, 0), _stub("lora", 4, 0)]
+    with pytest.raises(InputError, match=r"grid layer 99 .*\(layers: 0–1\)"):
+        S.subspace_grids(runs, layers=[99])
+    assert S._spans([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+
+
+# ------------------------------------------------------------------------- convergence
+
+def test_convergence_of_a_lora_update_to_the_full_one_known_by_construction():
+    """ΔW_full = 3·p0 q0ᵀ + 2·p1 q1ᵀ + p2 q2ᵀ; LoRA r = 1 holds its top term, r = 2 its top two.
+    So rel_dist² = (4 + 1)/14 and 1/14, φ to full is 1 (the top-r directions agree), the energy
+    share of full inside ΔW_r's column space is 9/14 and 13/14, and φ(r = 1, r = 2) at k = 1 is 1."""
+    p, q = _orthonormal(12, 3, 3), _orthonormal(10, 3, 4)
+    sig = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    name = "model.layers.0.self_attn.q_proj"
+    full = ModuleDelta(name, 0, "q_proj", 12, 10, dense=(p * sig) @ q.T)
+    runs = [RunDecomp("full-s0", "full", None, 0, {}, {name: decompose(full)})]
+    for r in (1, 2):
+        lora = ModuleDelta(name, 0, "q_proj", 12, 10, B=p[:, :r] * sig[:r], A=q[:, :r].T, scale=1.0)
+        runs.append(RunDecomp(f"lora-r{r}-s0", "lora", r, 0, {}, {name: decompose(lora)}))
+    conv = S.convergence_table(runs).set_index("rank")
+    assert conv.loc[1, "rel_dist"] == pytest.approx(math.sqrt(5 / 14), rel=1e-6)
+    assert conv.loc[2, "rel_dist"] == pytest.approx(math.sqrt(1 / 14), rel=1e-6)
+    # the full update's singular vectors come from a float32 SVD: equal to float32 rounding
+    assert conv.loc[1, "energy_share"] == pytest.approx(9 / 14, rel=1e-5)
+    assert conv.loc[2, "energy_share"] == pytest.approx(13 / 14, rel=1e-5)
+    for side in S.SIDES:
+        np.testing.assert_allclose(conv[f"phi_full_{side}"], 1.0, atol=1e-5)
+        assert conv.loc[1, f"phi_next_{side}"] == pytest.approx(1.0, abs=1e-12)
+        assert math.isnan(conv.loc[2, f"phi_next_{side}"])      # no larger rank after r = 2
+    np.testing.assert_allclose(conv["full_fro_norm"], math.sqrt(14), rtol=1e-6)
