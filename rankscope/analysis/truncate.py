@@ -1,7 +1,7 @@
 """The truncation test: rebuild W_0 + trunc_k(ΔW) for growing k and re-evaluate the model.
 
 The smallest k that keeps a chosen share of full fine-tuning's gain over W_0 is the update's
-functional intrinsic rank (shared/SCIENCE.md). Every parameter that is not a linear weight
+functional intrinsic rank (docs/science.md). Every parameter that is not a linear weight
 (norms, embeddings, a classification head) is set to its fine-tuned value, so that at the full
 rank the rebuilt model is the fine-tuned one and the gain is 100%.
 """
@@ -13,13 +13,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rankscope.train import parts as T
-from rankscope.train.config import build_sweep
+from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import from_run
 from rankscope.errors import InputError
+from rankscope.linalg.spectra import truncate
+from rankscope.store.runs import (OTHERS, SWEEP_FILE, find_runs, read_manifest, read_tensors,
+                                  sweep_root)
+from rankscope.train import parts as T
+from rankscope.train.config import build_sweep
 from rankscope.train.models import linear_weight
-from rankscope.store.runs import OTHERS, find_runs, read_manifest, read_tensors
-from rankscope.linalg.spectra import dense_svd, factorized_svd, truncate
+from rankscope.train.sweep import prepare
 
 SHARES = (0.9, 0.95)
 # A share is a ratio of metric differences: a curve built to reach 90% exactly can land at
@@ -28,9 +31,9 @@ SHARE_TOL = 1e-9
 
 
 def _sweep_config(sweep_dir: Path):
-    path = sweep_dir / "sweep.yaml"
+    path = sweep_dir / SWEEP_FILE
     if not path.is_file():
-        raise InputError(f"{sweep_dir} has no sweep.yaml: the truncation test needs the sweep's "
+        raise InputError(f"{sweep_dir} has no {SWEEP_FILE}: the truncation test needs the sweep's "
                          "data settings to rebuild its held-out split")
     return build_sweep(yaml_path=path)
 
@@ -50,19 +53,34 @@ def _fine_tuned_model(cfg, run_dir: Path, manifest: dict, task):
     return PeftModel.from_pretrained(model, run_dir / "adapter").merge_and_unload()
 
 
-def _svds(run_dir: Path):
-    """(module name, W-slot, U, S, Vh) for every update of a run, each SVD computed once."""
-    out = []
-    for d in from_run(run_dir):
-        if d.factored:
-            U, S, Vh = factorized_svd(d.B, d.A, scale=d.scale, dtype=torch.float64)
-        else:
-            U, S, Vh = dense_svd(d.dense, dtype=torch.float32)
-        out.append((d.name, U.float(), S.float(), Vh.float()))
-    return out
+def _svds(run_dir: Path, device: torch.device) -> list[tuple]:
+    """(module name, U, S, Vh) of every update of a run (``update_svd``), float32 on ``device``."""
+    return [(d.name, *(t.to(device, torch.float32) for t in update_svd(d)))
+            for d in from_run(run_dir)]
 
 
-def truncation_curve(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: torch.device,
+def _weight_slots(model, svds: list[tuple], device: torch.device, *, merged: bool):
+    """Move ``model`` to ``device``; then each module's weight slot and its W_0 there.
+
+    A slot is the module's weight as y = W x sees it (``linear_weight``): for a Conv1D (GPT-2)
+    a transposed view of the stored tensor. Moving a model replaces its tensors, so a view taken
+    before the move would write into the CPU copy the model no longer uses: slots are taken
+    after it. ``merged``: the model holds W_0 + ΔW (a merged LoRA), else W_0.
+
+    Returns:
+        ({name: slot (d_out, d_in)}, {name: W_0 (d_out, d_in)}), on ``device``.
+    """
+    model.to(device)
+    slots, w0 = {}, {}
+    with torch.no_grad():
+        for name, U, S, Vh in svds:
+            w = linear_weight(model.get_submodule(name))  # (d_out, d_in), a view into the model
+            slots[name] = w
+            w0[name] = w - (U * S) @ Vh if merged else w.clone()
+    return slots, w0
+
+
+def truncation_table(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: torch.device,
                      progress: bool = True) -> pd.DataFrame:
     """The held-out metric of W_0 + trunc_k(ΔW) for each k, plus k = full rank.
 
@@ -78,15 +96,8 @@ def truncation_curve(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: t
 
     manifest = read_manifest(run_dir)
     model = _fine_tuned_model(cfg, run_dir, manifest, task)
-    svds = _svds(run_dir)
-    slots, w0 = {}, {}
-    merged = manifest["method"] != "full"      # LoRA: the merged model holds W_0 + ΔW
-    with torch.no_grad():
-        for name, U, S, Vh in svds:
-            w = linear_weight(model.get_submodule(name))
-            slots[name] = w
-            w0[name] = w - (U * S) @ Vh if merged else w.clone()
-    model.to(device)
+    svds = _svds(run_dir, device)
+    slots, w0 = _weight_slots(model, svds, device, merged=manifest["method"] != "full")
     bf16 = T.use_bf16(cfg.bf16, device)
     max_rank = max(S.numel() for _, _, S, _ in svds)
     rows = []
@@ -110,7 +121,7 @@ def gain_shares(curve: pd.DataFrame) -> pd.DataFrame:
     (m_0 − m_k) / (m_0 − m_full) for loss; m_0 is W_0's metric (``before_<metric>``).
 
     Args:
-        curve: rows of ``truncation_curve`` (one or more runs), with ``is_full_rank``.
+        curve: rows of ``truncation_table`` (one or more runs), with ``is_full_rank``.
     Returns:
         ``curve`` with ``metric`` (accuracy or loss) and ``gain_share``; NaN for every k of a
         run whose full rank did not improve on W_0 (no gain: a share of it means nothing).
@@ -172,15 +183,14 @@ def truncate_sweep(path: str | Path, *, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 3
     if not chosen:
         lora = "" if lora_min_rank is None else f" (or LoRA run of rank ≥ {lora_min_rank})"
         raise InputError(f"no full run{lora} in {path} to truncate")
-    cfg = _sweep_config(path if (path / "sweep.yaml").exists() else path.parent)
-    from rankscope.train.sweep import prepare
-
+    cfg = _sweep_config(sweep_root(path))
     task = prepare(cfg)
     dist = T.setup_dist(device)
     for r in chosen:
         if read_manifest(r).get("split_hash") != task.split_hash:
-            raise InputError(f"{r} was evaluated on another held-out split than sweep.yaml gives")
-    curve = pd.concat([truncation_curve(r, cfg, task, ks=tuple(sorted(set(ks))), device=dist.device,
+            raise InputError(f"{r} was evaluated on another held-out split than {SWEEP_FILE} "
+                             "gives")
+    curve = pd.concat([truncation_table(r, cfg, task, ks=tuple(sorted(set(ks))), device=dist.device,
                                         progress=progress) for r in chosen], ignore_index=True)
     curve = gain_shares(curve)
     return curve, functional_rank(curve)

@@ -1,6 +1,6 @@
 """``rankscope.analysis.compare``: each decomposition done once, the fast paths equal to the dense
-ones, the tables' bases, an unknown grid layer refused before any SVD, mixed setups and the
-verdict (φ's own cases: ``test_similarity.py``).
+ones, the tables' bases, an unknown grid layer refused before any SVD and mixed setups (φ's own
+cases: ``test_similarity.py``; the verdict: ``test_verdict.py``).
 
 The sweep is built by hand on the SmolLM2 slice's own names and real shapes (q 576×576, k and
 v 192×576, down_proj 576×1536): full runs with random dense ΔW on those 8 modules and LoRA runs
@@ -17,7 +17,6 @@ from rankscope.analysis import compare as C
 from rankscope.analysis.decompose import base_svds, base_weights, check_same_setup, decompose_sweep
 from rankscope.analysis.deltas import DeltaSet, from_runs
 from rankscope.analysis.relation import intruders
-from rankscope.analysis.verdict import verdict
 from rankscope.errors import InputError
 
 KINDS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),   # full runs: 4 of
@@ -166,52 +165,3 @@ def test_runs_of_different_training_settings_are_refused():
         check_same_setup(sets)
     sets[1] = DeltaSet("lora-r2-s0", "lora", 2, 0, {**meta, "wall_time_s": 3.0, "seed": 1})
     check_same_setup(sets)                               # run-specific fields may differ
-
-
-# ------------------------------------------------------------------------ the verdict
-
-def _frames(losses: dict, *, k90=None, before=3.0, full=2.0) -> dict[str, pd.DataFrame]:
-    """metrics (one seed per run), modules of one 576×576 full module, truncation_summary."""
-    rows = [{"run": "full-s0", "method": "full", "rank": None, "seed": 0,
-             "before_loss": before, "after_loss": full}]
-    rows += [{"run": f"lora-r{r}-s0", "method": "lora", "rank": r, "seed": 0,
-              "before_loss": before, "after_loss": v} for r, v in losses.items()]
-    frames = {"metrics": pd.DataFrame(rows),
-              "modules": pd.DataFrame({"method": ["full"], "energy_rank_90": [300],
-                                       "d_out": [576], "d_in": [576]})}
-    if k90 is not None:
-        frames["truncation_summary"] = pd.DataFrame(
-            {"run": ["full-s0"], "method": ["full"], "share": [0.9], "k": [k90]})
-    return frames
-
-
-def test_verdict_holds_when_low_rank_matches_and_truncation_keeps_the_gain():
-    text, ev = verdict(_frames({1: 2.5, 4: 2.0, 64: 2.0}, k90=8))
-    assert ev["match"]["rank"] == 4
-    assert "**The hypothesis holds here:**" in text and "Mixed" not in text
-
-
-def test_verdict_refuted_when_no_rank_matches_and_truncation_needs_many_directions():
-    text, _ = verdict(_frames({1: 2.8, 4: 2.7, 64: 2.6}, k90=512))
-    assert "- No LoRA rank matched" in text
-    assert "**The hypothesis does not hold here:**" in text
-
-
-def test_mixed_verdict_says_which_test_failed():
-    # LoRA r = 4 matches, but truncating the full update needs k = 256: no contradiction
-    text, _ = verdict(_frames({1: 2.5, 4: 2.0}, k90=256))
-    assert "- LoRA at r = 4 matches full fine-tuning" in text
-    assert "**Mixed evidence:** LoRA at r = 4 reached full fine-tuning" in text and "k = 256" in text
-    assert "no low-rank LoRA run" not in text and "no LoRA run of r ≤ 16" not in text
-    # only r = 64 matches, truncation to k = 8 keeps the gain
-    text, _ = verdict(_frames({1: 2.8, 4: 2.7, 64: 2.0}, k90=8))
-    assert "- LoRA at r = 64 matches full fine-tuning" in text
-    assert "**Mixed evidence:** part of the gain lives in a low-rank subspace" in text
-    assert "no LoRA run of r ≤ 16 reached full fine-tuning" in text
-
-
-def test_verdict_without_gain_or_without_truncation():
-    text, ev = verdict(_frames({4: 3.1}, full=3.2))
-    assert ev["match"].get("no_gain") and "**No verdict:**" in text
-    text, _ = verdict(_frames({1: 2.5, 4: 2.0}))          # no truncation table: match decides
-    assert "**The hypothesis holds here:**" in text

@@ -214,3 +214,96 @@ def test_results_of_another_sweep_are_one_line(lora_only, tmp_path):
                                                    "tables": ["metrics"]}))
     assert_one_line_error(invoke(lora_only, "--out", res), None, "holds the tables of")
     assert sorted(p.name for p in res.iterdir()) == ["manifest.json"]
+
+
+# ------------------------------------------ weight slots of Conv1D models (GPT-2), CPU and CUDA
+
+def _tiny_gpt2_pair(model_dir):
+    """The tiny random GPT-2 of ``model_dir`` (every linear weight a Conv1D, stored (d_in, d_out))
+    and a copy with a planted rank-2 ΔW in each; the updates' SVDs as (name, U, S, Vh), token ids."""
+    import copy
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from rankscope.analysis.decompose import update_svd
+    from rankscope.analysis.deltas import ModuleDelta
+    from rankscope.train.models import find_linear_modules, linear_weight
+
+    base = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    tuned = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    svds = []
+    with torch.no_grad():
+        for info in find_linear_modules(tuned):
+            assert info.fan_in_fan_out          # a Conv1D: its slot is a transposed view
+            delta = torch.randn(info.d_out, 2, generator=gen) @ torch.randn(2, info.d_in,
+                                                                           generator=gen) / 4
+            linear_weight(tuned.get_submodule(info.name)).add_(delta)
+            svds.append((info.name, *update_svd(ModuleDelta(
+                info.name, info.layer, info.module, info.d_out, info.d_in, dense=delta))))
+    return base, tuned, svds, torch.randint(0, 64, (2, 8), generator=gen)
+
+
+def _write_and_run(model, slots, w0, svds, ids, k):
+    """The logits of ``model`` with every slot set to W_0 + trunc_k(ΔW)."""
+    import torch
+
+    from rankscope.linalg.spectra import truncate
+
+    with torch.no_grad():
+        for name, U, S, Vh in svds:
+            slots[name].copy_(w0[name] + truncate(U, S, Vh, min(k, S.numel())))
+        return model(ids).logits
+
+
+def _check_slots_write_through(model_dir, device, *, tol):
+    import torch
+
+    from rankscope.analysis.truncate import _weight_slots
+
+    base, tuned, svds, ids = _tiny_gpt2_pair(model_dir)
+    svds = [(name, *(t.to(device) for t in usv)) for name, *usv in svds]
+    base, ids = base.to(device), ids.to(device)
+    slots, w0 = _weight_slots(tuned, svds, device, merged=True)
+    with torch.no_grad():
+        want_base, want_tuned = base(ids).logits, tuned(ids).logits
+    assert (want_tuned - want_base).abs().max() > 100 * tol     # the updates matter
+    torch.testing.assert_close(_write_and_run(tuned, slots, w0, svds, ids, 0), want_base,
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(_write_and_run(tuned, slots, w0, svds, ids, 2), want_tuned,
+                               rtol=tol, atol=tol)
+
+
+def test_conv1d_slots_write_w0_plus_truncated_delta_into_the_model(tiny_gpt2):
+    """k = 0 gives back the base model, k = 2 (the planted rank) the fine-tuned one."""
+    import torch
+
+    _check_slots_write_through(tiny_gpt2, torch.device("cpu"), tol=1e-5)
+
+
+def test_slots_are_taken_after_the_model_moves(tiny_gpt2):
+    """Moving a model replaces its tensors, so a Conv1D slot (a transposed view) taken before
+    the move writes into a copy the model no longer uses. A move to the meta device shows it on
+    the CPU: every slot and W_0 must be where the model's weights went."""
+    import torch
+
+    from rankscope.analysis.truncate import _weight_slots
+
+    _, tuned, svds, _ = _tiny_gpt2_pair(tiny_gpt2)
+    meta = torch.device("meta")
+    slots, w0 = _weight_slots(tuned, [(n, *(t.to(meta) for t in usv)) for n, *usv in svds], meta,
+                              merged=True)
+    assert len(slots) == len(svds) == 8
+    for name in slots:
+        assert tuned.get_submodule(name).weight.device == meta
+        assert slots[name].device == meta and w0[name].device == meta
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_conv1d_slots_write_through_on_cuda(tiny_gpt2):
+    """On CUDA, W_0 + trunc_k(ΔW) reaches the model that is evaluated (not its CPU copy)."""
+    import torch
+
+    _check_slots_write_through(tiny_gpt2, torch.device("cuda"), tol=2e-3)   # TF32 matmuls allowed
