@@ -34,7 +34,7 @@ def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
 
 
 def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
-                   n_draws: int = 100, progress: bool = False) -> dict[str, pd.DataFrame]:
+                   n_draws: int = 200, progress: bool = False) -> dict[str, pd.DataFrame]:
     """Every analysis of a sweep but the truncation test, as {table name: DataFrame}.
 
     Each update is decomposed once (``decompose_sweep``: factorized SVDs for LoRA, one dense SVD

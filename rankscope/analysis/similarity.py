@@ -15,8 +15,9 @@ import torch
 
 from rankscope.analysis.tables import nullable_ints
 from rankscope.errors import InputError
-from rankscope.linalg.subspace import (energy_in_subspace, phi, phi_grid, phi_null_draws,
-                                       phi_null_mean, random_orthonormal, relative_fro_distance)
+from rankscope.linalg.subspace import (energy_in_subspace, phi, phi_grid, phi_null_mean,
+                                       phi_null_quantiles, random_orthonormal,
+                                       relative_fro_distance)
 
 SIDES = {"right": "Vh", "left": "U"}   # right: row space (of A); left: column space (of B)
 FACTORS, DELTA = "A/B", "ΔW"           # the two bases φ is measured in (the ``basis`` column)
@@ -39,12 +40,13 @@ def pair_basis(kind: str) -> str:
     return DELTA if kind == "full" else FACTORS
 
 
-def _null(n: int, i: int, j: int, cache: dict, n_draws: int = 100) -> tuple[float, float]:
+def _null(n: int, i: int, j: int, cache: dict, n_draws: int) -> tuple[float, float]:
+    """φ's 95% and 99% null quantiles for these sizes, once per (n, i, j), seeded by the sizes."""
     key = (n, i, j)
     if key not in cache:
-        draws = phi_null_draws(n, i, j, n_draws=n_draws,
-                               generator=torch.Generator().manual_seed(hash(key) % 2**31))
-        cache[key] = (float(draws.mean()), float(draws.std()))
+        gen = torch.Generator().manual_seed(hash(key) % 2**31)   # ints hash alike every run
+        q95, q99 = phi_null_quantiles(n, i, j, (0.95, 0.99), n_draws=n_draws, generator=gen)
+        cache[key] = (float(q95), float(q99))
     return cache[key]
 
 
@@ -65,14 +67,15 @@ def _pair_ids(kind: str, a, b) -> dict:
             "seed_1": a.seed, "seed_2": b.seed}
 
 
-def subspace_similarity(runs: list, *, n_draws: int = 100) -> pd.DataFrame:
+def subspace_similarity(runs: list, *, n_draws: int = 200) -> pd.DataFrame:
     """φ of the top direction and of the top-m directions, m = min(r1, r2), for every pair.
 
     Pairs: LoRA ranks (same seed), LoRA seeds (same rank), both in the basis of A's right and
     B's left singular vectors (Hu et al. eq. 4), and each LoRA run against the full update of
-    its seed (its top-r directions), in ΔW's singular vectors (``basis`` column). Both sides;
-    with the analytic null max(i, j)/n and an empirical draw of random subspaces (mean and
-    standard deviation).
+    its seed (or the first full run), in ΔW's singular vectors (``basis`` column). Both sides,
+    n = d_in for the right (row) space and d_out for the left. The null: its mean max(i, j)/n
+    (``null_mean``) and its 95% and 99% quantiles (``null_q95``, ``null_q99``; exact for
+    i = 1, else from ``n_draws`` seeded Haar draws), since φ's null is heavy-tailed.
     """
     full = {r.seed: r for r in runs if r.method == "full"}
     pairs = lora_pairs(runs)
@@ -91,12 +94,12 @@ def subspace_similarity(runs: list, *, n_draws: int = 100) -> pd.DataFrame:
                 n = ua.shape[0]
                 grid = phi_grid(ua, ub, imax=m, jmax=m)  # (m, m): φ(i, i) on its diagonal
                 for i in sorted({1, m}):
-                    mean, std = _null(n, i, i, cache, n_draws)
+                    q95, q99 = _null(n, i, i, cache, n_draws)
                     rows.append({**_pair_ids(kind, a, b), "layer": da.layer, "module": da.module,
                                  "name": name, "side": side, "basis": basis, "i": i, "j": i,
                                  "phi": float(grid[i - 1, i - 1]),
                                  "null_mean": phi_null_mean(n, i, i),
-                                 "null_draw_mean": mean, "null_draw_std": std})
+                                 "null_q95": q95, "null_q99": q99})
     return nullable_ints(pd.DataFrame(rows), PAIR_INTS)
 
 

@@ -187,6 +187,42 @@ def phi_null_draws(
     return torch.cat(out).numpy()
 
 
+def phi_null_quantiles(n: int, i: int, j: int, qs: tuple[float, ...] = (0.95, 0.99), *,
+                       n_draws: int = 200, generator: torch.Generator) -> np.ndarray:
+    """Quantiles of φ between independent uniformly random i- and j-dim subspaces of R^n.
+
+    With min(i, j) = 1, φ is the squared norm of a random unit vector's projection onto a fixed
+    m-dim subspace, m = max(i, j): φ ~ Beta(m/2, (n − m)/2), exact (heavy-tailed: its 99%
+    quantile is ≈ 6.6/n for m = 1, against a mean of 1/n). Otherwise the empirical quantiles of
+    ``n_draws`` seeded Haar draws (:func:`phi_null_draws`).
+
+    Args:
+        n: ambient dimension.
+        i: 1 ≤ i ≤ n.
+        j: 1 ≤ j ≤ n.
+        qs: the probabilities, each in (0, 1).
+        n_draws: draws when min(i, j) > 1, ≥ 1.
+        generator: torch random generator (used only for the draws).
+
+    Returns:
+        (len(qs),) float64 array of quantiles.
+
+    Raises:
+        InputError: i, j outside [1, n], a probability outside (0, 1), or n_draws < 1.
+    """
+    if not all(0.0 < q < 1.0 for q in qs):
+        raise InputError(f"quantile probabilities must be in (0, 1), got {list(qs)}")
+    _check_count(i, n, "i")
+    _check_count(j, n, "j")
+    if min(i, j) == 1:
+        from scipy.stats import beta
+
+        m = max(i, j)
+        return np.ones(len(qs)) if m == n else beta.ppf(qs, m / 2, (n - m) / 2)
+    draws = phi_null_draws(n, i, j, n_draws=n_draws, generator=generator)
+    return np.quantile(draws, qs)
+
+
 def energy_in_subspace(U_sub: Tensor, U: Tensor, S: Tensor) -> float:
     """Share of an update's energy ‖ΔW‖_F² lying in the column span of U_sub.
 

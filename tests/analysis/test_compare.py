@@ -137,6 +137,9 @@ def test_subspace_tables_record_their_basis(counted):
     sub, grid = frames["subspace"], frames["subspace_grid"]
     assert dict(sub.groupby("pair")["basis"].unique().map(list)) == {
         "full": ["ΔW"], "ranks": ["A/B"], "seeds": ["A/B"]}
+    assert (sub["null_mean"] < sub["null_q95"]).all() and (sub["null_q95"] < sub["null_q99"]).all()
+    top = sub[(sub["i"] == 1) & (sub["side"] == "right")]        # n = d_in = 576: exact Beta
+    assert top["null_q99"].mul(576).between(6.5, 6.7).all()
     assert set(grid["pair"]) == {"ranks", "seeds"} and set(grid["layer"]) == {1}
     assert set(zip(grid["source"], grid["basis"])) == {("trained", "A/B"), ("random", "random")}
     for col in ("pair", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2", "i", "j", "phi"):

@@ -20,6 +20,7 @@ from rankscope.linalg.subspace import (
     phi_grid,
     phi_null_draws,
     phi_null_mean,
+    phi_null_quantiles,
     principal_angles,
     projection_norms,
     random_orthonormal,
@@ -120,6 +121,36 @@ def test_random_baseline_mean_matches_max_ij_over_n(n, i, j):
     se = draws.std(ddof=1) / math.sqrt(draws.size)
     assert abs(draws.mean() - phi_null_mean(n, i, j)) < 4 * se
     assert phi_null_mean(n, i, j) == max(i, j) / n
+
+
+@pytest.mark.parametrize("i, j", [(1, 1), (1, 5), (4, 1)])
+def test_null_quantiles_with_one_direction_are_the_exact_beta(i, j):
+    """min(i, j) = 1: φ ~ Beta(m/2, (n − m)/2), m = max(i, j); Haar draws agree with it."""
+    from scipy.stats import beta
+
+    n, m = 40, max(i, j)
+    q = phi_null_quantiles(n, i, j, (0.5, 0.95, 0.99), generator=_gen(1))
+    np.testing.assert_allclose(q, beta.ppf([0.5, 0.95, 0.99], m / 2, (n - m) / 2), rtol=1e-12)
+    draws = phi_null_draws(n, i, j, n_draws=20000, generator=_gen(2))
+    np.testing.assert_allclose(np.quantile(draws, [0.5, 0.95, 0.99]), q, rtol=0.06)
+
+
+def test_null_quantiles_of_the_top_direction_are_heavy_tailed():
+    """The 99% quantile of φ(1, 1) is ≈ 6.6/n, far above its mean 1/n (d_in = 576)."""
+    q99 = phi_null_quantiles(576, 1, 1, (0.99,), generator=_gen())[0]
+    assert q99 * 576 == pytest.approx(6.6, abs=0.05)
+    assert phi_null_quantiles(8, 1, 8, generator=_gen()).tolist() == [1.0, 1.0]  # the whole space
+
+
+def test_null_quantiles_of_wider_subspaces_come_from_seeded_draws():
+    q = phi_null_quantiles(30, 3, 5, (0.95, 0.99), n_draws=300, generator=_gen(3))
+    draws = phi_null_draws(30, 3, 5, n_draws=300, generator=_gen(3))
+    np.testing.assert_array_equal(q, np.quantile(draws, [0.95, 0.99]))
+    assert phi_null_mean(30, 3, 5) < q[0] < q[1] <= 1.0
+    with pytest.raises(InputError, match=r"in \(0, 1\)"):
+        phi_null_quantiles(30, 3, 5, (0.5, 1.0), generator=_gen())
+    with pytest.raises(InputError, match="j=31"):
+        phi_null_quantiles(30, 3, 31, generator=_gen())
 
 
 def _w_with_spectrum(sigmas: torch.Tensor, d_out: int, d_in: int, seed: int):
