@@ -1,45 +1,17 @@
-"""Every YAML under experiments/ loads, and every paper experiment's quick variant runs end to
-end (sweep, compare, truncate, figure) and re-draws from its CSV through the CLI.
-
-The quick variants share one sweep folder per distinct sweep config, under pytest's base temp
-folder, so the whole file trains two tiny sweeps (SmolLM2's first 2 blocks, 3 steps).
+"""Every YAML under experiments/ loads, every paper experiment has a header and every variant,
+equal sweep configs share one folder, and a bad experiment file names its problem. The quick
+variants run end to end and re-draw through the CLI in tests/cli/test_cli_figures.py.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import pytest
+from study_fixtures import OTHER, PAPER, ROOT, runs_root  # noqa: F401
+from study_fixtures import write_experiment as _write
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import click  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-
-from rankscope.train.config import SweepConfig, build_sweep, load_yaml  # noqa: E402
-from rankscope.errors import InputError  # noqa: E402
-from rankscope.cli.read import figures as figures_command, plot as plot_command  # noqa: E402
-from rankscope.outputs.experiments import VARIANTS, load_experiment, resolve  # noqa: E402
-from rankscope.pipeline.figures import run_experiment, sweep_folder  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
-OTHER = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if p not in PAPER)
-
-
-@pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "figure-runs"     # shared with test_plots
-
-
-@pytest.fixture(scope="module")
-def cli():
-    group = click.Group("rankscope")
-    group.add_command(figures_command)
-    group.add_command(plot_command)
-    return group
+from rankscope.train.config import SweepConfig, build_sweep, load_yaml
+from rankscope.errors import InputError
+from rankscope.outputs.experiments import VARIANTS, load_experiment, resolve
+from rankscope.pipeline.figures import sweep_folder
 
 
 def test_the_paper_experiments_are_all_there():
@@ -83,56 +55,6 @@ def test_experiments_share_their_sweep_folders(runs_root):
         assert len(folders) == 2, (variant, folders)      # {Wq, Wv} with full, and {Wq} alone
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
-def test_quick_variant_runs_end_to_end_and_redraws(path, runs_root, tmp_path, cli):
-    png = run_experiment(path, variant="quick", out=tmp_path, runs_root=runs_root,
-                         log=lambda s: None)
-    name = path.stem
-    assert png == tmp_path / f"{name}.png" and png.stat().st_size > 10_000
-    data = pd.read_csv(tmp_path / f"{name}.csv")
-    assert list(data.columns[:2]) == ["plot", "panel"] and len(data)
-    meta = json.loads((tmp_path / f"{name}.json").read_text())
-    assert meta["variant"] == "quick"
-    assert "quick profile: smollm2-135m@2l, task news, 3 steps" in meta["caption"]
-    assert meta["caption"].startswith(load_experiment(path).result)
-    (tmp_path / f"{name}.json").unlink()                  # the CSV alone suffices
-    res = CliRunner().invoke(cli, ["plot", str(tmp_path / f"{name}.csv"),
-                                   "--out", str(tmp_path / "again.png")])
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "again.png").stat().st_size > 10_000
-
-
-@pytest.mark.slow
-def test_figures_cli_runs_a_folder_with_all(runs_root, tmp_path, cli):
-    folder = tmp_path / "exps"
-    folder.mkdir()
-    for name in ("table18_loss_vs_rank", "energy_rank_biderman"):
-        text = (ROOT / "experiments" / "paper" / f"{name}.yaml").read_text()
-        (folder / f"{name}.yaml").write_text(
-            text.replace("../news_smollm2.yaml", str(ROOT / "experiments" / "news_smollm2.yaml")))
-    out = tmp_path / "figs"
-    res = CliRunner().invoke(cli, ["figures", str(folder), "--all", "--variant", "quick",
-                                   "--out", str(out), "--runs-root", str(runs_root), "--quiet"])
-    assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{n}.{ext}" for n in ("table18_loss_vs_rank", "energy_rank_biderman")
-        for ext in ("csv", "json", "png"))
-    res = CliRunner().invoke(cli, ["figures", str(folder), "--variant", "quick"])
-    assert res.exit_code == 2 and "pass --all" in res.output
-
-
-def _write(tmp_path, doc: dict, name="exp.yaml"):
-    import yaml
-
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("model: smollm2-135m@2l\ntask: news\n")
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump({"result": "r", "figure": "metric_rank",
-                                    "sweep": "sweep.yaml", "variants": {"quick": {}}, **doc}))
-    return path
-
-
 @pytest.mark.parametrize("doc, message", [
     ({"colour": "red"}, "unknown key 'colour'"),
     ({"figure": "pie"}, "unknown figure 'pie'"),
@@ -146,19 +68,6 @@ def _write(tmp_path, doc: dict, name="exp.yaml"):
 def test_invalid_experiments_name_the_problem(tmp_path, doc, message):
     with pytest.raises(InputError, match=message):
         load_experiment(_write(tmp_path, doc))
-
-
-def test_cli_errors_are_one_line(tmp_path, cli):
-    path = _write(tmp_path, {"colour": "red"})
-    res = CliRunner().invoke(cli, ["figures", str(path), "--variant", "quick"])
-    assert res.exit_code == 2
-    assert res.output.strip().splitlines() == [
-        f"rankscope: error: experiment {path}: unknown key 'colour'; known: "
-        "result, figure, sweep, sweeps, settings, truncate, variants"]
-    res = CliRunner().invoke(cli, ["figures", str(_write(tmp_path, {}, "ok.yaml")), "--variant", "gpu"])
-    assert res.exit_code == 2 and "has no variant 'gpu'" in res.output
-    res = CliRunner().invoke(cli, ["plot", str(tmp_path / "none.csv")])
-    assert res.exit_code == 2 and "missing figure data" in res.output
 
 
 def test_variant_overrides_apply_in_order(tmp_path):

@@ -1,113 +1,26 @@
-"""``rankscope recommend``: planted ranks come back, budgets are spent by the spectra, the
-exported config loads in peft and trains, ``--validate`` retrains side by side, and every bad
-input is one line with exit status 2.
+"""``rankscope recommend``'s engine: planted ranks come back, budgets are spent by the
+spectra, the exported config loads in peft and trains, and ``--validate`` retrains side by side.
+The verb itself, and its one-line errors, are tested in tests/cli/test_cli_recommend.py.
 
-The planted sweep is built by hand on the SmolLM2 slice's own module names and shapes: a
-full run whose ΔW has a chosen rank per module (plus tiny noise), and LoRA runs r = 1…16 that
-learned the planted directions (and noise beyond them), with held-out losses that stop
-improving at r = 8. Known by construction, so the expected ranks are exact.
+The planted sweep (tests/study_fixtures.py) is built by hand on the SmolLM2 slice's own module
+names and shapes, known by construction, so the expected ranks are exact.
 """
 from __future__ import annotations
 
 import json
 import math
 
-import click
 import numpy as np
 import pandas as pd
 import pytest
-from clichecks import assert_one_line_error
 import torch
-from click.testing import CliRunner
+from study_fixtures import LOSS, SHAPES, expected, name, planted, planted_results  # noqa: F401
 
 from rankscope.recommend import evidence as core
 from rankscope.errors import InputError
-from rankscope.cli.read import recommend as recommend_command
 from rankscope.pipeline.stages import recommend_stage as recommend
 from rankscope.recommend.stage import (lora_config, recommend_frames,
                                  uniform_rank)
-
-# layer → module → planted singular values (rank = their count); q is 576×576, v is 192×576
-PLANTED = {0: {"q_proj": [1.0, 0.8], "v_proj": list(np.linspace(1.0, 0.7, 8))},
-           1: {"q_proj": [1.0, 0.9, 0.8, 0.7], "v_proj": [1.0]}}
-SHAPES = {"q_proj": (576, 576), "v_proj": (192, 576)}
-RANKS = (1, 2, 4, 8, 16)
-LOSS = {1: 2.6, 2: 2.3, 4: 2.1, 8: 2.0, 16: 2.0}      # the metric's knee is at r = 8
-
-
-def name(layer: int, kind: str) -> str:
-    return f"model.layers.{layer}.self_attn.{kind}"
-
-
-def expected() -> dict[str, int]:
-    return {name(layer, k): len(s) for layer, mods in PLANTED.items() for k, s in mods.items()}
-
-
-def _frame(d: int, k: int, gen) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0]
-
-
-@pytest.fixture(scope="module")
-def planted(smollm2_slice, make_run, tmp_path_factory):
-    """A sweep folder: full-s0 with planted ranks, lora-r{1..16}-s0 learning them."""
-    out = tmp_path_factory.mktemp("planted") / "sweep"
-    gen = torch.Generator().manual_seed(0)
-    common = dict(seed=0, model=str(smollm2_slice), model_path=str(smollm2_slice), task="news",
-                  data_hash="d", split_hash="s", task_kind="lm", steps=10,
-                  eval_before={"loss": 3.0})
-    full, lora = {}, {r: {} for r in RANKS}
-    for layer, mods in PLANTED.items():
-        for kind, sig in mods.items():
-            (d_out, d_in), k = SHAPES[kind], len(sig)
-            u, v = _frame(d_out, k, gen), _frame(d_in, k, gen)
-            s = torch.tensor(sig + [0.01] * 16, dtype=torch.float64)  # beyond k: LoRA's noise
-            full[f"{name(layer, kind)}.delta"] = (u[:, :k] * s[:k]) @ v[:, :k].T \
-                + 1e-4 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-            for r in RANKS:
-                noise_u, noise_v = _frame(d_out, r, gen), _frame(d_in, r, gen)
-                cols_u = torch.cat([u[:, :k], noise_u], 1)[:, :r]   # planted first, then noise
-                cols_v = torch.cat([v[:, :k], noise_v], 1)[:, :r]
-                lora[r][f"{name(layer, kind)}.lora_B"] = cols_u * s[:r]
-                lora[r][f"{name(layer, kind)}.lora_A"] = cols_v.T
-                lora[r][f"{name(layer, kind)}.scaling"] = torch.tensor(1.0)
-    make_run(out / "full-s0", full, run="full-s0", method="full", rank=None,
-             eval_after={"loss": 1.98}, **common)
-    for r in RANKS:
-        make_run(out / f"lora-r{r}-s0", lora[r], run=f"lora-r{r}-s0", method="lora", rank=r,
-                 lora_alpha=2.0 * r, alpha_policy="scaled", targets=["q_proj", "v_proj"],
-                 eval_after={"loss": LOSS[r]}, **common)
-    return out
-
-
-def planted_tables(planted, out) -> None:
-    """The tables recommend reads, by compare's own functions (its ΔW-vs-W and intruder
-    analyses, which recommend does not read, are skipped: they cost most of compare's time)."""
-    from rankscope.analysis.analyze import analyze_deltas
-    from rankscope.analysis.compare import convergence, run_metrics
-    from rankscope.analysis.decompose import decompose_sweep
-    from rankscope.analysis.deltas import from_runs
-    from rankscope.store.results import prepare_out, save_tables
-
-    runs = decompose_sweep(planted)
-    spectra, modules = analyze_deltas(from_runs(planted), progress=False)
-    save_tables(prepare_out(out), {"metrics": run_metrics(runs), "convergence": convergence(runs),
-                                   "spectra": spectra, "modules": modules},
-                inputs={"runs": str(planted)})
-
-
-@pytest.fixture(scope="module")
-def planted_results(planted, tmp_path_factory):
-    """The planted sweep's tables and the recommendation written beside them."""
-    out = tmp_path_factory.mktemp("planted-results") / "results"
-    planted_tables(planted, out)
-    rec = recommend(planted, out, progress=False, log=lambda s: None)
-    return out, rec
-
-
-def invoke(*args):
-    group = click.Group("rankscope")
-    group.add_command(recommend_command)
-    return CliRunner().invoke(group, ["recommend", *map(str, args), "--quiet"])
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -270,61 +183,6 @@ def test_the_exported_config_loads_in_peft_and_trains(planted_results, smollm2_s
     assert all(not torch.equal(p, b[n]) for n, p in model.named_parameters() if "lora_B" in n)
 
 
-def test_the_cli_writes_the_recommendation_and_a_budgeted_one(planted, planted_results, tmp_path):
-    import shutil
-
-    shutil.copytree(planted_results[0], tmp_path / "res")
-    for f in ("recommendation.csv", "lora_config.json", "rationale.md"):
-        (tmp_path / "res" / f).unlink()
-    res = invoke(planted, "--out", tmp_path / "res")
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "res" / "lora_config.json").read_text())["r"] in (1, 2, 4, 8)
-    assert '"rank_pattern"' in res.stdout
-    res = invoke(planted, "--out", tmp_path / "res", "--budget", "5k")
-    assert res.exit_code == 0, res.output
-    table = pd.read_csv(tmp_path / "res" / "recommendation.csv")
-    assert table["params"].sum() <= 5000 and "r_evidence" in table
-
-
-# ------------------------------------------------------------------------ bad inputs
-
-def _one_line(res, *fragments):
-    assert_one_line_error(res, *fragments)
-
-
-def test_a_folder_with_no_finished_runs_is_one_line(tmp_path):
-    (tmp_path / "runs" / "lora-r2-s0").mkdir(parents=True)       # started, never finished
-    _one_line(invoke(tmp_path / "runs", "--out", tmp_path / "res"), "no finished runs")
-
-
-def test_runs_of_different_models_are_one_line(planted, make_run, tmp_path):
-    import shutil
-
-    mixed = tmp_path / "mixed"
-    shutil.copytree(planted, mixed)
-    manifest = json.loads((mixed / "lora-r2-s0" / "manifest.json").read_text())
-    manifest["model"] = "another-model"
-    (mixed / "lora-r2-s0" / "manifest.json").write_text(json.dumps(manifest))
-    _one_line(invoke(mixed, "--out", tmp_path / "res"), "differ in model")
-
-
-@pytest.mark.parametrize("budget, fragment", [("100", "smaller than one rank-1 adapter"),
-                                              ("1.5X", "cannot read"), ("-1", "positive")])
-def test_bad_budgets_are_one_line(planted, tmp_path, budget, fragment):
-    _one_line(invoke(planted, "--out", tmp_path / "res", "--budget", budget), "budget", fragment)
-    assert not (tmp_path / "res").exists()          # refused before any analysis ran
-
-
-def test_results_of_another_sweep_are_one_line(planted, planted_results, tmp_path):
-    import shutil
-
-    other = tmp_path / "other"
-    shutil.copytree(planted, other)
-    res = tmp_path / "res"
-    shutil.copytree(planted_results[0], res)
-    _one_line(invoke(other, "--out", res), "holds the tables of")
-
-
 # ---------------------------------------------------------------------------- --validate
 
 def test_the_validation_states_both_parameter_counts():
@@ -388,4 +246,3 @@ def test_validation_training_reproduces_the_sweeps_own_lora_run(news_sweep, tmp_
     train = [json.loads(x) for x in (news_sweep.lora / "metrics.jsonl").read_text().splitlines()]
     last = [m["loss"] for m in train if m["kind"] == "train"][-1]
     assert val["final_train_loss"].iloc[0] == pytest.approx(last, rel=1e-5)
-
