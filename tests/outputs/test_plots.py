@@ -102,7 +102,7 @@ def quick_tables(tmp_path_factory):
     exp = load_experiment(path)
     cfgs, _, _ = resolve(exp, "quick")
     (cfg,) = cfgs.values()
-    from rankscope.outputs.experiments import sweep_folder
+    from rankscope.pipeline.figures import sweep_folder
 
     folder = sweep_folder(cfg, next(iter(exp.sweeps.values()))[0], "quick", root)
     return {"LoRA": load_tables(folder.with_name(folder.name + "-results"))}
