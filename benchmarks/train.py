@@ -34,7 +34,7 @@ def _setup(args):
     import torch
 
     from rankscope.train.config import build_sweep
-    from rankscope.train.sweep import prepare
+    from rankscope.train.data import prepare
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -55,22 +55,22 @@ def _sync(device) -> None:
 
 
 def _rankscope(cfg, task, device, *, method: str) -> tuple[list[float], int]:
-    """Step end times of rankscope's own loop (runner._step, AdamW, LambdaLR), and N."""
+    """Step end times of rankscope's own loop (``train_steps``: AdamW, LambdaLR), and N."""
     import torch
 
-    from rankscope.train import loop as R
-    from rankscope.train import parts as T
-    model = R.build_model(cfg, task, method=method, rank=cfg.ranks[0], seed=0).to(device)
+    from rankscope.store.runs import RunId
+    from rankscope.train.device import Dist
+    from rankscope.train.loop import make_optimizer, train_steps
+    from rankscope.train.model_setup import build_model
+
+    model = build_model(cfg, task, RunId(method, cfg.ranks[0], 0)).to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = R.make_optimizer(params, cfg, method=method)
+    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg,
+                                method=method)
     order = torch.arange(cfg.steps * cfg.batch_size).view(cfg.steps, cfg.batch_size)
-    dist, ends = T.Dist(device=device), []
-    for step in range(cfg.steps):
-        R._step(model, task, order[step], cfg=cfg, dist=dist, bf16=cfg.bf16, params=params)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    ends = []
+    for _ in train_steps(model, task, order, cfg=cfg, dist=Dist(device=device), bf16=cfg.bf16,
+                         opt=opt, sched=sched):
         _sync(device)
         ends.append(time.perf_counter())
     return ends, _n_params(model)
@@ -85,7 +85,9 @@ def _trainer(cfg, task, device, *, method: str) -> tuple[list[float], int]:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from rankscope.train import loop as R
+    from rankscope.store.runs import RunId
+    from rankscope.train.model_setup import build_model
+
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
             return task.train["input_ids"].shape[0]
@@ -100,7 +102,7 @@ def _trainer(cfg, task, device, *, method: str) -> tuple[list[float], int]:
             _sync(device)
             ends.append(time.perf_counter())
 
-    model = R.build_model(cfg, task, method=method, rank=cfg.ranks[0], seed=0)
+    model = build_model(cfg, task, RunId(method, cfg.ranks[0], 0))
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,

@@ -2,9 +2,10 @@
 
 The recommendation is tested, not asserted: the recommended config (per-module ranks through
 ``rank_pattern``) and the uniform rank nearest its parameter count are trained exactly as the
-sweep trained its LoRA runs (same held-out split, batches, schedule, learning rate, seeds) and
-evaluated on the same held-out split. The peft model is built here from the config, around
-the helpers of ``rankscope.train.parts``, because a sweep run has one rank for every module.
+sweep trained its LoRA runs (same held-out split, batches, schedule, learning rate, seeds,
+and the sweep's own loop, ``rankscope.train.loop.train_steps``) and evaluated on the same
+held-out split. The peft model is built here from the config, because a sweep run has one rank
+for every module.
 """
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from rankscope.train import parts as T
 from rankscope.errors import InputError
-from rankscope.store.atomic import atomic_write_json
+from rankscope.store.atomic import atomic_dir, atomic_write_json
+from rankscope.store.runs import SWEEP_FILE, sweep_root
+from rankscope.train.device import Dist, setup_dist, use_bf16
+from rankscope.train.evaluation import base_evaluation, evaluate
+from rankscope.train.loop import batch_order, make_optimizer, train_steps
+from rankscope.train.model_setup import load_task_model
 
 
 def sweep_config(runs: str | Path):
@@ -29,9 +34,8 @@ def sweep_config(runs: str | Path):
         InputError: the sweep folder has no sweep.yaml.
     """
     from rankscope.train.config import build_sweep
-    from rankscope.recommend.stage import sweep_root
 
-    path = sweep_root(runs) / "sweep.yaml"
+    path = sweep_root(runs) / SWEEP_FILE
     if not path.is_file():
         raise InputError(f"--validate needs the sweep's settings, and {path} is missing")
     return build_sweep(yaml_path=path)
@@ -41,45 +45,30 @@ def build_lora(cfg, task, config: dict, *, seed: int):
     """The task model wrapped by peft with ``LoraConfig(**config)``, LoRA init from ``seed``."""
     from peft import LoraConfig, get_peft_model
 
-    model = T.load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
+    model = load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(**config))
 
 
-def train_steps(model, task, *, cfg, seed: int, device: torch.device, bf16: bool,
-                progress: bool = False, desc: str = "validate") -> list[float]:
-    """Train ``model``'s trainable parameters as a sweep's LoRA run; returns the step losses.
+def train_lora(model, task, *, cfg, seed: int, device: torch.device, bf16: bool,
+               progress: bool = False, desc: str = "validate") -> list[float]:
+    """Train ``model``'s trainable parameters as the sweep trains a LoRA run; the step losses.
 
-    The same batches (``batch_order`` from the seed), warm-up and decay, AdamW at ``lr_lora``,
-    clipping, and the loss summed over a step's targets then divided by their count.
+    The sweep's optimizer (AdamW at ``lr_lora``, its schedule), its batches (``batch_order``
+    from the seed) and its loop, in one process: validation is not sharded.
     """
     from tqdm.auto import tqdm
 
-    from rankscope.train.loop import make_optimizer
-
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg, method="lora")       # the sweep's own optimizer
-    torch.manual_seed(seed)
-    order = T.batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
-                          per_step=cfg.batch_size * cfg.grad_accum, seed=seed)
+    opt, sched = make_optimizer(params, cfg, method="lora")
+    torch.manual_seed(seed)                 # dropout stream, as a sweep run seeds it
+    order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
+                        per_step=cfg.batch_size * cfg.grad_accum, seed=seed)
     model.train()
-    losses = []
-    for idx in tqdm(order, desc=desc, unit="step", leave=False, disable=not progress, file=sys.stderr):
-        n_targets = max(T.tokens_in(task, idx) if task.kind != "cls" else idx.numel(), 1)
-        total = 0.0
-        for mb in idx.view(cfg.grad_accum, cfg.batch_size):
-            batch = {k: v[mb].to(device) for k, v in task.train.items()}
-            with T.autocast(device, bf16):
-                loss, _ = T.loss_sum(model, batch, kind=task.kind)
-            (loss / n_targets).backward()
-            total += float(loss.detach())
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total / n_targets)
-    return losses
+    steps = train_steps(model, task, order, cfg=cfg, dist=Dist(device=device), bf16=bf16,
+                        opt=opt, sched=sched)
+    return [s.loss for s in tqdm(steps, total=len(order), desc=desc, unit="step", leave=False,
+                                 disable=not progress, file=sys.stderr)]
 
 
 def describe(config: dict) -> str:
@@ -89,15 +78,6 @@ def describe(config: dict) -> str:
         return f"r = {config['r']}"
     lo, hi = min(pattern.values()), max(pattern.values())
     return f"r = {config['r']}; {len(pattern)} modules at other ranks ({lo}–{hi})"
-
-
-def _base_eval(runs: Path, task, model, *, device, bf16) -> dict:
-    cached = runs / "base_eval.json"
-    if cached.exists():
-        doc = json.loads(cached.read_text())
-        if doc.get("split_hash") == task.split_hash:
-            return doc["metrics"]
-    return T.evaluate(model, task.eval, kind=task.kind, device=device, bf16=bf16)
 
 
 def validate(runs: str | Path, configs: dict[str, dict], *, out: str | Path,
@@ -114,43 +94,59 @@ def validate(runs: str | Path, configs: dict[str, dict], *, out: str | Path,
     Raises:
         InputError: no sweep.yaml, or a sweep whose held-out split cannot be rebuilt.
     """
-    from rankscope.recommend.stage import VALIDATED, check_runs, sweep_root
+    from rankscope.recommend.inputs import VALIDATED, check_runs
     from rankscope.store.results import save_tables
-    from rankscope.train.sweep import prepare
+    from rankscope.train.data import prepare
 
     sets = check_runs(runs)
     cfg = sweep_config(runs)
     task = prepare(cfg)
     if any(s.meta.get("split_hash") not in (None, task.split_hash) for s in sets):
         raise InputError(f"{runs} was evaluated on another held-out split than its sweep.yaml gives")
-    dist = T.setup_dist(cfg.device)
-    bf16 = T.use_bf16(cfg.bf16, dist.device)
+    device = setup_dist(cfg.device).device
+    bf16 = use_bf16(cfg.bf16, device)
     out, rows, done = Path(out), [], {}
     for label, config in configs.items():
         key = json.dumps(config, sort_keys=True)
         for seed in cfg.seeds:
-            if (key, seed) in done:          # the same config under another label
-                rows.append({**done[(key, seed)], "config": label})
-                continue
-            t0 = time.perf_counter()
-            model = build_lora(cfg, task, config, seed=seed).to(dist.device)
-            before = _base_eval(sweep_root(runs), task, model, device=dist.device, bf16=bf16)
-            losses = train_steps(model, task, cfg=cfg, seed=seed, device=dist.device, bf16=bf16,
-                                 progress=progress, desc=f"{label} s{seed}")
-            after = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
-            model.save_pretrained(out / "validate" / f"{label}-s{seed}")
-            row = {"config": label, "ranks": describe(config), "seed": seed,
-                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   "steps": cfg.steps, **{f"before_{k}": v for k, v in before.items()},
-                   **{f"after_{k}": v for k, v in after.items()},
-                   "final_train_loss": losses[-1] if losses else None,
-                   "wall_time_s": round(time.perf_counter() - t0, 2)}
-            done[(key, seed)] = row
-            rows.append(row)
-            log(f"validate {label:<12} seed {seed}: {describe(config)}, "
-                f"{row['trainable_params']:,} params, " +
-                ", ".join(f"{k} {before[k]:.4g} → {after[k]:.4g}" for k in after if k != "perplexity"))
+            if (key, seed) not in done:      # else the same config under another label
+                done[(key, seed)] = _validate_one(cfg, task, config, runs=Path(runs),
+                                                  out=out / "validate" / f"{label}-s{seed}",
+                                                  seed=seed, device=device, bf16=bf16,
+                                                  progress=progress)
+                _log_row(log, label, config, done[(key, seed)])
+            rows.append({"config": label, **done[(key, seed)]})
     table = pd.DataFrame(rows)
     save_tables(out, {"validate": table}, inputs={"runs": str(runs)})
     atomic_write_json(out / VALIDATED, configs)     # what validate.csv tested
     return table
+
+
+def _validate_one(cfg, task, config: dict, *, runs: Path, out: Path, seed: int,
+                  device: torch.device, bf16: bool, progress: bool) -> dict:
+    """Train and evaluate one config and seed, save its adapter to ``out``; its table row."""
+    t0 = time.perf_counter()
+    model = build_lora(cfg, task, config, seed=seed).to(device)
+    # B = 0: the fresh adapter computes the base model, whose metrics the sweep cached
+    before = base_evaluation(model, task, sweep_root(runs), device=device, bf16=bf16,
+                             write=False)
+    losses = train_lora(model, task, cfg=cfg, seed=seed, device=device, bf16=bf16,
+                        progress=progress, desc=f"{out.name}")
+    after = evaluate(model, task.eval, kind=task.kind, device=device, bf16=bf16)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+    return {"ranks": describe(config), "seed": seed,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "steps": cfg.steps, **{f"before_{k}": v for k, v in before.items()},
+            **{f"after_{k}": v for k, v in after.items()},
+            "final_train_loss": losses[-1] if losses else None,
+            "wall_time_s": round(time.perf_counter() - t0, 2)}
+
+
+def _log_row(log: Callable[[str], None], label: str, config: dict, row: dict) -> None:
+    metrics = [k.removeprefix("after_") for k in row if k.startswith("after_")]
+    log(f"validate {label:<12} seed {row['seed']}: {describe(config)}, "
+        f"{row['trainable_params']:,} params, " +
+        ", ".join(f"{k} {row['before_' + k]:.4g} → {row['after_' + k]:.4g}"
+                  for k in metrics if k != "perplexity"))
+

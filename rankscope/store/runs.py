@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -48,6 +49,22 @@ def sweep_root(runs: str | Path) -> Path:
 def run_name(method: str, rank: int | None, seed: int) -> str:
     """The folder name of one run: ``full-s0`` or ``lora-r8-s0``."""
     return f"full-s{seed}" if method == "full" else f"{method}-r{rank}-s{seed}"
+
+
+class RunId(NamedTuple):
+    """One cell of a sweep's grid: the method, its LoRA rank (None for full) and the seed.
+
+    A tuple, so ``for method, rank, seed in cfg.runs()`` reads it as before.
+    """
+
+    method: str
+    rank: int | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """The run's folder name, ``full-s0`` or ``lora-r8-s0`` (``run_name``)."""
+        return run_name(self.method, self.rank, self.seed)
 
 
 def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method: str) -> None:
@@ -132,6 +149,11 @@ def read_manifest(run_dir: str | Path) -> dict:
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:
     """Write the manifest last and atomically: from then on the run counts as finished."""
     atomic_write_json(Path(run_dir) / MANIFEST, {"format": RUN_FORMAT, **manifest})
+
+
+def finished_manifest(run_dir: str | Path) -> dict | None:
+    """The manifest of a finished run folder, else None (no folder, or no run manifest yet)."""
+    return json.loads((Path(run_dir) / MANIFEST).read_text()) if is_finished(run_dir) else None
 
 
 def is_finished(run_dir: str | Path) -> bool:

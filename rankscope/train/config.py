@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from rankscope.errors import InputError
+from rankscope.store.runs import RunId
 
 METHODS = ("full", "lora")
 ALPHA_POLICIES = ("fixed", "scaled", "rslora")
@@ -84,14 +85,14 @@ class SweepConfig:
         if not self.targets:
             raise InputError("targets: give module names or all-linear")
 
-    def runs(self) -> list[tuple[str, int | None, int]]:
-        """The grid: (method, rank, seed) for every run, full first, in a fixed order."""
+    def runs(self) -> list[RunId]:
+        """The grid: a RunId (method, rank, seed) for every run, full first, in a fixed order."""
         grid = []
         for seed in self.seeds:
             if "full" in self.methods:
-                grid.append(("full", None, seed))
+                grid.append(RunId("full", None, seed))
             if "lora" in self.methods:
-                grid.extend(("lora", r, seed) for r in sorted(self.ranks))
+                grid.extend(RunId("lora", r, seed) for r in sorted(self.ranks))
         return grid
 
     def lora_alpha(self, rank: int) -> float:
@@ -214,7 +215,7 @@ def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = No
 
 def _task_defaults(values: dict) -> None:
     """A shipped task's own model, and that model's query/value names, unless given."""
-    from rankscope.train.data import TASKS
+    from rankscope.train.corpora import TASKS
 
     spec = TASKS.get(values.get("task", SweepConfig.task))
     if spec is None:

@@ -16,8 +16,6 @@ import contextlib
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from rankscope.errors import InputError, ModelNotFoundError
-from rankscope.store.atomic import make_public
+from rankscope.store.atomic import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTRY = {
@@ -79,22 +77,23 @@ def registry_path(name: str) -> Path:
 _SLICE_RE = re.compile(r"(.+)@(\d+)l")
 
 
+class _ConvertedMeanwhile(Exception):
+    """Another process saved the same model folder while this one was writing it."""
+
+
 def _save_atomically(write, dest: Path) -> None:
-    """Call ``write(tmp_folder)`` and rename the folder to ``dest`` only once it is complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    make_public(tmp)
+    """Call ``write(tmp_folder)`` and rename the folder to ``dest`` only once it is complete.
+
+    Processes that convert the same model at once each write their own temporary folder; one
+    that finds ``dest`` complete when it is done keeps that one and drops its own.
+    """
     try:
-        write(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").is_file():    # not a concurrent conversion's result
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)      # another process converted it first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dest, overwrite=True) as tmp:
+            write(tmp)
+            if (dest / "config.json").is_file():
+                raise _ConvertedMeanwhile
+    except _ConvertedMeanwhile:
+        pass
 
 
 def resolve_model(name: str | Path) -> Path:

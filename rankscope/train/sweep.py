@@ -1,7 +1,6 @@
 """The grid of runs: one folder per (method, rank, seed); finished runs skipped, the rest resumed."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -9,16 +8,16 @@ from typing import Callable
 
 import yaml
 
-from rankscope.train import parts as T
-from rankscope.train.config import SweepConfig, dump_yaml, to_dict
-from rankscope.train.data import prepare_task
 from rankscope.errors import InputError
-from rankscope.store.atomic import atomic_write_json, atomic_write_text
-from rankscope.train.models import quiet_transformers, resolve_model
-from rankscope.train.loop import claim_run_dir, finished_manifest, run_config_text, train_run
-from rankscope.store.runs import run_name
-
-SWEEP_FILE = "sweep.yaml"
+from rankscope.store.atomic import atomic_write_text
+from rankscope.store.runs import SWEEP_FILE, finished_manifest
+from rankscope.train.config import SweepConfig, dump_yaml, to_dict
+from rankscope.train.data import TaskData, prepare
+from rankscope.train.device import leave_dist, setup_dist, use_bf16
+from rankscope.train.evaluation import base_evaluation
+from rankscope.train.model_setup import check_targets, load_task_model
+from rankscope.train.run import train_run
+from rankscope.train.run_folder import claim_run_dir, run_config_text
 
 
 def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
@@ -47,41 +46,7 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
                       + dump_yaml(cfg))
 
 
-def load_tokenizer(model: str):
-    """The tokenizer of a registry name, local folder or hub id."""
-    from transformers import AutoTokenizer
-
-    with quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(resolve_model(model))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def prepare(cfg: SweepConfig):
-    """The sweep's data, validated against the model: one split shared by every run.
-
-    Raises:
-        InputError: sequences longer than the model has positions for, or data that fails
-            its task's schema (see ``prepare_task``).
-    """
-    from transformers import AutoConfig
-
-    with quiet_transformers():
-        positions = getattr(AutoConfig.from_pretrained(resolve_model(cfg.model)),
-                            "max_position_embeddings", None)
-    if isinstance(positions, int) and cfg.max_len > positions:
-        raise InputError(f"max_len {cfg.max_len} is longer than the {positions} positions of "
-                         f"{cfg.model}")
-    tok = load_tokenizer(cfg.model)
-    task = prepare_task(cfg.task, tok, seed=cfg.split_seed, max_len=cfg.max_len,
-                        data_file=cfg.data, kind=cfg.task_kind, eval_fraction=cfg.eval_fraction,
-                        max_train_examples=cfg.max_train_examples,
-                        max_eval_examples=cfg.max_eval_examples)
-    return task
-
-
-def load_checked_model(cfg: SweepConfig, task, *, world: int):
+def load_checked_model(cfg: SweepConfig, task: TaskData, *, world: int):
     """The base model with the task's head, once the grid is checked against it and ``world``.
 
     Raises:
@@ -90,24 +55,9 @@ def load_checked_model(cfg: SweepConfig, task, *, world: int):
     """
     if cfg.batch_size % world:
         raise InputError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    model = T.load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
-    T.check_targets(model, cfg.targets, cfg.ranks if "lora" in cfg.methods else ())
+    model = load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
+    check_targets(model, cfg.targets, cfg.ranks if "lora" in cfg.methods else ())
     return model
-
-
-def base_evaluation(cfg: SweepConfig, task, out: Path, dist: T.Dist, *, model) -> dict:
-    """The base model's held-out metrics, computed once per sweep and cached in ``out``."""
-    path = out / "base_eval.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("split_hash") == task.split_hash:
-            return cached["metrics"]
-    model = model.to(dist.device)
-    bf16 = T.use_bf16(cfg.bf16, dist.device)
-    metrics = T.evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=bf16)
-    if dist.main:
-        atomic_write_json(path, {"split_hash": task.split_hash, "metrics": metrics})
-    return metrics
 
 
 def summary_line(m: dict) -> str:
@@ -124,35 +74,39 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
     """Train every run of the grid into ``out/<run>``; finished runs are skipped.
 
     Returns:
-        The manifests of all runs of the grid, in grid order.
+        The manifests of all runs of the grid, in grid order (``{}`` for each run on
+        processes other than the main one).
+    Raises:
+        InputError: bad inputs (data, model, targets, ranks, output folder), found before
+            anything is written.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
-    dist = T.setup_dist(cfg.device)
+    dist = setup_dist(cfg.device)
     task = prepare(cfg)
     base = load_checked_model(cfg, task, world=dist.world)
     claim_sweep_dir(out, cfg)           # only once the inputs are good: nothing half-written
-    base_eval = base_evaluation(cfg, task, out, dist, model=base)
+    base_eval = base_evaluation(base, task, out, device=dist.device,
+                                bf16=use_bf16(cfg.bf16, dist.device), write=dist.main)
     del base
-    grid = cfg.runs()
     manifests = []
-    bar = tqdm(grid, desc="sweep", unit="run", disable=not (progress and dist.main), file=sys.stderr)
-    for method, rank, seed in bar:
-        name = run_name(method, rank, seed)
-        run_dir = out / name
+    bar = tqdm(cfg.runs(), desc="sweep", unit="run", disable=not (progress and dist.main),
+               file=sys.stderr)
+    for run in bar:
+        run_dir = out / run.name
         done = finished_manifest(run_dir)
         if done is None:
-            claim_run_dir(run_dir, run_config_text(cfg, method=method, rank=rank, seed=seed))
-            done = train_run(cfg, task, run_dir, method=method, rank=rank, seed=seed, dist=dist,
-                             base_eval=base_eval, progress=progress)
+            claim_run_dir(run_dir, run_config_text(cfg, run))
+            done = train_run(cfg, task, run_dir, run, dist=dist, base_eval=base_eval,
+                             progress=progress)
             if dist.main:
                 log(summary_line(done))
         elif dist.main:
-            log(f"{name:<14} finished earlier, skipped")
+            log(f"{run.name:<14} finished earlier, skipped")
         manifests.append(done)
     bar.close()
-    T.leave_dist()
+    leave_dist()
     return manifests
 
 
@@ -169,4 +123,3 @@ def grid_table(manifests: list[dict]):
                      **{f"after_{k}": v for k, v in m["eval_after"].items()},
                      "wall_time_s": m["wall_time_s"], "trainable_params": m["trainable_params"]})
     return pd.DataFrame(rows)
-

@@ -10,7 +10,8 @@ import yaml
 from rankscope.train.config import PROFILES, SweepConfig, build_sweep, dump_yaml, load_yaml, replace, \
     to_dict
 from rankscope.errors import InputError
-from rankscope.train.parts import batch_order, lr_lambda
+from rankscope.store.runs import RunId, run_name
+from rankscope.train.loop import batch_order, lr_lambda
 
 
 def _yaml(tmp_path, doc, name="sweep.yaml"):
@@ -191,6 +192,14 @@ def test_the_grid_puts_full_first_and_sorts_ranks_per_seed():
     assert cfg.runs() == [("full", None, 1), ("lora", 1, 1), ("lora", 4, 1), ("lora", 8, 1),
                           ("full", None, 0), ("lora", 1, 0), ("lora", 4, 0), ("lora", 8, 0)]
     assert SweepConfig(methods=("lora",), ranks=(2,)).runs() == [("lora", 2, 0)]
+
+
+def test_a_grid_cell_names_its_run_folder_and_unpacks_as_a_triple():
+    full, lora = SweepConfig(ranks=(8,), seeds=(3,)).runs()
+    assert isinstance(full, RunId) and (full.name, lora.name) == ("full-s3", "lora-r8-s3")
+    method, rank, seed = lora
+    assert (method, rank, seed) == (lora.method, lora.rank, lora.seed) == ("lora", 8, 3)
+    assert lora.name == run_name(method, rank, seed)
 
 
 @pytest.mark.parametrize("policy, alpha_of_r", [

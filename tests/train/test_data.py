@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from rankscope.train.data import (
-    TASKS,
-    TaskData,
-    data_hash,
-    load_examples,
-    load_user_file,
-    prepare_task,
-    split_examples,
-)
 from rankscope.errors import InputError
+from rankscope.train.corpora import TASKS
+from rankscope.train.data import TaskData, data_hash, load_examples, prepare_task, split_examples
+from rankscope.train.user_files import load_user_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMOL_DIR = Path("/tmp/smol")

@@ -23,13 +23,16 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from rankscope.train import loop as R
-from rankscope.train import parts as T
 from rankscope.cli import main
+from rankscope.train import run as run_module
 from rankscope.train.config import build_sweep
-from rankscope.train.data import data_hash, load_user_file
+from rankscope.train.data import data_hash, prepare
+from rankscope.train.loop import lr_lambda
+from rankscope.train.model_setup import load_task_model
 from rankscope.train.models import find_linear_modules, load_backbone, match_name
+from rankscope.train.run_folder import CKPT
 from rankscope.train.sweep import run_sweep
+from rankscope.train.user_files import load_user_file
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32, bf16=False)
@@ -80,7 +83,7 @@ def test_a_sweep_writes_one_folder_per_run_and_logs_each(news_sweep):
     for run in (news_sweep.full, news_sweep.lora):
         names = {p.name for p in run.iterdir()}
         assert RUN_FILES <= names
-        assert not [n for n in names if n.startswith(".") or n == R.CKPT]   # nothing left over
+        assert not [n for n in names if n.startswith(".") or n == CKPT]   # nothing left over
     assert (news_sweep.lora / "adapter").is_dir() and not (news_sweep.full / "adapter").exists()
 
 
@@ -125,7 +128,7 @@ def test_metrics_are_json_lines_that_pandas_reads(news_sweep):
         assert train["step"].tolist() == [1, 2, 3, 4]
         assert train["loss"].notna().all() and (train["tokens_per_s"] > 0).all()
         # each row logs the rate its step applied: step s (from 1) used lr_lambda(s − 1)
-        assert train["lr"].tolist() == pytest.approx([peak * T.lr_lambda(
+        assert train["lr"].tolist() == pytest.approx([peak * lr_lambda(
             s, total=4, warmup=cfg.warmup, schedule=cfg.schedule) for s in range(4)])
         last = df.iloc[-1]
         assert last["kind"] == "eval" and last["step"] == 4
@@ -138,7 +141,7 @@ def test_full_updates_cover_every_linear_module_and_analyze_reads_them(news_swee
     from rankscope.analysis.analyze import analyze
 
     ups = _updates(news_sweep.full)
-    linears = find_linear_modules(T.load_task_model(news_sweep.cfg, kind="lm", num_labels=None))
+    linears = find_linear_modules(load_task_model(news_sweep.cfg, kind="lm", num_labels=None))
     deltas = {k.removesuffix(".delta"): v for k, v in ups.items() if k.endswith(".delta")}
     assert sorted(deltas) == sorted(i.name for i in linears)
     for info in linears:
@@ -243,7 +246,7 @@ def _kill_at_checkpoint(cmd, run_dir: Path, log: Path) -> None:
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     try:
-        while not (run_dir / R.CKPT).is_dir():
+        while not (run_dir / CKPT).is_dir():
             assert proc.poll() is None, f"sweep ended before a checkpoint:\n{log.read_text()}"
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.01)
@@ -277,7 +280,7 @@ def test_a_sweep_killed_twice_resumes_to_bit_identical_updates(news_sweep, news_
         pd.testing.assert_frame_equal(a[["step", "kind", "loss", "lr"]],
                                       b[["step", "kind", "loss", "lr"]])
         assert _manifest(out / run)["eval_after"] == _manifest(news_sweep.out / run)["eval_after"]
-        assert not (out / run / R.CKPT).exists()
+        assert not (out / run / CKPT).exists()
 
 
 # ---------------------------------------------------------------- the other shipped tasks
@@ -291,23 +294,23 @@ def test_qa_runs_a_few_steps_on_the_smollm2_slice(smollm2_slice, tmp_path):
     assert len(_updates(tmp_path / "qa" / "lora-r2-s0")) == 3 * 4
 
 
-def _capture_trained(monkeypatch):
-    """Record, at the end of each run, the trained model's logits and trainable head weights."""
+def _capture_trained(monkeypatch, eval_data: dict):
+    """Record, at the end of each run, the trained model's logits on ``eval_data`` and its
+    trainable head weights."""
     seen = {}
-    finish = R._finish
+    save = run_module.save_outputs
 
-    def spy(cfg, task, run_dir, model, metrics, **kw):
-        module = model.module if hasattr(model, "module") else model
-        module.eval()
+    def spy(run_dir, model, run, **kw):
+        model.eval()
         with torch.no_grad():
-            logits = module(input_ids=task.eval["input_ids"],
-                            attention_mask=task.eval["attention_mask"]).logits
-        head = {n: p.detach().clone() for n, p in module.named_parameters()
+            logits = model(input_ids=eval_data["input_ids"],
+                           attention_mask=eval_data["attention_mask"]).logits
+        head = {n: p.detach().clone() for n, p in model.named_parameters()
                 if p.requires_grad and "classifier" in n}
-        seen[run_dir.name] = SimpleNamespace(logits=logits, head=head, eval=task.eval)
-        return finish(cfg, task, run_dir, model, metrics, **kw)
+        seen[run_dir.name] = SimpleNamespace(logits=logits, head=head)
+        return save(run_dir, model, run, **kw)
 
-    monkeypatch.setattr(R, "_finish", spy)
+    monkeypatch.setattr(run_module, "save_outputs", spy)
     return seen
 
 
@@ -318,7 +321,9 @@ def test_classification_heads_train_in_every_method_but_are_not_part_of_delta_w(
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    seen = _capture_trained(monkeypatch)
+    cfg = build_sweep(overrides={**TINY, "model": str(minilm_slice), "task": task})
+    ev = prepare(cfg).eval                                 # the split the sweep evaluates on
+    seen = _capture_trained(monkeypatch, ev)
     out = tmp_path / task
     (full, lora), _ = _sweep(out, model=str(minilm_slice), task=task, ranks=(2,), steps=2,
                              targets=("query", "value"))
@@ -336,8 +341,7 @@ def test_classification_heads_train_in_every_method_but_are_not_part_of_delta_w(
     assert len(lora_ups) == 3 * 4
 
     # the head trains in both methods: it moved away from the (seeded) initial head
-    cfg = build_sweep(overrides={**TINY, "model": str(minilm_slice), "task": task})
-    start = T.load_task_model(cfg, kind="cls", num_labels=n_labels).classifier.weight
+    start = load_task_model(cfg, kind="cls", num_labels=n_labels).classifier.weight
     for run in ("full-s0", "lora-r2-s0"):
         (weight,) = [w for n, w in seen[run].head.items() if n.endswith("weight")]
         assert weight.shape == start.shape and not torch.equal(weight, start), run
@@ -345,7 +349,6 @@ def test_classification_heads_train_in_every_method_but_are_not_part_of_delta_w(
     # the adapter (LoRA factors and the saved head) reproduces the trained model's logits
     base = AutoModelForSequenceClassification.from_pretrained(minilm_slice, num_labels=n_labels)
     loaded = PeftModel.from_pretrained(base, out / "lora-r2-s0" / "adapter").eval()
-    ev = seen["lora-r2-s0"].eval
     with torch.no_grad():
         got = loaded(input_ids=ev["input_ids"], attention_mask=ev["attention_mask"]).logits
     torch.testing.assert_close(got, seen["lora-r2-s0"].logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,56 @@
+"""The training objective: a batch's summed loss, and what a step's loss is averaged over.
+
+A step's loss is summed over all its targets (every micro-batch, every process) and divided
+once by their count, so gradient accumulation and data parallelism compute the update of one
+batch in one process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rankscope.train.encoding import IGNORE_INDEX
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, int]:
+    """The summed loss of a batch and how many targets it summed over.
+
+    lm/sft: next-token cross-entropy over the labels that are not ``IGNORE_INDEX``;
+    cls: cross-entropy of each row's class.
+
+    Args:
+        batch: input_ids, attention_mask (B, L) and labels (B, L) or (B,) for cls.
+        kind: "lm", "sft" or "cls".
+    Returns:
+        (the float32 summed loss, a 0-d tensor; the number of targets).
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits.float()
+    if kind == "cls":
+        return F.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel()
+    # shift the labels, not the logits: a (B, L-1, V) slice of the logits would be copied
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)   # (B, L): the next token
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def n_targets(train: dict[str, torch.Tensor], idx: torch.Tensor, *, kind: str) -> int:
+    """What a step's summed loss over the training rows ``idx`` is divided by (at least 1).
+
+    cls: the rows. lm/sft: the labels that are not ``IGNORE_INDEX``, at every position. That
+    counts one token more per lm row than ``loss_sum`` sums over (the first token has no
+    previous one to predict it), so an lm step's loss is (L−1)/L of the mean; it is kept as
+    every committed run was trained with it (sft rows start with an ignored prompt token).
+    """
+    if kind == "cls":
+        return max(idx.numel(), 1)
+    return max(int((train["labels"][idx] != IGNORE_INDEX).sum()), 1)
+
+
+def tokens_in(train: dict[str, torch.Tensor], idx: torch.Tensor, *, kind: str) -> int:
+    """The tokens that the rows ``idx`` train on, for throughput: labelled tokens (lm/sft) or
+    every attended token (cls)."""
+    if kind == "cls":
+        return int(train["attention_mask"][idx].sum())
+    return int((train["labels"][idx] != IGNORE_INDEX).sum())

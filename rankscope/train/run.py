@@ -1,0 +1,168 @@
+"""One run: full fine-tuning or LoRA (through peft) of one grid cell, resumable and deterministic.
+
+Under ``torchrun`` the global batch is split across processes (DDP; gloo on CPU, nccl on
+CUDA) and the loss is normalised by the global target count, so N processes compute the update
+of one. A run resumes from its folder's checkpoint, and a resumed run ends bit-identical to an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rankscope.store.atomic import atomic_dir, atomic_write_text
+from rankscope.store.provenance import provenance
+from rankscope.store.runs import OTHERS, UPDATES, RunId, write_manifest, write_updates
+from rankscope.train.config import SweepConfig
+from rankscope.train.data import TaskData
+from rankscope.train.device import Dist, peak_memory_mb, use_bf16, wrap_ddp
+from rankscope.train.evaluation import evaluate
+from rankscope.train.loop import batch_order, make_optimizer, train_steps
+from rankscope.train.model_setup import build_model, trainable
+from rankscope.train.models import resolve_model
+from rankscope.train.objective import tokens_in
+from rankscope.train.run_folder import clear_checkpoint, load_checkpoint, save_checkpoint
+from rankscope.train.updates import full_updates, lora_updates
+
+
+@dataclass(frozen=True, eq=False)
+class RunPlan:
+    """Everything fixed about one run while it trains: what, on which data, where, how."""
+
+    cfg: SweepConfig
+    task: TaskData
+    run: RunId
+    run_dir: Path
+    dist: Dist
+    bf16: bool
+
+
+def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, dist: Dist,
+              base_eval: dict | None = None, progress: bool = True) -> dict:
+    """Train one run into ``run_dir`` (resuming from its checkpoint) and return its manifest.
+
+    Args:
+        cfg: the sweep's SweepConfig; task: its TaskData; run: the grid cell.
+        dist: this process's place in the data-parallel group.
+        base_eval: the base model's held-out metrics, when the sweep has them already.
+        progress: show a step bar on stderr (main process only).
+    Returns:
+        The run's manifest, as written (``{}`` on processes other than the main one).
+    """
+    t0 = time.perf_counter()
+    plan = RunPlan(cfg, task, run, run_dir, dist, use_bf16(cfg.bf16, dist.device))
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)     # this run's peak, not the sweep's
+    model = build_model(cfg, task, run).to(dist.device)
+    if base_eval is None:
+        base_eval = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
+    tokens_per_s, metrics = _train(plan, model, progress=progress)
+    after = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
+    metrics.append({"step": cfg.steps, "kind": "eval", **after})
+    if not dist.main:
+        return {}
+    n_modules = save_outputs(run_dir, model, run, base_name=cfg.model, metrics=metrics)
+    manifest = run_manifest(plan, n_modules=n_modules,
+                            trainable_params=sum(p.numel() for _, p in trainable(model)),
+                            measured={"eval_before": base_eval, "eval_after": after,
+                                      "wall_time_s": round(time.perf_counter() - t0, 3),
+                                      "tokens_per_s": tokens_per_s})
+    write_manifest(run_dir, manifest)
+    clear_checkpoint(run_dir)
+    return manifest
+
+
+def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[dict]]:
+    """The run's steps from its checkpoint on: log, evaluate and checkpoint between them.
+
+    Returns:
+        (tokens per second over the steps taken here, None if none were; the metric rows).
+    """
+    from tqdm.auto import tqdm
+
+    cfg, task, dist = plan.cfg, plan.task, plan.dist
+    params = dict(trainable(model))
+    opt, sched = make_optimizer(list(params.values()), cfg, method=plan.run.method)
+    start, metrics = load_checkpoint(plan.run_dir, params, opt, sched)
+    if start == 0:
+        torch.manual_seed(plan.run.seed)        # dropout stream, identical for every method
+    order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
+                        per_step=cfg.batch_size * cfg.grad_accum, seed=plan.run.seed)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=plan.run_dir.name, unit="step", leave=False,
+               disable=not (progress and dist.main), file=sys.stderr)
+    tokens, t_loop, tok_s = 0, time.perf_counter(), None
+    steps = train_steps(wrap_ddp(model, dist), task, order, cfg=cfg, dist=dist, bf16=plan.bf16,
+                        opt=opt, sched=sched, start=start)
+    for s in steps:
+        tokens += tokens_in(task.train, order[s.step - 1], kind=task.kind)
+        tok_s = tokens / max(time.perf_counter() - t_loop, 1e-9)
+        metrics.append({"step": s.step, "kind": "train", "loss": s.loss, "lr": s.lr,
+                        "tokens_per_s": tok_s})
+        if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.steps:
+            ev = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
+            metrics.append({"step": s.step, "kind": "eval", **ev})
+        bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.update(1)
+        if dist.main and s.step % cfg.checkpoint_every == 0 and s.step < cfg.steps:
+            save_checkpoint(plan.run_dir, s.step, params, opt, sched, metrics)
+    bar.close()
+    return tok_s, metrics
+
+
+def run_manifest(plan: RunPlan, *, n_modules: int, trainable_params: int,
+                 measured: dict) -> dict:
+    """A finished run's manifest: the grid cell, the setup, the data, the measurements.
+
+    Args:
+        n_modules: modules with an update; trainable_params: parameters that trained.
+        measured: eval_before, eval_after, wall_time_s and tokens_per_s.
+    """
+    cfg, task, run, dist = plan.cfg, plan.task, plan.run, plan.dist
+    lora = run.method == "lora"
+    return {
+        "run": run.name, "method": run.method, "rank": run.rank, "seed": run.seed,
+        "lora_alpha": cfg.lora_alpha(run.rank) if lora else None,
+        "alpha_policy": cfg.alpha_policy if lora else None,
+        "targets": list(cfg.targets) if lora else "all", "n_modules": n_modules,
+        "model": cfg.model, "model_path": str(resolve_model(cfg.model)),
+        "task": cfg.task, "data": cfg.data, "task_kind": task.kind,
+        "data_hash": task.data_hash, "split_hash": task.split_hash,
+        "n_train_examples": task.n_train_examples, "n_eval_examples": task.n_eval_examples,
+        "steps": cfg.steps, "tokens_per_step": cfg.batch_size * cfg.grad_accum * cfg.max_len,
+        "device": str(dist.device), "world_size": dist.world, "bf16_autocast": plan.bf16,
+        "wall_time_s": measured["wall_time_s"], "tokens_per_s": measured["tokens_per_s"],
+        "peak_memory_mb": round(peak_memory_mb(dist.device), 1),
+        "trainable_params": trainable_params,
+        "eval_before": measured["eval_before"], "eval_after": measured["eval_after"],
+        **provenance(),
+    }
+
+
+def save_outputs(run_dir: Path, model, run: RunId, *, base_name: str,
+                 metrics: list[dict]) -> int:
+    """Write a trained run's updates (and others, or its peft adapter) and its metrics.
+
+    Args:
+        model: the trained model (not a DDP wrapper); left in eval mode.
+        base_name: the model it was fine-tuned from (full runs subtract its W_0).
+        metrics: the rows of ``metrics.jsonl``.
+    Returns:
+        The number of modules with an update.
+    """
+    model.eval()
+    if run.method == "full":
+        updates, others = full_updates(model, base_name)
+        write_updates(run_dir / OTHERS, others, method="others")
+    else:
+        updates = lora_updates(model)
+        with atomic_dir(run_dir / "adapter", overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+    write_updates(run_dir / UPDATES, updates, method=run.method)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    return sum(k.endswith((".delta", ".lora_A")) for k in updates)
