@@ -34,7 +34,7 @@ def ensure_results(cfg: SweepConfig, folder: Path, *, truncate: dict | None,
         The tables of the results folder ``<folder>-results``.
     """
     from rankscope.store.runs import SWEEP_FILE, run_name
-    from rankscope.train.loop import finished_manifest
+    from rankscope.store.runs import finished_manifest
     from rankscope.train.sweep import claim_sweep_dir, run_sweep
 
     names = sorted(run_name(m, r, s) for m, r, s in cfg.runs())

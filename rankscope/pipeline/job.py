@@ -70,7 +70,7 @@ def check_job(cfg: SweepConfig, out: str | Path, *, budget=None) -> int | None:
             sweep's modules.
         ModelNotFoundError: an unknown model name.
     """
-    from rankscope.train.data import load_user_file
+    from rankscope.train.user_files import load_user_file
     from rankscope.train.models import resolve_model
     from rankscope.recommend.evidence import parse_budget
 
