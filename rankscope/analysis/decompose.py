@@ -11,8 +11,8 @@ import torch
 
 from rankscope.analysis.deltas import DeltaSet, ModuleDelta, from_runs
 from rankscope.errors import InputError
-from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name
 from rankscope.linalg.spectra import dense_svd, factorized_svd, factorized_svdvals, svd_device
+from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name
 
 # Manifest fields that must agree across a sweep's runs: same model, same data and split, same
 # held-out set and the same training length, else their updates and metrics are not comparable.
@@ -22,7 +22,7 @@ SAME_SETUP = ("model", "task", "data", "task_kind", "data_hash", "split_hash", "
 
 @dataclass(frozen=True)
 class Decomp:
-    """The thin SVD of one module's ΔW (top ``keep`` triplets for dense updates)."""
+    """The thin SVD of one module's ΔW (its top ``keep`` triplets when ``decompose`` kept some)."""
 
     name: str
     layer: int | None
@@ -130,8 +130,8 @@ def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str
 
     Full runs hold every linear module; only those some LoRA run also adapted are decomposed
     (all of them when the sweep has no LoRA run, or ``names`` when given). With ``spectra``,
-    every other module's singular values are computed too (``update_svd(..., compute_uv=False)``), so
-    that each run's ``spectra`` lists every module once, and each ΔW is decomposed once.
+    every other module's singular values are computed too (``update_svd`` without vectors),
+    so that each run's ``spectra`` lists every module once, and each ΔW is decomposed once.
 
     Raises:
         InputError: no finished runs, or runs of different setups mixed together.

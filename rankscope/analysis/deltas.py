@@ -71,10 +71,6 @@ class DeltaSet:
         return self.load()
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    check_finite(t, what=what)
-
-
 # ----------------------------------------------------------------------- model pairs
 
 def from_model_pair(base: str | Path, finetuned: str | Path) -> DeltaSet:
@@ -106,8 +102,8 @@ def from_model_pair(base: str | Path, finetuned: str | Path) -> DeltaSet:
             for info in infos:
                 w0 = linear_weight(m0.get_submodule(info.name)).float()
                 w1 = linear_weight(m1.get_submodule(info.name)).float()
-                _check_finite(w0, f"weight {info.name} of {base}")
-                _check_finite(w1, f"weight {info.name} of {finetuned}")
+                check_finite(w0, what=f"weight {info.name} of {base}")
+                check_finite(w1, what=f"weight {info.name} of {finetuned}")
                 delta = w1 - w0
                 if not delta.any():
                     continue
@@ -237,8 +233,8 @@ def from_adapter(adapter_dir: str | Path, *, base: str | Path | None = None) -> 
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
             raise InputError(f"adapter {adapter_dir}: {name} has factors {tuple(B.shape)} @ "
                              f"{tuple(A.shape)}, not rank {r} as its config says")
-        _check_finite(A, f"lora_A of {name} in {adapter_dir}")
-        _check_finite(B, f"lora_B of {name} in {adapter_dir}")
+        check_finite(A, what=f"lora_A of {name} in {adapter_dir}")
+        check_finite(B, what=f"lora_B of {name} in {adapter_dir}")
         if shapes is not None:
             _check_against_base(name, (B.shape[0], A.shape[1]), shapes, base)
         layer, kind = parsed[name]
@@ -299,7 +295,7 @@ def _run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> I
         layer, kind = parsed[name]
         if method == "full":
             d = tensors[f"{name}.delta"].float()
-            _check_finite(d, f"update {name} in {where}")
+            check_finite(d, what=f"update {name} in {where}")
             yield ModuleDelta(name, layer, kind, d.shape[0], d.shape[1], dense=d)
             continue
         try:
@@ -309,8 +305,8 @@ def _run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> I
             raise InputError(f"run {where}: {UPDATES} lacks {e.args[0]}") from None
         if A.shape[0] != B.shape[1]:
             raise InputError(f"run {where}: {name} factors {tuple(B.shape)} @ {tuple(A.shape)} do not chain")
-        _check_finite(A, f"lora_A of {name} in {where}")
-        _check_finite(B, f"lora_B of {name} in {where}")
+        check_finite(A, what=f"lora_A of {name} in {where}")
+        check_finite(B, what=f"lora_B of {name} in {where}")
         yield ModuleDelta(name, layer, kind, B.shape[0], A.shape[1], B=B, A=A, scale=scale)
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from rankscope.analysis.tables import nullable_ints
+from rankscope.analysis.tables import ID_INTS, nullable_ints
 from rankscope.linalg.davidson import top_left_singular
-from rankscope.linalg.subspace import amplification, count_intruders, counts_below, projection_norms
-
-EPS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+from rankscope.linalg.subspace import (INTRUDER_EPS, amplification, count_intruders, counts_below,
+                                       projection_norms)
 
 
 def relation_to_w(runs: list, weights: dict[str, torch.Tensor], *,
@@ -43,11 +42,12 @@ def relation_to_w(runs: list, weights: dict[str, torch.Tensor], *,
                              "layer": d.layer, "module": d.module, "name": name, "r_dirs": k,
                              "delta_fro": d.fro, **p,
                              "amplification": amplification(d.fro, p["delta_dirs"])})
-    return nullable_ints(pd.DataFrame(rows), ("rank", "seed", "layer"))
+    return nullable_ints(pd.DataFrame(rows), ID_INTS)
 
 
 def intruders(runs: list, weights: dict[str, torch.Tensor], *, svds: dict[str, tuple],
-              k: int = 10, eps_values: tuple[float, ...] = EPS, dense: bool = False) -> pd.DataFrame:
+              k: int = 10, eps_values: tuple[float, ...] = INTRUDER_EPS,
+              dense: bool = False) -> pd.DataFrame:
     """Intruder-dimension counts (Shuttleworth et al. Def. 3.1) of W_0 + ΔW, per run and module.
 
     W_0's left singular vectors come from ``svds``. W_0 + ΔW's top-k left singular vectors: for
@@ -79,4 +79,4 @@ def intruders(runs: list, weights: dict[str, torch.Tensor], *, svds: dict[str, t
             rows.extend({"run": r.run, "method": r.method, "rank": r.rank, "seed": r.seed,
                          "layer": d.layer, "module": d.module, "name": name, "k": kk,
                          "eps": e, "count": c} for e, c in counts.items())
-    return nullable_ints(pd.DataFrame(rows), ("rank", "seed", "layer"))
+    return nullable_ints(pd.DataFrame(rows), ID_INTS)

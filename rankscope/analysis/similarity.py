@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rankscope.analysis.tables import nullable_ints
+from rankscope.analysis.tables import ID_INTS, nullable_ints
 from rankscope.errors import InputError
 from rankscope.linalg.subspace import (energy_in_subspace, phi, phi_grid, phi_null_mean,
                                        phi_null_quantiles, random_orthonormal,
@@ -229,7 +229,7 @@ def convergence_table(runs: list) -> pd.DataFrame:
                     row[f"phi_next_{side}"] = phi(frame(d, side)[:, :k],
                                                   frame(n.modules[name], side)[:, :k], k, k)
             rows.append(row)
-    return nullable_ints(pd.DataFrame(rows), ("rank", "seed", "layer"))
+    return nullable_ints(pd.DataFrame(rows), ID_INTS)
 
 
 def _against_full(d, df, rank: int, cache: dict) -> dict:

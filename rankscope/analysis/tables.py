@@ -9,6 +9,7 @@ from rankscope.errors import InputError
 from rankscope.linalg.spectra import spectrum_metrics
 
 ID_COLS = ["run", "method", "rank", "seed", "layer", "module", "name"]
+ID_INTS = ("rank", "seed", "layer")   # identifying columns that may be empty: nullable ints
 METRIC_COLS = ["fro_norm", "spectral_norm", "stable_rank", "entropy_rank", "energy_rank_50",
                "energy_rank_90", "energy_rank_99", "numerical_rank"]
 
@@ -52,10 +53,9 @@ def spectra_frames(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd
             for c in ID_COLS}
     cols["index"] = np.concatenate([np.arange(n) for n in counts])
     cols["sigma"] = np.concatenate([s for _, s in spectra])
-    ints = ("rank", "seed", "layer")
-    return (nullable_ints(pd.DataFrame(cols, columns=ID_COLS + ["index", "sigma"]), ints),
+    return (nullable_ints(pd.DataFrame(cols, columns=ID_COLS + ["index", "sigma"]), ID_INTS),
             nullable_ints(pd.DataFrame(modules, columns=ID_COLS + ["d_out", "d_in"] + METRIC_COLS),
-                          ints))
+                          ID_INTS))
 
 
 def decomposed_spectra(runs: list) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -16,6 +16,9 @@ from torch import Tensor
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import check_finite, dense_svd
 
+# The intruder thresholds ε swept (Shuttleworth et al. use ε = 0.5; docs/science.md: sweep it).
+INTRUDER_EPS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
 
 def _frame(U: Tensor, what: str) -> Tensor:
     """Validated float64 copy of a matrix whose columns span a subspace."""
@@ -372,7 +375,7 @@ def count_intruders(
     W_ft: Tensor,
     *,
     k: int = 10,
-    eps_values: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    eps_values: tuple[float, ...] = INTRUDER_EPS,
     dtype: torch.dtype = torch.float64,
     U0: Tensor | None = None,
 ) -> dict[float, int]:

@@ -11,6 +11,7 @@ import torch
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import dense_svd
 from rankscope.linalg.subspace import (
+    INTRUDER_EPS,
     amplification,
     count_intruders,
     counts_below,
@@ -236,7 +237,7 @@ def test_planted_intruder_found_and_none_in_unchanged_matrix():
     np.testing.assert_allclose(intruder_max_cos(u0[:, :10], u0), 1.0, atol=1e-10)
     assert count_intruders(w0, w0.clone(), k=10, eps_values=(0.5,)) == {0.5: 0}
     assert count_intruders(w0, w0.float(), dtype=torch.float32) == {
-        e: 0 for e in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
+        e: 0 for e in INTRUDER_EPS}
 
 
 def test_bad_inputs_raise_input_error():
