@@ -17,10 +17,8 @@ at every barrier on a descheduled thread (seen here: 0.3 s with 1 thread, 11 s w
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,17 +28,11 @@ import pandas as pd
 import torch
 
 from _results import write_section  # benchmarks/, beside this script
+from rankscope.store.provenance import machine_heading
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 COLUMNS = ["comparison", "case", "rankscope_ms", "baseline_ms", "ratio", "target", "met"]
-
-
-def machine_heading() -> str:
-    """One line naming the machine, the software and the date the numbers were taken on."""
-    return (f"{platform.processor() or platform.machine()}, {platform.platform()}, "
-            f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
-            f"torch {torch.__version__}, {dt.date.today().isoformat()}")
 
 
 # ----------------------------------------------------- 1. factorized vs dense (reused)

@@ -10,7 +10,6 @@ the largest disagreement between the two spectra relative to σ_max.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import pandas as pd
 import torch
 
 from rankscope.linalg.spectra import factorized_svdvals
+from rankscope.store.provenance import machine_heading
 
 SHAPES = ((576, 576), (2048, 2048), (4096, 4096), (11008, 4096))
 RANKS = (8, 64)
@@ -72,7 +72,6 @@ def factorized_vs_dense_table(*, seed: int = 0) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(machine_heading())
     with pd.option_context("display.width", 160, "display.float_format", "{:.3g}".format):
         print(factorized_vs_dense_table().to_string(index=False))

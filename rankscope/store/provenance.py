@@ -45,6 +45,23 @@ def machine() -> dict[str, str | int]:
             "cpus": os.cpu_count() or 0}
 
 
+def machine_heading() -> str:
+    """One line naming the machine, the software, the date and the load, for benchmark tables.
+
+    The load average is the machine's 1-minute one when called: other jobs slow a benchmark.
+    """
+    import os
+
+    import torch
+
+    m = machine()
+    cuda = f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{m['processor']}, {m['platform']}, {m['cpus']} cores "
+            f"({torch.get_num_threads()} torch threads){cuda}, torch {torch.__version__}, "
+            f"{_dt.date.today().isoformat()}{load}")
+
+
 def provenance() -> dict:
     """Versions, git revision, time and machine in one dict for a manifest."""
     return {"versions": versions(), "git": git_revision(), "time": now(), "machine": machine()}
