@@ -19,10 +19,12 @@ from rankscope.errors import InputError
 from rankscope.linalg.spectra import truncate
 from rankscope.store.runs import (OTHERS, SWEEP_FILE, find_runs, read_manifest, read_tensors,
                                   sweep_root)
-from rankscope.train import parts as T
 from rankscope.train.config import build_sweep
+from rankscope.train.data import prepare
+from rankscope.train.device import setup_dist, use_bf16
+from rankscope.train.evaluation import evaluate
+from rankscope.train.model_setup import load_task_model
 from rankscope.train.models import linear_weight
-from rankscope.train.sweep import prepare
 
 SHARES = (0.9, 0.95)
 # A share is a ratio of metric differences: a curve built to reach 90% exactly can land at
@@ -40,7 +42,7 @@ def _sweep_config(sweep_dir: Path):
 
 def _fine_tuned_model(cfg, run_dir: Path, manifest: dict, task):
     """The task model with every non-ΔW parameter at its fine-tuned value, on the CPU."""
-    model = T.load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
+    model = load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
     if manifest["method"] == "full":
         others, _ = read_tensors(run_dir / OTHERS)
         missing = set(others) - {n for n, _ in model.named_parameters()}
@@ -98,7 +100,7 @@ def truncation_table(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: t
     model = _fine_tuned_model(cfg, run_dir, manifest, task)
     svds = _svds(run_dir, device)
     slots, w0 = _weight_slots(model, svds, device, merged=manifest["method"] != "full")
-    bf16 = T.use_bf16(cfg.bf16, device)
+    bf16 = use_bf16(cfg.bf16, device)
     max_rank = max(S.numel() for _, _, S, _ in svds)
     rows = []
     for k in tqdm([k for k in ks if k < max_rank] + [max_rank], desc=f"truncate {run_dir.name}",
@@ -106,7 +108,7 @@ def truncation_table(run_dir: Path, cfg, task, *, ks: tuple[int, ...], device: t
         with torch.no_grad():
             for name, U, S, Vh in svds:
                 slots[name].copy_(w0[name] + truncate(U, S, Vh, min(k, S.numel())))
-        ev = T.evaluate(model, task.eval, kind=task.kind, device=device, bf16=bf16)
+        ev = evaluate(model, task.eval, kind=task.kind, device=device, bf16=bf16)
         rows.append({"run": run_dir.name, "method": manifest["method"], "rank": manifest.get("rank"),
                      "seed": manifest.get("seed"), "k": k, "is_full_rank": k == max_rank,
                      **{f"eval_{m}": v for m, v in ev.items()},
@@ -185,7 +187,7 @@ def truncate_sweep(path: str | Path, *, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 3
         raise InputError(f"no full run{lora} in {path} to truncate")
     cfg = _sweep_config(sweep_root(path))
     task = prepare(cfg)
-    dist = T.setup_dist(device)
+    dist = setup_dist(device)
     for r in chosen:
         if read_manifest(r).get("split_hash") != task.split_hash:
             raise InputError(f"{r} was evaluated on another held-out split than {SWEEP_FILE} "
