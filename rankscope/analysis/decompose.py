@@ -9,16 +9,10 @@ from pathlib import Path
 
 import torch
 
-from rankscope.analysis.deltas import DeltaSet, ModuleDelta, from_runs
+from rankscope.analysis.deltas import DeltaSet, ModuleDelta, check_same_setup, from_runs
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import dense_svd, factorized_svd, factorized_svdvals, svd_device
 from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name
-
-# Manifest fields that must agree across a sweep's runs: same model, same data and split, same
-# held-out set and the same training length, else their updates and metrics are not comparable.
-SAME_SETUP = ("model", "task", "data", "task_kind", "data_hash", "split_hash", "n_train_examples",
-              "n_eval_examples", "steps", "tokens_per_step")
-
 
 @dataclass(frozen=True)
 class Decomp:
@@ -182,20 +176,3 @@ def base_weights(runs: list[RunDecomp]) -> dict[str, torch.Tensor]:
 def base_svds(weights: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """W_0's thin SVD (U, S, Vh) in float64, once per module: shared by ΔW-vs-W and intruders."""
     return {n: dense_svd(w, dtype=torch.float64) for n, w in weights.items()}
-
-
-def check_same_setup(sets: list[DeltaSet]) -> None:
-    """All runs must share a model, data, held-out set and training length (``SAME_SETUP``),
-    else comparisons mean nothing.
-
-    Raises:
-        InputError: naming the two runs that differ and the field.
-    """
-    if not sets:
-        raise InputError("no finished runs to compare")
-    first = sets[0]
-    for s in sets[1:]:
-        for key in SAME_SETUP:
-            if s.meta.get(key) != first.meta.get(key):
-                raise InputError(f"runs {first.run} and {s.run} differ in {key} "
-                                 f"({first.meta.get(key)} vs {s.meta.get(key)}): mixed sweeps")

@@ -6,6 +6,7 @@ Three sources:
       ``rank_pattern``/``alpha_pattern`` resolved per module as peft resolves them;
     * rankscope run folders (see ``rankscope.store.runs``), LoRA kept as its factors.
 LoRA updates stay factored: their spectra never need the dense d_out × d_in matrix.
+``check_same_setup`` refuses runs of different setups before any comparison.
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from rankscope.train.models import find_linear_modules, linear_weight, load_back
     parse_names
 from rankscope.store.runs import UPDATES, TensorFile, find_runs, read_manifest, read_tensors
 from rankscope.linalg.spectra import check_finite
+
+
+# Manifest fields that must agree across a sweep's runs: same model, same data and split, same
+# held-out set and the same training length, else their updates and metrics are not comparable.
+SAME_SETUP = ("model", "task", "data", "task_kind", "data_hash", "split_hash", "n_train_examples",
+              "n_eval_examples", "steps", "tokens_per_step")
 
 
 @dataclass(frozen=True)
@@ -313,3 +320,20 @@ def _run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> I
 def from_runs(path: str | Path) -> list[DeltaSet]:
     """One DeltaSet per finished run under ``path`` (a run folder or a sweep folder)."""
     return [from_run(p) for p in find_runs(path)]
+
+
+def check_same_setup(sets: list[DeltaSet]) -> None:
+    """All runs must share a model, data, held-out set and training length (``SAME_SETUP``),
+    else comparisons mean nothing.
+
+    Raises:
+        InputError: naming the two runs that differ and the field.
+    """
+    if not sets:
+        raise InputError("no finished runs to compare")
+    first = sets[0]
+    for s in sets[1:]:
+        for key in SAME_SETUP:
+            if s.meta.get(key) != first.meta.get(key):
+                raise InputError(f"runs {first.run} and {s.run} differ in {key} "
+                                 f"({first.meta.get(key)} vs {s.meta.get(key)}): mixed sweeps")

@@ -14,8 +14,7 @@ def check_runs(runs: str | Path) -> list:
     Raises:
         InputError: no finished runs, or runs of different models or tasks mixed together.
     """
-    from rankscope.analysis.decompose import check_same_setup
-    from rankscope.analysis.deltas import from_runs
+    from rankscope.analysis.deltas import check_same_setup, from_runs
 
     sets = from_runs(runs)
     check_same_setup(sets)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from rankscope.analysis import compare as C
-from rankscope.analysis.decompose import base_svds, base_weights, check_same_setup, decompose_sweep
-from rankscope.analysis.deltas import DeltaSet, from_runs
+from rankscope.analysis.decompose import base_svds, base_weights, decompose_sweep
+from rankscope.analysis.deltas import DeltaSet, check_same_setup, from_runs
 from rankscope.analysis.relation import intruders
 from rankscope.errors import InputError
 
