@@ -399,9 +399,11 @@ def test_a_users_file_trains_through_the_cli(kind, suffix, smollm2_slice, minilm
     model, targets = (minilm_slice, "query,value") if kind == "cls" else (smollm2_slice, "q_proj")
     max_len = 64 if kind == "sft" else 32              # room for SmolLM2's chat template
     out = tmp_path / "out"
+    # float32: this checks a file's way through the CLI; bf16 training is test_bf16's (forced
+    # on a CPU without native bf16, the SmolLM2 runs here would take ~1 min each, not 10 s)
     result = _cli("--model", model, "--data", data, "--task-kind", kind, "--methods", "lora",
                   "--ranks", 2, "--targets", targets, "--steps", 2, "--batch-size", 4,
-                  "--max-len", max_len, "--max-eval-examples", 8, "--out", out)
+                  "--max-len", max_len, "--max-eval-examples", 8, "--no-bf16", "--out", out)
     assert result.exit_code == 0, result.output
     m = _manifest(out / "lora-r2-s0")
     assert m["task"] is None and m["data"] == str(data) and m["task_kind"] == kind
