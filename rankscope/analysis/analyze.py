@@ -129,14 +129,3 @@ def _check_out_apart(out: str | Path, inputs: tuple) -> None:
             if path == target or target in path.parents:
                 raise InputError(f"output folder {out} is or holds the input {given}; "
                                  "choose another --out")
-
-
-def summary(modules: pd.DataFrame) -> pd.DataFrame:
-    """Per run and module kind, over layers: the median of each effective-rank measure."""
-    grouped = modules.groupby(["run", "module"], sort=False)
-    table = grouped.agg(layers=("name", "size"), d_out=("d_out", "first"), d_in=("d_in", "first"),
-                        fro_norm=("fro_norm", "median"), stable_rank=("stable_rank", "median"),
-                        entropy_rank=("entropy_rank", "median"),
-                        energy_rank_90=("energy_rank_90", "median"),
-                        energy_rank_99=("energy_rank_99", "median"))
-    return table.reset_index()

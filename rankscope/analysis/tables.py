@@ -68,3 +68,14 @@ def decomposed_spectra(runs: list) -> tuple[pd.DataFrame, pd.DataFrame]:
                    "seed": r.seed, "layer": m.layer, "module": m.module, "name": m.name}
             add_module_rows(spectra, modules, ids, m.S, shape=(m.d_out, m.d_in))
     return spectra_frames(spectra, modules)
+
+
+def summary(modules: pd.DataFrame) -> pd.DataFrame:
+    """Per run and module kind, over layers: the median of each effective-rank measure."""
+    grouped = modules.groupby(["run", "module"], sort=False)
+    table = grouped.agg(layers=("name", "size"), d_out=("d_out", "first"), d_in=("d_in", "first"),
+                        fro_norm=("fro_norm", "median"), stable_rank=("stable_rank", "median"),
+                        entropy_rank=("entropy_rank", "median"),
+                        energy_rank_90=("energy_rank_90", "median"),
+                        energy_rank_99=("energy_rank_99", "median"))
+    return table.reset_index()

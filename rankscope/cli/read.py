@@ -22,7 +22,8 @@ from rankscope.cli.edge import one_line_errors, strs
 @one_line_errors
 def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device):
     """SVD spectra and effective ranks of ΔW, from RUNS (run or sweep folder), an adapter or a model pair."""
-    from rankscope.analysis.analyze import analyze as run_analysis, summary
+    from rankscope.analysis.analyze import analyze as run_analysis
+    from rankscope.analysis.tables import summary
 
     _, modules = run_analysis(runs, base=base, adapter=adapter, finetuned=finetuned, out=out,
                               overwrite=overwrite, float64=float64, device=device)

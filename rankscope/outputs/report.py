@@ -109,7 +109,7 @@ def training_frame(runs: Path) -> pd.DataFrame:
 
 def analysis_sections(runs: Path, sets, frames: dict) -> list[Section]:
     """Training curves, metric vs r, spectra, φ, convergence, ΔW vs W, intruders, truncation."""
-    from rankscope.analysis.analyze import summary
+    from rankscope.analysis.tables import summary
 
     results = {_label(sets): frames}
     out = [Section("Training curves", "training").figure(

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from rankscope import analyze as analyze
-from rankscope.analysis.analyze import resolve_sources, summary
+from rankscope.analysis.analyze import resolve_sources
 from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import ModuleDelta
-from rankscope.analysis.tables import ID_COLS, METRIC_COLS
+from rankscope.analysis.tables import ID_COLS, METRIC_COLS, summary
 from rankscope.errors import InputError
 
 
