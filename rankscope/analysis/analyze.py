@@ -16,6 +16,7 @@ from rankscope.errors import InputError
 from rankscope.linalg.spectra import svd_device
 from rankscope.store.atomic import atomic_dir, atomic_write_json
 from rankscope.store.provenance import provenance
+from rankscope.store.runs import MANIFEST
 
 
 def _ids(ds: DeltaSet, d: ModuleDelta) -> dict:
@@ -115,7 +116,7 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
         with atomic_dir(out, overwrite=overwrite) as tmp:
             spectra.to_csv(tmp / "spectra.csv", index=False)
             modules.to_csv(tmp / "modules.csv", index=False)
-            atomic_write_json(tmp / "manifest.json", manifest)
+            atomic_write_json(tmp / MANIFEST, manifest)
     return spectra, modules
 
 
