@@ -110,8 +110,8 @@ def planted_results(planted, tmp_path_factory):
 
 # --------------------------------------------------------------------- the report page
 
-SECTIONS = ["setup", "training", "metric", "spectra", "phi", "convergence", "relation",
-            "intruders", "truncation", "verdict", "recommendation"]
+SECTIONS = ["verdict", "recommendation", "setup", "training", "metric", "spectra", "phi",
+            "convergence", "relation", "intruders", "truncation"]      # the answer first
 
 
 def images(page: str) -> list[str]:

@@ -190,6 +190,20 @@ def recommendation_section(out: Path) -> Section:
     return s
 
 
+def verdict_section(out: Path) -> Section:
+    """The verdict's headline and what to run next, then its table of gates and tests."""
+    md, table = out / "verdict.md", out / "verdict.csv"
+    s = Section("Verdict", "verdict")
+    if not md.exists():
+        return s.md("_No verdict: the sweep has no metrics table._")
+    text = md.read_text().replace("## Verdict\n", "", 1)
+    s.md("\n".join(line for line in text.splitlines() if not line.startswith("- **")))
+    if table.exists():
+        s.table("Gates and tests, each with its value, its declared threshold and the gate it "
+                "needs (verdict.csv)", pd.read_csv(table).fillna(""))
+    return s
+
+
 def build_report(runs: str | Path, out: str | Path, *, sets, frames: dict,
                  log: Callable[[str], None] = print) -> Path:
     """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``report_files/``).
@@ -205,11 +219,9 @@ def build_report(runs: str | Path, out: str | Path, *, sets, frames: dict,
     runs, out = Path(runs), Path(out)
     m = sets[0].meta
     title = f"rankscope report: {m.get('model')} on {m.get('task') or m.get('data')}"
-    verdict = out / "verdict.md"
-    sections = [setup_section(runs, sets, frames), *analysis_sections(runs, sets, frames),
-                Section("Verdict", "verdict").md(verdict.read_text().replace("## Verdict\n", "", 1)
-                                                 if verdict.exists() else "_No verdict._"),
-                recommendation_section(out)]
+    # the answer first (the verdict and the recommendation), then the evidence section by section
+    sections = [verdict_section(out), recommendation_section(out), setup_section(runs, sets, frames),
+                *analysis_sections(runs, sets, frames)]
     html = write_html(out / "report.html", title, sections)
     write_markdown(out / "report.md", title, sections)
     return html

@@ -68,6 +68,9 @@ def test_the_html_has_every_section_and_only_embedded_figures(report):
     page = (report / "report.html").read_text()
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in page, anchor
+    where = [page.index(f'<section id="{anchor}">') for anchor in SECTIONS]
+    assert where == sorted(where)           # the verdict and the recommendation come first
+    assert "verdict.csv" in page.split('<section id="recommendation">')[0]
     srcs = images(page)
     assert len(srcs) >= 10
     for src in srcs:
