@@ -1,4 +1,4 @@
-"""Paper figures end to end: an experiment YAML → sweep(s) → compare (+ truncate) → PNG + CSV.
+"""Experiment YAMLs (the paper figures): read and resolved into sweeps, captioned, drawn, written.
 
 An experiment file (``experiments/paper/*.yaml``) holds:
 
@@ -12,14 +12,11 @@ An experiment file (``experiments/paper/*.yaml``) holds:
                                 settings: {...}, truncate: {...}}}
 
 A sweep's config is, last winning: its file, its own overrides in ``sweeps``, the variant's
-``sweep`` (for every sweep of the experiment), the variant's ``sweeps``. Each resolved sweep
-trains under ``<runs-root>/<file stem>-<variant>-<hash of its config>`` (experiments with the
-same sweep share one folder and train it once) and is analysed into ``<that folder>-results``
-(compare, and truncate when asked; redone only when its runs or options change, as recorded
-in ``figures-stamp.json``). The figure is written atomically as
-``<out>/<name>.csv`` (its data: column ``plot`` names the plot function, ``panel`` the panel,
-the rest are the inputs: ``rankscope plot`` re-draws it from the CSV alone), ``<name>.png``
-and ``<name>.json`` (the caption and provenance, which ``rankscope plot`` adds when present).
+``sweep`` (for every sweep of the experiment), the variant's ``sweeps``. ``pipeline.figures``
+trains and analyses the sweeps; the figure is written atomically here as ``<out>/<name>.csv``
+(its data: column ``plot`` names the plot function, ``panel`` the panel, the rest are the
+inputs: ``rankscope plot`` re-draws it from the CSV alone), ``<name>.png`` and ``<name>.json``
+(the caption and provenance, which ``rankscope plot`` adds when present).
 """
 from __future__ import annotations
 
