@@ -42,7 +42,7 @@ def metric_name(metrics: pd.DataFrame) -> tuple[str, bool]:
     return "loss", False
 
 
-def metric_vs_rank(metrics: pd.DataFrame) -> pd.DataFrame:
+def metric_by_rank(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per method and rank: mean, std and count over seeds of the held-out metric after training."""
     key, _ = metric_name(metrics)
     df = metrics.assign(rank=metrics["rank"].astype("Int64"))
@@ -89,7 +89,7 @@ def gates(metrics: pd.DataFrame) -> list[dict]:
 def equivalence(metrics: pd.DataFrame) -> dict:
     """The smallest LoRA rank within a two-sided margin of full fine-tuning, as a verdict row."""
     key, higher = metric_name(metrics)
-    t = metric_vs_rank(metrics)
+    t = metric_by_rank(metrics)
     full, lora = t[t["method"] == "full"], t[t["method"] == "lora"].sort_values("rank")
     gate = "full gained, full plateaued"
     if full.empty or lora.empty:

@@ -23,7 +23,7 @@ from rankscope.errors import InputError
 from rankscope.recommend.inputs import VALIDATED
 from rankscope.store.runs import SWEEP_FILE, sweep_root
 from rankscope.recommend.text import size_note, validation_side
-from rankscope.analysis.verdict import metric_vs_rank
+from rankscope.analysis.verdict import metric_by_rank
 
 
 @dataclass
@@ -117,7 +117,7 @@ def analysis_sections(runs: Path, sets, frames: dict) -> list[Section]:
     s = Section("Metric vs r", "metric").built("Held-out metric vs LoRA rank (Hu et al. Tables 6, 18)",
                                                PX.metric_rank, results, name="metric_vs_rank")
     if frames.get("metrics") is not None:
-        s.table("Mean, standard deviation and count over seeds", metric_vs_rank(frames["metrics"]))
+        s.table("Mean, standard deviation and count over seeds", metric_by_rank(frames["metrics"]))
     out.append(s)
     s = Section("Spectra and effective ranks", "spectra")
     spectra, mods = frames.get("spectra"), frames.get("modules")

@@ -146,9 +146,9 @@ def truncate_stage(runs: str | Path, results: str | Path, *, ks=TRUNCATION_KS,
     if not force and stamps.fresh("truncate", settings):
         log(f"truncate {runs} → {results}: {UP_TO_DATE}")
         return None
-    log(f"truncate {runs} → {results}: k = " + ", ".join(map(str, settings["ks"])))
     curve, summary = truncate_sweep(runs, ks=tuple(settings["ks"]), lora_min_rank=lora_min_rank,
                                     device=device, progress=progress)
+    log(f"truncate {runs} → {results}: k = " + ", ".join(map(str, settings["ks"])))
     results = prepare_out(results)          # made only once the tables exist
     save_tables(results, {"truncation": curve, "truncation_summary": summary},
                 inputs={"runs": str(runs)})

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from rankscope.errors import InputError
-from rankscope.analysis.verdict import metric_name, metric_vs_rank
+from rankscope.analysis.verdict import metric_by_rank, metric_name
 
 TAU = 90                 # energy share (%) of the energy rank: Biderman et al.'s k_90
 KNEE_SHARE = 0.95        # share of the best LoRA gain that counts as the plateau
@@ -155,7 +155,7 @@ def knee(metrics: pd.DataFrame | None, *, share: float = KNEE_SHARE) -> dict:
     if metrics is None or not (metrics["method"] == "lora").any():
         return {"rank": None, "at_edge": False, "ranks": [], "metric": None}
     key, higher = metric_name(metrics)
-    t = metric_vs_rank(metrics)
+    t = metric_by_rank(metrics)
     lora = t[t["method"] == "lora"].sort_values("rank")
     gain = (lora["mean"] - lora["before"]) * (1 if higher else -1)
     ranks = [int(r) for r in lora["rank"]]
