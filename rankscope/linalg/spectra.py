@@ -304,6 +304,81 @@ def spectrum_metrics(S, *, shape: tuple[int, int]) -> dict:
     }
 
 
+def gavish_donoho_omega(beta: float) -> float:
+    """The Gavish–Donoho optimal hard-threshold coefficient for an unknown noise level.
+
+    ω(β) ≈ 0.56β³ − 0.95β² + 1.82β + 1.43 (Gavish & Donoho 2014, eq. 5), β = min/max aspect
+    ratio of the matrix; ω(1) ≈ 2.86, ω(β → 0) → 1.43.
+
+    Args:
+        beta: the aspect ratio min(d_out, d_in) / max(d_out, d_in), in (0, 1].
+
+    Returns:
+        ω(β).
+
+    Raises:
+        InputError: β outside (0, 1].
+    """
+    if not 0.0 < beta <= 1.0:
+        raise InputError(f"beta must be in (0, 1], got {beta}")
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def gd_rank(S, *, shape: tuple[int, int]) -> int:
+    """The Gavish–Donoho rank: singular values above the optimal hard threshold.
+
+    #{i : σ_i > ω(β)·σ_med}, β = min(shape)/max(shape), σ_med the median of all min(shape)
+    singular values; S is padded with zeros to min(shape) first (a LoRA update's factorized
+    SVD returns only r of them). For X + Z, Z white noise, it keeps the components of X that
+    stand above the noise bulk; a noise-free low-rank matrix (σ_med = 0) keeps its non-zero σ.
+
+    Args:
+        S: (n,) singular values, ≥ 0, n ≤ min(shape).
+        shape: (d_out, d_in) of the matrix S came from.
+
+    Returns:
+        The rank, 0 for a zero matrix.
+
+    Raises:
+        InputError: a bad shape, more values than min(shape), or S not 1-D, negative, NaN, Inf.
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be two positive ints, got {shape}")
+    s = _spectrum(S)
+    m = min(shape)
+    if s.size > m:
+        raise InputError(f"{s.size} singular values for a {shape[0]}×{shape[1]} matrix")
+    full = np.concatenate([s, np.zeros(m - s.size)])  # (m,)
+    tau = gavish_donoho_omega(m / max(shape)) * float(np.median(full))
+    return int(np.sum(full > tau))
+
+
+def gaussian_energy_rank(shape: tuple[int, int], *, tau: float = 0.9, seed: int = 0) -> int:
+    """k_τ of a standard Gaussian matrix of the given shape: the energy rank of pure noise.
+
+    A Gaussian matrix's spectrum is the Marchenko–Pastur bulk, so its k₉₀ is large (294 for
+    576×576, 410 for 1536×576, docs/science.md): the floor a measured k₉₀ is read against.
+    The matrix is drawn from ``seed`` in float32 (one svdvals); k_τ only depends on the shape
+    up to a transpose and varies by at most a few between seeds.
+
+    Args:
+        shape: (d_out, d_in), both ≥ 1.
+        tau: the energy share, in (0, 1].
+        seed: the generator's seed.
+
+    Returns:
+        k_τ in 1..min(shape).
+
+    Raises:
+        InputError: a bad shape or τ outside (0, 1].
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be two positive ints, got {shape}")
+    gen = torch.Generator().manual_seed(seed)
+    tall = (max(shape), min(shape))  # LAPACK's SVD of a tall matrix is the faster one
+    return rank_at_energy(torch.linalg.svdvals(torch.randn(*tall, generator=gen)), tau)
+
+
 def truncate(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> Tensor:
     """Rank-k reconstruction trunc_k(ΔW) = U[:, :k] diag(S[:k]) Vh[:k].
 

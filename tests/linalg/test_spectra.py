@@ -15,6 +15,9 @@ from rankscope.linalg.spectra import (
     entropy_rank,
     factorized_svd,
     factorized_svdvals,
+    gaussian_energy_rank,
+    gavish_donoho_omega,
+    gd_rank,
     numerical_rank,
     rank_at_energy,
     spectrum_metrics,
@@ -233,3 +236,46 @@ def test_negative_scale_is_folded_into_u():
     u_neg, s_neg, vh_neg = factorized_svd(b, a, scale=-1.5)
     assert torch.equal(s_pos, s_neg) and torch.equal(vh_pos, vh_neg)
     assert torch.equal(u_neg, -u_pos)
+
+
+# ------------------------------------------------------------------ noise floors
+
+def test_gavish_donoho_omega_at_known_aspect_ratios():
+    assert gavish_donoho_omega(1.0) == pytest.approx(0.56 - 0.95 + 1.82 + 1.43)   # 2.86
+    assert gavish_donoho_omega(0.5) == pytest.approx(0.07 - 0.2375 + 0.91 + 1.43)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(InputError, match="beta must be in"):
+            gavish_donoho_omega(bad)
+
+
+@pytest.mark.parametrize("d_out, d_in", [(300, 300), (400, 150)])
+def test_gd_rank_recovers_the_rank_of_low_rank_plus_white_noise(d_out, d_in):
+    """X = U diag(s) Vᵀ of rank 5 plus Z with iid N(0, 1/d_out) entries: Z's singular values
+    fill a bulk up to 1 + √β (Marchenko–Pastur), and s = 3..7 stands well above it, while
+    s = 0.3 (far inside the bulk) is not recoverable: GD keeps exactly the 5 strong ones."""
+    gen = _gen(3)
+    signal = _with_spectrum([7.0, 6.0, 5.0, 4.0, 3.0, 0.3], d_out, d_in, seed=4)
+    noise = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_out)
+    s = torch.linalg.svdvals(signal + noise)
+    assert gd_rank(s, shape=(d_out, d_in)) == 5
+    assert gd_rank(torch.linalg.svdvals(noise), shape=(d_out, d_in)) == 0   # pure noise
+
+
+def test_gd_rank_pads_a_factorized_spectrum_and_counts_a_noise_free_rank():
+    # a rank-3 update given by its 3 non-zero σ only: the median of all 30 is 0
+    assert gd_rank([5.0, 3.0, 1.0], shape=(40, 30)) == 3
+    assert gd_rank(torch.zeros(30), shape=(40, 30)) == 0
+    with pytest.raises(InputError, match="31 singular values for a 40×30 matrix"):
+        gd_rank(torch.ones(31), shape=(40, 30))
+    with pytest.raises(InputError, match="shape must be two positive ints"):
+        gd_rank([1.0], shape=(0, 3))
+
+
+@pytest.mark.parametrize("shape, want", [((576, 576), 294), ((1536, 576), 410),
+                                         ((576, 1536), 410)])
+def test_the_gaussian_energy_rank_matches_the_documented_noise_floor(shape, want):
+    """docs/science.md: a Gaussian matrix's k₉₀ is ≈ 294 for 576×576 and ≈ 410 for 1536×576."""
+    k = gaussian_energy_rank(shape)
+    assert abs(k - want) <= 3
+    assert gaussian_energy_rank(shape) == k                       # seeded: the same every time
+    assert abs(gaussian_energy_rank(shape, seed=1) - want) <= 3   # and stable across seeds

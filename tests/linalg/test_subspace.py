@@ -20,11 +20,14 @@ from rankscope.linalg.subspace import (
     phi,
     phi_grid,
     phi_null_draws,
+    phi_null_grid_quantiles,
     phi_null_mean,
     phi_null_quantiles,
     principal_angles,
     projection_norms,
     random_orthonormal,
+    random_projection_draws,
+    random_projection_expected,
     relative_fro_distance,
 )
 
@@ -172,32 +175,74 @@ def test_projection_norms_and_amplification_known_by_construction():
     v = torch.stack([(y[:, 4] + y[:, 5]) / math.sqrt(2), y[:, 9]], dim=1)  # (30, 2)
     delta = (u * torch.tensor([3.0, 1.0], dtype=torch.float64)) @ v.T
     du, ds, dvh = dense_svd(delta, dtype=torch.float64)
-    norms = projection_norms(w, du[:, :2], dvh[:2], generator=_gen(6))
+    norms = projection_norms(w, du[:, :2], dvh[:2])
     proj = math.sqrt(sig[4] ** 2 / 2 + sig[9] ** 2)
     assert norms["delta_dirs"] == pytest.approx(proj, rel=1e-10)
     assert norms["w_dirs"] == pytest.approx(math.sqrt(30**2 + 29**2), rel=1e-10)
     assert norms["w_fro"] == pytest.approx(float(sig.square().sum().sqrt()), rel=1e-10)
-    assert 0 < norms["random_dirs"] < norms["w_dirs"]
+    w_fro = float(sig.square().sum().sqrt())
+    assert norms["random_expected"] == pytest.approx(2 * w_fro / math.sqrt(40 * 30), rel=1e-12)
     delta_fro = float(ds.square().sum().sqrt())
     assert delta_fro == pytest.approx(math.sqrt(10))
     assert amplification(delta_fro, norms["delta_dirs"]) == pytest.approx(math.sqrt(10) / proj)
 
 
-def test_random_dirs_match_a_gaussian_matrix_singular_vectors_in_distribution():
-    """Haar frames stand in for a Gaussian's top-r singular vectors: same E‖UᵀWV‖_F²."""
-    sig = torch.linspace(5, 0.5, 12, dtype=torch.float64)
-    w, _, _ = _w_with_spectrum(sig, 16, 12, seed=7)
-    r, n_draws = 3, 400
-    expected = r * r * float(sig.square().sum()) / (16 * 12)  # E for independent Haar frames
+def test_the_random_baseline_is_the_exact_root_mean_square_over_haar_frames():
+    """E‖UᵀWV‖_F² = r²‖W‖_F²/(d_out·d_in) for independent Haar U, V: the formula's square
+    against the mean over 1,000 seeded draws (within 4 standard errors), and its root against
+    the mean of the root (Jensen: slightly above it, by well under 2% here)."""
+    sig = torch.linspace(5, 0.5, 30, dtype=torch.float64)
+    w, _, _ = _w_with_spectrum(sig, 40, 30, seed=7)
+    r, n_draws = 4, 1000
+    w_fro = float(sig.square().sum().sqrt())
+    expected = random_projection_expected(w_fro, r, shape=(40, 30))
+    assert expected == pytest.approx(r * w_fro / math.sqrt(40 * 30))
     gen = _gen(8)
-    ours = [projection_norms(w, w[:, :r], w[:r], generator=gen)["random_dirs"] ** 2
-            for _ in range(n_draws)]
-    g = torch.randn(n_draws, 16, 12, generator=gen, dtype=torch.float64)  # Gaussian matrices
-    gu, _, gvh = torch.linalg.svd(g, full_matrices=False)  # one batched SVD
-    literal = torch.linalg.matrix_norm(gu[:, :, :r].mT @ w @ gvh[:, :r].mT).square().numpy()
-    for sample in (np.array(ours), literal):
-        se = sample.std(ddof=1) / math.sqrt(n_draws)
-        assert abs(sample.mean() - expected) < 4 * se
+    u = torch.stack([random_orthonormal(40, r, generator=gen) for _ in range(n_draws)])
+    v = torch.stack([random_orthonormal(30, r, generator=gen) for _ in range(n_draws)])
+    literal = torch.linalg.matrix_norm(u.mT @ w @ v).numpy()  # (n_draws,) ‖UᵀWV‖_F
+    shortcut = random_projection_draws(sig, r, shape=(40, 30), n_draws=n_draws, generator=_gen(9))
+    for sample in (literal, shortcut):                # W's singular values alone suffice
+        sq = sample**2
+        assert abs(sq.mean() - expected**2) < 4 * sq.std(ddof=1) / math.sqrt(n_draws)
+        assert sample.mean() == pytest.approx(expected, rel=0.02)
+        assert sample.mean() < expected
+    # Hu et al. Table 7 (‖Wq‖_F = 61.95, d = 12288) report 0.02 at r = 4 and 0.33 at r = 64
+    # for one random draw; the baseline gives 0.0202 and 0.3227
+    assert random_projection_expected(61.95, 4, shape=(12288, 12288)) == pytest.approx(0.02, abs=1e-3)
+    assert random_projection_expected(61.95, 64, shape=(12288, 12288)) == pytest.approx(0.33, abs=0.01)
+
+
+def test_random_projection_inputs_are_checked():
+    with pytest.raises(InputError, match="r=5 is outside"):
+        random_projection_expected(1.0, 5, shape=(4, 6))
+    with pytest.raises(InputError, match="w_fro must be finite"):
+        random_projection_expected(-1.0, 1, shape=(4, 6))
+    with pytest.raises(InputError, match="is not the 4 singular values"):
+        random_projection_draws(torch.ones(3), 1, shape=(4, 6), generator=_gen())
+    with pytest.raises(InputError, match="n_draws must be >= 1"):
+        random_projection_draws(torch.ones(4), 1, shape=(4, 6), n_draws=0, generator=_gen())
+
+
+def test_the_grid_null_matches_the_per_cell_null():
+    """Every cell of the grid null is the null of φ(i, j): exact Beta where min(i, j) = 1,
+    and within sampling error of per-cell draws elsewhere."""
+    n, imax, jmax = 64, 6, 5
+    grid = phi_null_grid_quantiles(n, imax, jmax, (0.5, 0.95, 0.99), n_draws=600,
+                                   generator=_gen(11))
+    assert grid.shape == (3, imax, jmax)
+    for m in range(1, jmax + 1):
+        np.testing.assert_allclose(grid[:, 0, m - 1], phi_null_quantiles(n, 1, m, (0.5, 0.95, 0.99),
+                                                                        generator=_gen()))
+    for i, j in ((2, 2), (4, 5), (6, 3)):
+        cell = phi_null_quantiles(n, i, j, (0.5, 0.95, 0.99), n_draws=600, generator=_gen(12))
+        np.testing.assert_allclose(grid[:, i - 1, j - 1], cell, rtol=0.15)
+        assert grid[0, i - 1, j - 1] < grid[1, i - 1, j - 1] < grid[2, i - 1, j - 1]
+    assert (np.abs(grid[0] - max(imax, jmax) / n) < 1).all()
+    with pytest.raises(InputError, match="imax=65 is outside"):
+        phi_null_grid_quantiles(n, 65, 2, generator=_gen())
+    with pytest.raises(InputError, match="quantile probabilities"):
+        phi_null_grid_quantiles(n, 2, 2, (1.0,), generator=_gen())
 
 
 def test_energy_in_subspace():
