@@ -232,6 +232,8 @@ def intruders(results, *, eps: list[float] | None = None, eps_module: float = 0.
     t = _table(_one(results), "intruders", "the intruder figure")
     modules = list(modules or dict.fromkeys(t[t["method"] == "lora"]["module"]))
     t = t[t["module"].isin(modules)]        # full runs: only the modules LoRA adapts
+    if t.empty:
+        raise InputError("the intruder figure needs LoRA runs (it counts on the modules LoRA adapts)")
     k = int(t["k"].max())
     ids = ["method", "rank", "seed", "eps"]
     eps = eps or sorted(t["eps"].unique())

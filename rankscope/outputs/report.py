@@ -20,7 +20,7 @@ import yaml
 from rankscope.outputs import figure_data as PX
 from rankscope.outputs import report_figures as RF
 from rankscope.errors import InputError
-from rankscope.recommend.inputs import VALIDATED
+from rankscope.store.results import VALIDATED
 from rankscope.store.runs import SWEEP_FILE, sweep_root
 from rankscope.recommend.text import size_note, validation_side
 from rankscope.analysis.verdict import metric_by_rank

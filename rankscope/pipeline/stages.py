@@ -208,7 +208,9 @@ def recommend_stage(runs: str | Path, results: str | Path, *, budget=None,
         InputError: unfinished or mixed runs, a bad budget (before any analysis runs), and
             the errors of the analyses.
     """
-    from rankscope.recommend.stage import check_budget, recommend
+    from rankscope.recommend.stage import check_budget, recommend, validation_configs, \
+        with_validation
+    from rankscope.recommend.validate import validate as retrain
 
     sets = check_runs(runs)
     budget = check_budget(sets, budget, targets=targets)
@@ -220,8 +222,11 @@ def recommend_stage(runs: str | Path, results: str | Path, *, budget=None,
         log(f"recommend {runs} → {results}: {UP_TO_DATE}")
         return None
     log(f"recommend {runs} → {results}")
-    rec = recommend(runs, sets, frames, results, budget=budget, targets=targets,
-                    validate=validate, progress=progress, log=log)
+    rec = recommend(runs, sets, frames, results, budget=budget, targets=targets)
+    if validate:
+        val = retrain(runs, validation_configs(rec, sets), sets=sets, out=results,
+                      progress=progress, log=log)
+        rec = with_validation(rec, val, results)
     stamps.mark("recommend", settings)
     return rec
 

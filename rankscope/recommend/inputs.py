@@ -5,7 +5,6 @@ from pathlib import Path
 
 from rankscope.store.runs import sweep_root  # noqa: F401 (what a recommendation reads)
 
-VALIDATED = "validate/configs.json"      # the configs that validate.csv tested
 
 
 def check_runs(runs: str | Path) -> list:

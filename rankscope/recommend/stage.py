@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -155,35 +154,38 @@ def check_budget(sets, budget, *, targets: tuple[str, ...] | None = None) -> int
 
 
 def recommend(runs: str | Path, sets, frames: dict[str, pd.DataFrame], out: str | Path, *,
-              budget: int | None = None, targets: tuple[str, ...] | None = None,
-              validate: bool = False, progress: bool = True,
-              log: Callable[[str], None] = print) -> Recommendation:
+              budget: int | None = None,
+              targets: tuple[str, ...] | None = None) -> Recommendation:
     """Recommend ranks from a sweep's tables and write them into the results folder ``out``.
 
     Args:
-        runs: the sweep folder (for the validation's retraining and the manifest).
-        sets: the runs' DeltaSets (``check_runs``); frames: the results tables.
+        runs: the sweep folder (recorded in the results manifest).
+        sets: the runs' DeltaSets (``recommend.inputs.check_runs``); frames: the results tables.
         budget: trainable LoRA parameters (``check_budget``), or None.
         targets: module kinds or names, or ``("all-linear",)``; default: the LoRA targets.
-        validate: retrain the recommended config and the uniform rank nearest its size.
     Raises:
         InputError: see ``recommend_frames``.
     """
     policy, alpha, task_type = alpha_settings(sets)
     rec = recommend_frames(frames, budget=budget, targets=targets, alpha_policy=policy,
                            alpha=alpha, task_type=task_type)
-    out = Path(out)
-    write_recommendation(rec, out, runs=runs)
-    if validate:
-        from rankscope.recommend.validate import validate as run_validation
+    write_recommendation(rec, Path(out), runs=runs)
+    return rec
 
-        on = rec.table[rec.table["r"] > 0]
-        u = uniform_rank(on, int(on["params"].sum()))
-        uniform = lora_config(dict.fromkeys(on["name"], u), dict(zip(on["name"], on["module"])),
-                              alpha_policy=policy, alpha=alpha, task_type=task_type)
-        val = run_validation(runs, {"recommended": rec.config, "uniform": uniform}, out=out,
-                             progress=progress, log=log)
-        rec = Recommendation(rec.table, rec.config, rec.rationale + "\n" + validation_text(val),
-                             rec.budget, val)
-        atomic_write_text(out / "rationale.md", rec.rationale)
+
+def validation_configs(rec: Recommendation, sets) -> dict[str, dict]:
+    """The recommended config and the uniform rank nearest its parameter count, by label."""
+    policy, alpha, task_type = alpha_settings(sets)
+    on = rec.table[rec.table["r"] > 0]
+    u = uniform_rank(on, int(on["params"].sum()))
+    uniform = lora_config(dict.fromkeys(on["name"], u), dict(zip(on["name"], on["module"])),
+                          alpha_policy=policy, alpha=alpha, task_type=task_type)
+    return {"recommended": rec.config, "uniform": uniform}
+
+
+def with_validation(rec: Recommendation, val: pd.DataFrame, out: str | Path) -> Recommendation:
+    """The recommendation with its validation table, its rationale rewritten to say so."""
+    rec = Recommendation(rec.table, rec.config, rec.rationale + "\n" + validation_text(val),
+                         rec.budget, val)
+    atomic_write_text(Path(out) / "rationale.md", rec.rationale)
     return rec

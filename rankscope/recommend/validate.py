@@ -80,12 +80,14 @@ def describe(config: dict) -> str:
     return f"r = {config['r']}; {len(pattern)} modules at other ranks ({lo}–{hi})"
 
 
-def validate(runs: str | Path, configs: dict[str, dict], *, out: str | Path,
+def validate(runs: str | Path, configs: dict[str, dict], *, sets: list, out: str | Path,
              progress: bool = True, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Train every config for every seed of the sweep and evaluate it; write ``validate.csv``.
 
     Args:
         configs: {label: a ``peft.LoraConfig`` dict}; equal configs are trained once.
+        sets: the sweep's DeltaSets (``recommend.inputs.check_runs``), whose held-out split
+            the retraining must share.
         out: the results folder; adapters are saved to ``out/validate/<label>-s<seed>/``
             and the configs to ``out/validate/configs.json``.
     Returns:
@@ -94,11 +96,9 @@ def validate(runs: str | Path, configs: dict[str, dict], *, out: str | Path,
     Raises:
         InputError: no sweep.yaml, or a sweep whose held-out split cannot be rebuilt.
     """
-    from rankscope.recommend.inputs import VALIDATED, check_runs
-    from rankscope.store.results import save_tables
+    from rankscope.store.results import VALIDATED, save_tables
     from rankscope.train.data import prepare
 
-    sets = check_runs(runs)
     cfg = sweep_config(runs)
     task = prepare(cfg)
     if any(s.meta.get("split_hash") not in (None, task.split_hash) for s in sets):

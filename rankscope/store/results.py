@@ -9,6 +9,7 @@ from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_json, atomic_write_text
 from rankscope.store.provenance import provenance
 
+VALIDATED = "validate/configs.json"      # the LoRA configs that validate.csv tested
 TABLES = ("metrics", "modules", "spectra", "subspace", "subspace_grid", "convergence", "relation",
           "intruders", "truncation", "truncation_summary")
 

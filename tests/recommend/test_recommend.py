@@ -234,12 +234,14 @@ def test_validate_retrains_the_recommendation_beside_a_uniform_rank(news_sweep, 
 
 @pytest.mark.slow
 def test_validation_training_reproduces_the_sweeps_own_lora_run(news_sweep, tmp_path):
+    from rankscope.recommend.inputs import check_runs
     from rankscope.recommend.validate import validate
 
     cfg = news_sweep.cfg
     config = lora_config({t: 2 for t in cfg.targets}, {t: t for t in cfg.targets},
                               alpha_policy=cfg.alpha_policy, alpha=cfg.alpha)
-    val = validate(news_sweep.out, {"r2": config}, out=tmp_path, progress=False, log=lambda s: None)
+    val = validate(news_sweep.out, {"r2": config}, sets=check_runs(news_sweep.out), out=tmp_path,
+                   progress=False, log=lambda s: None)
     manifest = json.loads((news_sweep.lora / "manifest.json").read_text())
     assert val["trainable_params"].iloc[0] == manifest["trainable_params"]
     assert val["after_loss"].iloc[0] == pytest.approx(manifest["eval_after"]["loss"], rel=1e-5)
