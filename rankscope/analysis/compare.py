@@ -9,18 +9,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from rankscope.analysis.decompose import RunDecomp, base_svds, base_weights, decompose_sweep
 from rankscope.analysis.deltas import from_runs
+from rankscope.analysis.floors import seed_diff_ranks
 from rankscope.analysis.relation import intruders, relation_to_w
 from rankscope.analysis.similarity import (convergence_table, require_layers, subspace_grids,
                                            subspace_similarity)
-from rankscope.analysis.tables import decomposed_spectra, nullable_ints
+from rankscope.analysis.tables import add_seed_diff, decomposed_spectra, nullable_ints
+
+
+def _median(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def training_evidence(manifest: dict) -> dict:
+    """What a run's manifest says about its training (docs/science.md, "Training evidence").
+
+    late_gain_share: the share of the held-out gain made in the last fifth of training;
+    a_moved_min / a_moved_median: over LoRA modules, ‖A − A₀‖_F/‖A₀‖_F (below ~0.5, A's row
+    space is still mostly its initialisation); delta_fro_median: the median ‖ΔW‖_F over
+    modules; full_scope: which parameters full fine-tuning trained ("all" or "linear").
+    Each is None when the manifest lacks it (runs older than these fields).
+    """
+    moved = (manifest.get("a_moved") or {}).values()
+    return {"late_gain_share": manifest.get("late_gain_share"),
+            "a_moved_min": min((float(v) for v in moved if v is not None), default=None),
+            "a_moved_median": _median(moved),
+            "delta_fro_median": _median((manifest.get("delta_fro") or {}).values()),
+            "full_scope": manifest.get("full_scope")}
 
 
 def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
-    """Each run's held-out metrics before and after training, from its manifest."""
+    """Each run's held-out metrics before and after training, and its training evidence.
+
+    Returns:
+        One row per run: ``run, method, rank, seed``, ``before_<metric>…``, ``after_<metric>…``,
+        ``trainable_params, steps, wall_time_s`` and the columns of ``training_evidence``
+        (empty for runs whose manifest predates them).
+    """
     rows = []
     for r in runs:
         m = r.manifest
@@ -28,8 +58,10 @@ def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
                      **{f"before_{k}": v for k, v in m.get("eval_before", {}).items()},
                      **{f"after_{k}": v for k, v in m.get("eval_after", {}).items()},
                      "trainable_params": m.get("trainable_params"), "steps": m.get("steps"),
-                     "wall_time_s": m.get("wall_time_s")})
+                     "wall_time_s": m.get("wall_time_s"), **training_evidence(m)})
     df = nullable_ints(pd.DataFrame(rows), ("rank", "seed"))
+    for c in ("late_gain_share", "a_moved_min", "a_moved_median", "delta_fro_median"):
+        df[c] = df[c].astype(float)      # None → NaN, also when every run lacks the field
     return df.sort_values(["method", "rank", "seed"], na_position="first", ignore_index=True)
 
 
@@ -39,7 +71,8 @@ def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
 
     Each update is decomposed once (``decompose_sweep``: factorized SVDs for LoRA, one dense SVD
     per full-run module, svdvals for the full runs' other modules), and W_0 once per module
-    (``base_svds``); every table reuses those.
+    (``base_svds``); every table reuses those. The modules table's seed-disagreement floor
+    (``floors.seed_diff_ranks``) reads the full runs of two seeds once more, side by side.
     """
     if grid_layers:     # refused before any SVD, from the names of one LoRA run's modules
         lora = [s for s in from_runs(path) if s.method == "lora"]
@@ -49,9 +82,10 @@ def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
     weights = base_weights(runs)
     svds = base_svds(weights)
     spectra, modules = decomposed_spectra(runs)
+    modules = add_seed_diff(modules, seed_diff_ranks(from_runs(path)))
     return {"metrics": run_metrics(runs), "modules": modules, "spectra": spectra,
             "subspace": subspace_similarity(runs, n_draws=n_draws),
             "subspace_grid": subspace_grids(runs, layers=grid_layers),
             "convergence": convergence_table(runs),
-            "relation": relation_to_w(runs, weights, svds=svds),
+            "relation": relation_to_w(runs, weights, svds=svds, n_draws=n_draws),
             "intruders": intruders(runs, weights, svds=svds)}

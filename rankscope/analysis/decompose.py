@@ -38,7 +38,9 @@ class Decomp:
         """Hu et al.'s basis for φ: {"left": B's left singular vectors (d_out, r), "right": A's
         right singular vectors as columns (d_in, r)}, float64, each ordered by its factor's own
         singular values. They span ΔW's column and row spaces (when B, A have rank r) but order
-        the top-i directions differently from ΔW's singular vectors.
+        the top-i directions differently from ΔW's singular vectors. With A₀ saved and A ≠ A₀,
+        also "right_moved": the right singular vectors of A − A₀ (d_in, ≤ r), the part of the
+        row space that training learned rather than drew at initialisation.
 
         Raises:
             InputError: a dense update, which has no factors.
@@ -47,7 +49,24 @@ class Decomp:
             raise InputError(f"{self.name}: a dense update has no LoRA factors A and B")
         u_b = torch.linalg.svd(self.delta.B.double(), full_matrices=False)[0]  # (d_out, r)
         v_a = torch.linalg.svd(self.delta.A.double().T, full_matrices=False)[0]  # (d_in, r)
-        return {"left": u_b, "right": v_a}
+        out = {"left": u_b, "right": v_a}
+        if self.delta.A0 is not None:
+            moved = (self.delta.A.double() - self.delta.A0.double()).T  # (d_in, r)
+            v, s, _ = torch.linalg.svd(moved, full_matrices=False)
+            keep = int((s > s[0] * max(moved.shape) * torch.finfo(torch.float64).eps).sum()) \
+                if s[0] > 0 else 0
+            if keep:
+                out["right_moved"] = v[:, :keep]  # (d_in, rank of A − A₀)
+        return out
+
+    @property
+    def a_moved(self) -> float | None:
+        """‖A − A₀‖_F / ‖A₀‖_F, or None without A₀ (or for a dense update)."""
+        d = self.delta
+        if d.A0 is None or d.A is None:
+            return None
+        ref = float(torch.linalg.vector_norm(d.A0.double()))
+        return float(torch.linalg.vector_norm(d.A.double() - d.A0.double())) / ref if ref else None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Three sources:
     * a full fine-tuned model against its base: ΔW = W_ft − W_0 for every matched linear weight;
     * a PEFT LoRA adapter folder: ΔW = s·B·A, s = α/r (α/√r under ``use_rslora``), with
       ``rank_pattern``/``alpha_pattern`` resolved per module as peft resolves them;
-    * rankscope run folders (see ``rankscope.store.runs``), LoRA kept as its factors.
+    * rankscope run folders (see ``rankscope.store.runs``), LoRA kept as its factors (with A at
+      initialisation, A₀, when the run saved it).
 LoRA updates stay factored: their spectra never need the dense d_out × d_in matrix.
 ``check_same_setup`` refuses runs of different setups before any comparison.
 """
@@ -45,6 +46,7 @@ class ModuleDelta:
     B: torch.Tensor | None = None       # (d_out, r)
     A: torch.Tensor | None = None       # (r, d_in)
     scale: float = 1.0
+    A0: torch.Tensor | None = None      # (r, d_in) A at initialisation, when the run saved it
 
     @property
     def factored(self) -> bool:
@@ -314,7 +316,24 @@ def _run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> I
             raise InputError(f"run {where}: {name} factors {tuple(B.shape)} @ {tuple(A.shape)} do not chain")
         check_finite(A, what=f"lora_A of {name} in {where}")
         check_finite(B, what=f"lora_B of {name} in {where}")
-        yield ModuleDelta(name, layer, kind, B.shape[0], A.shape[1], B=B, A=A, scale=scale)
+        yield ModuleDelta(name, layer, kind, B.shape[0], A.shape[1], B=B, A=A, scale=scale,
+                          A0=_initial_a(tensors, name, A.shape, where))
+
+
+def _initial_a(tensors, name: str, shape, where: Path) -> torch.Tensor | None:
+    """A at initialisation ("<module>.lora_A0"), or None for runs that did not save it.
+
+    Raises:
+        InputError: an A0 of another shape than A, or with NaN/Inf.
+    """
+    try:    # one read: ``in`` on a TensorFile would read the tensor once more
+        a0 = tensors[f"{name}.lora_A0"].float()
+    except KeyError:
+        return None
+    if a0.shape != shape:
+        raise InputError(f"run {where}: {name}.lora_A0 is {tuple(a0.shape)}, lora_A {tuple(shape)}")
+    check_finite(a0, what=f"lora_A0 of {name} in {where}")
+    return a0
 
 
 def from_runs(path: str | Path) -> list[DeltaSet]:

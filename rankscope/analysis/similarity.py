@@ -1,6 +1,7 @@
 """How updates' singular subspaces relate to each other: φ between LoRA ranks, seeds and full
-fine-tuning (Hu et al. 2021 eq. 4, Figs. 3–4), with its random-subspace null, and how each
-LoRA update approaches the full one as r grows.
+fine-tuning (Hu et al. 2021 eq. 4, Figs. 3–4) on the column space (B), the row space (A) and
+the row space training learned (A − A₀), with its random-subspace null and how far A moved
+from its initialisation; and how each LoRA update approaches the full one as r grows.
 
 Each table function takes the decomposed runs (``decompose.decompose_sweep``) and returns one
 tidy DataFrame. Definitions: docs/science.md.
@@ -15,29 +16,46 @@ import torch
 
 from rankscope.analysis.tables import ID_INTS, nullable_ints
 from rankscope.errors import InputError
-from rankscope.linalg.subspace import (energy_in_subspace, phi, phi_grid, phi_null_mean,
-                                       phi_null_quantiles, random_orthonormal,
+from rankscope.linalg.subspace import (energy_in_subspace, phi, phi_grid, phi_null_grid_quantiles,
+                                       phi_null_mean, phi_null_quantiles, random_orthonormal,
                                        relative_fro_distance)
 
 SIDES = {"right": "Vh", "left": "U"}   # right: row space (of A); left: column space (of B)
-FACTORS, DELTA = "A/B", "ΔW"           # the two bases φ is measured in (the ``basis`` column)
+# The bases φ is measured in (the ``basis`` column): ΔW's singular vectors, or Hu et al.'s
+# factors: B's left singular vectors (column space), A's right ones (row space), and the right
+# singular vectors of A − A₀ (the row space training learned, when the run saved A₀).
+DELTA, COLS, ROWS, MOVED = "ΔW", "B", "A", "A−A₀"
+_FACTOR_KEY = {("left", COLS): "left", ("right", ROWS): "right", ("right", MOVED): "right_moved"}
 PAIR_INTS = ("rank_1", "rank_2", "seed_1", "seed_2", "layer")
 
 
-def frame(d, side: str, basis: str = DELTA) -> torch.Tensor:
+def frame(d, side: str, basis: str = DELTA) -> torch.Tensor | None:
     """Orthonormal columns of one side of an update, most important first.
 
-    basis "ΔW": ΔW's singular vectors, U or Vhᵀ (any update). basis "A/B": Hu et al.'s (eq. 4),
-    B's left singular vectors or A's right ones (LoRA only): same spans, other order.
+    basis "ΔW": ΔW's singular vectors, U or Vhᵀ (any update). "B" (left) and "A" (right): B's
+    left or A's right singular vectors (Hu et al. eq. 4; LoRA only): same spans, other order.
+    "A−A₀" (right): the right singular vectors of A − A₀; None when the run did not save A₀
+    or A did not move.
     """
-    if basis == FACTORS:
-        return d.factor_frames[side]
-    return d.U if side == "left" else d.Vh.T
+    if basis == DELTA:
+        return d.U if side == "left" else d.Vh.T
+    return d.factor_frames.get(_FACTOR_KEY[(side, basis)])
 
 
-def pair_basis(kind: str) -> str:
-    """LoRA-vs-LoRA pairs (ranks, seeds) use A and B as Hu et al.; pairs with full use ΔW."""
-    return DELTA if kind == "full" else FACTORS
+def pair_bases(kind: str) -> list[tuple[str, str]]:
+    """(side, basis) of each φ measured for a pair. LoRA-vs-LoRA pairs (ranks, seeds): B's
+    column space, A's row space and A − A₀'s; pairs with full: ΔW's on both sides, and the LoRA
+    run's A − A₀ against the full update's row space (the full side always in ΔW's basis)."""
+    if kind == "full":
+        return [("left", DELTA), ("right", DELTA), ("right", MOVED)]
+    return [("left", COLS), ("right", ROWS), ("right", MOVED)]
+
+
+def _frames(kind: str, da, db, side: str, basis: str):
+    """The two frames of one (side, basis) of a pair; (None, None) when one is missing."""
+    fa = frame(da, side, basis)
+    fb = frame(db, side, DELTA if kind == "full" else basis)
+    return (fa, fb) if fa is not None and fb is not None else (None, None)
 
 
 def _null(n: int, i: int, j: int, cache: dict, n_draws: int) -> tuple[float, float]:
@@ -48,6 +66,27 @@ def _null(n: int, i: int, j: int, cache: dict, n_draws: int) -> tuple[float, flo
         q95, q99 = phi_null_quantiles(n, i, j, (0.95, 0.99), n_draws=n_draws, generator=gen)
         cache[key] = (float(q95), float(q99))
     return cache[key]
+
+
+def run_a_moved(run, name: str) -> float:
+    """‖A − A₀‖_F/‖A₀‖_F of one LoRA run's module: from its A₀ when saved, else the manifest's
+    ``a_moved`` of the module, else the median of the manifest's over modules, else NaN."""
+    d = run.modules.get(name)
+    if d is not None and d.a_moved is not None:
+        return d.a_moved
+    moved = run.manifest.get("a_moved") or {}
+    if moved.get(name) is not None:
+        return float(moved[name])
+    vals = [float(v) for v in moved.values() if v is not None]
+    return float(np.median(vals)) if vals else float("nan")
+
+
+def pair_a_moved(a, b, name: str) -> float:
+    """The smaller of the pair's LoRA runs' ``run_a_moved`` (a full run has no A): φ on A's row
+    space says little when either A has barely left its initialisation."""
+    vals = [run_a_moved(r, name) for r in (a, b) if r.method == "lora"]
+    vals = [v for v in vals if not np.isnan(v)]
+    return min(vals) if vals else float("nan")
 
 
 def lora_pairs(runs: list) -> list[tuple]:
@@ -70,12 +109,18 @@ def _pair_ids(kind: str, a, b) -> dict:
 def subspace_similarity(runs: list, *, n_draws: int = 200) -> pd.DataFrame:
     """φ of the top direction and of the top-m directions, m = min(r1, r2), for every pair.
 
-    Pairs: LoRA ranks (same seed), LoRA seeds (same rank), both in the basis of A's right and
-    B's left singular vectors (Hu et al. eq. 4), and each LoRA run against the full update of
-    its seed (or the first full run), in ΔW's singular vectors (``basis`` column). Both sides,
-    n = d_in for the right (row) space and d_out for the left. The null: its mean max(i, j)/n
-    (``null_mean``) and its 95% and 99% quantiles (``null_q95``, ``null_q99``; exact for
-    i = 1, else from ``n_draws`` seeded Haar draws), since φ's null is heavy-tailed.
+    Pairs: LoRA ranks (same seed) and LoRA seeds (same rank), in the bases of ``pair_bases``
+    (B's column space, A's row space and A − A₀'s), and each LoRA run against the full update
+    of its seed (or the first full run), in ΔW's singular vectors (and A − A₀ against the full
+    row space). n = d_in for the right (row) space and d_out for the left. The null: its mean
+    max(i, j)/n (``null_mean``) and its 95% and 99% quantiles (``null_q95``, ``null_q99``; exact
+    for i = 1, else from ``n_draws`` seeded Haar draws), since φ's null is heavy-tailed.
+    ``a_moved`` is ``pair_a_moved``: below ~0.5, φ on A's row space measures its initialisation.
+
+    Returns:
+        One row per pair, module, side, basis and i: ``pair, run_1, run_2, rank_1, rank_2,
+        seed_1, seed_2, layer, module, name, side, basis, i, j, phi, null_mean, null_q95,
+        null_q99, a_moved``.
     """
     full = {r.seed: r for r in runs if r.method == "full"}
     pairs = lora_pairs(runs)
@@ -83,13 +128,15 @@ def subspace_similarity(runs: list, *, n_draws: int = 200) -> pd.DataFrame:
               for r in runs if r.method == "lora" and full]
     rows, cache = [], {}
     for kind, a, b in pairs:
-        basis = pair_basis(kind)
         for name, da in a.modules.items():
             db = b.modules.get(name)
             if db is None:
                 continue
-            for side in SIDES:
-                ua, ub = frame(da, side, basis), frame(db, side, basis)
+            moved = pair_a_moved(a, b, name)
+            for side, basis in pair_bases(kind):
+                ua, ub = _frames(kind, da, db, side, basis)
+                if ua is None:
+                    continue
                 m = min(x for x in (a.rank, b.rank, ua.shape[1], ub.shape[1]) if x)
                 n = ua.shape[0]
                 grid = phi_grid(ua, ub, imax=m, jmax=m)  # (m, m): φ(i, i) on its diagonal
@@ -99,7 +146,7 @@ def subspace_similarity(runs: list, *, n_draws: int = 200) -> pd.DataFrame:
                                  "name": name, "side": side, "basis": basis, "i": i, "j": i,
                                  "phi": float(grid[i - 1, i - 1]),
                                  "null_mean": phi_null_mean(n, i, i),
-                                 "null_q95": q95, "null_q99": q99})
+                                 "null_q95": q95, "null_q99": q99, "a_moved": moved})
     return nullable_ints(pd.DataFrame(rows), PAIR_INTS)
 
 
@@ -133,12 +180,16 @@ def _seed_key(seed):
     return (seed is None, seed if seed is not None else 0)
 
 
-def subspace_grids(runs: list, *, layers: list[int] | None = None,
-                   seed: int = 0) -> pd.DataFrame:
+def subspace_grids(runs: list, *, layers: list[int] | None = None, seed: int = 0,
+                   n_draws: int = 200) -> pd.DataFrame:
     """φ(i, j) grids for the figure pairs, at the chosen layers (default: the middle one).
 
-    The trained grids use Hu et al.'s basis (A's right and B's left singular vectors, ``basis``
-    "A/B"); each comes with a 'random' twin: two independent random subspaces of the same sizes.
+    The trained grids (``source`` "trained") are in the bases of ``pair_bases``: B's column
+    space (side "left", ``basis`` "B"), A's row space ("right", "A") and A − A₀'s ("right",
+    "A−A₀", when both runs saved A₀); each side comes with a 'random' twin (``basis``
+    "random"): two independent random subspaces of the same sizes. Every row carries the null's
+    95% and 99% quantiles of its (i, j) (``phi_null_grid_quantiles``: exact where min(i, j) = 1,
+    else ``n_draws`` seeded Haar draws) and the pair's ``a_moved``.
 
     Raises:
         InputError: a requested layer the pairs' runs do not have (naming the ones they have).
@@ -150,18 +201,45 @@ def subspace_grids(runs: list, *, layers: list[int] | None = None,
     require_layers(layers, all_layers)
     layers = layers or ([all_layers[len(all_layers) // 2]] if all_layers else [])
     gen = torch.Generator().manual_seed(seed)
-    rows = []
+    rows, nulls = [], {}
     for kind, a, b in pairs:
         for name, da in a.modules.items():
             db = b.modules.get(name)
             if db is None or da.layer not in layers:
                 continue
-            for side in SIDES:
-                rows += _grid_rows(kind, a, b, da, frame(da, side, FACTORS)[:, :a.rank],
-                                   frame(db, side, FACTORS)[:, :b.rank], side, gen)
+            ids = {**_pair_ids(kind, a, b), "layer": da.layer, "module": da.module, "name": name}
+            moved = pair_a_moved(a, b, name)
+            for side, basis in pair_bases(kind):
+                ua, ub = _frames(kind, da, db, side, basis)
+                if ua is not None:
+                    rows.append(_grid(ids, side, "trained", basis, ua[:, :a.rank], ub[:, :b.rank],
+                                      nulls, n_draws).assign(a_moved=moved))
+            for side in SIDES:   # the random twin, once per side, of the sizes of B's or A's frames
+                ua, ub = (frame(d, side, COLS if side == "left" else ROWS) for d in (da, db))
+                n, ia, jb = ua.shape[0], min(ua.shape[1], a.rank), min(ub.shape[1], b.rank)
+                x = random_orthonormal(n, ia, generator=gen)
+                y = random_orthonormal(n, jb, generator=gen)
+                rows.append(_grid(ids, side, "random", "random", x, y, nulls, n_draws)
+                            .assign(a_moved=moved))
     if not rows:
         return pd.DataFrame()
     return nullable_ints(pd.concat(rows, ignore_index=True), PAIR_INTS)
+
+
+def _grid(ids: dict, side: str, source: str, basis: str, ua, ub, nulls: dict,
+          n_draws: int) -> pd.DataFrame:
+    """One φ(i, j) grid as tidy rows, with its null quantiles (once per (n, i_max, j_max))."""
+    n, ia, jb = ua.shape[0], ua.shape[1], ub.shape[1]
+    key = (n, ia, jb)
+    if key not in nulls:
+        gen = torch.Generator().manual_seed(hash(key) % 2**31)
+        nulls[key] = phi_null_grid_quantiles(n, ia, jb, (0.95, 0.99), n_draws=n_draws,
+                                             generator=gen)  # (2, ia, jb)
+    ii, jj = np.meshgrid(np.arange(1, ia + 1), np.arange(1, jb + 1), indexing="ij")
+    return pd.DataFrame({**ids, "side": side, "source": source, "basis": basis,
+                         "i": ii.ravel(), "j": jj.ravel(),
+                         "phi": phi_grid(ua, ub, imax=ia, jmax=jb).ravel(),
+                         "null_q95": nulls[key][0].ravel(), "null_q99": nulls[key][1].ravel()})
 
 
 def require_layers(layers: list[int] | None, have: list[int]) -> None:
@@ -170,21 +248,6 @@ def require_layers(layers: list[int] | None, have: list[int]) -> None:
     if missing:
         raise InputError(f"grid layer {missing[0]} is not in the sweep's analysed modules "
                          f"(layers: {_spans(have) or 'none'})")
-
-
-def _grid_rows(kind: str, a, b, da, ua, ub, side: str, gen) -> list[pd.DataFrame]:
-    """The trained φ(i, j) grid of one module and side, and its random twin."""
-    n, ia, jb = ua.shape[0], ua.shape[1], ub.shape[1]
-    random = (random_orthonormal(n, ia, generator=gen), random_orthonormal(n, jb, generator=gen))
-    ii, jj = np.meshgrid(np.arange(1, ia + 1), np.arange(1, jb + 1), indexing="ij")
-    out = []
-    for label, (x, y) in (("trained", (ua, ub)), ("random", random)):
-        g = phi_grid(x, y, imax=ia, jmax=jb)
-        out.append(pd.DataFrame({
-            **_pair_ids(kind, a, b), "layer": da.layer, "module": da.module, "name": da.name,
-            "side": side, "source": label, "basis": FACTORS if label == "trained" else "random",
-            "i": ii.ravel(), "j": jj.ravel(), "phi": g.ravel()}))
-    return out
 
 
 def _spans(values: list[int]) -> str:

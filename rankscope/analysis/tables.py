@@ -5,13 +5,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rankscope.analysis.floors import noise_rank_90
 from rankscope.errors import InputError
-from rankscope.linalg.spectra import spectrum_metrics
+from rankscope.linalg.spectra import gd_rank, spectrum_metrics
 
 ID_COLS = ["run", "method", "rank", "seed", "layer", "module", "name"]
 ID_INTS = ("rank", "seed", "layer")   # identifying columns that may be empty: nullable ints
 METRIC_COLS = ["fro_norm", "spectral_norm", "stable_rank", "entropy_rank", "energy_rank_50",
                "energy_rank_90", "energy_rank_99", "numerical_rank"]
+# k₉₀'s noise floors (``floors``): a Gaussian matrix of the shape, the seeds' disagreement
+# ΔW_seed a − ΔW_seed b (full runs of a sweep with ≥ 2 seeds, else empty), and the Gavish–Donoho rank
+FLOOR_COLS = ["energy_rank_90_noise", "energy_rank_90_seeddiff", "gd_rank"]
 
 
 def nullable_ints(df: pd.DataFrame, cols) -> pd.DataFrame:
@@ -27,12 +31,17 @@ def add_module_rows(spectra: list, modules: list[dict], ids: dict, s: torch.Tens
                     shape: tuple[int, int]) -> None:
     """Append one module's rows: its singular values to ``spectra``, its measures to ``modules``.
 
+    The measures are ``spectrum_metrics``, the k₉₀ of a Gaussian matrix of the same shape and
+    the Gavish–Donoho rank; ``energy_rank_90_seeddiff`` is left empty (``add_seed_diff``).
+
     Args:
         ids: the ``ID_COLS`` values of the module.
         s: (m,) its singular values, descending.
         shape: (d_out, d_in).
     """
-    modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape)})
+    modules.append({**ids, "d_out": shape[0], "d_in": shape[1], **spectrum_metrics(s, shape=shape),
+                    "energy_rank_90_noise": noise_rank_90(shape),
+                    "energy_rank_90_seeddiff": None, "gd_rank": gd_rank(s, shape=shape)})
     spectra.append((ids, s.detach().cpu().double().numpy()))
 
 
@@ -41,7 +50,7 @@ def spectra_frames(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd
 
     spectra has one row per singular value (``ID_COLS`` then ``index, sigma``: ~10⁵ rows for a
     full model, so it is built column by column, not from a dict per row); modules one row per
-    module (``ID_COLS``, ``d_out, d_in`` and ``METRIC_COLS``).
+    module (``ID_COLS``, ``d_out, d_in``, ``METRIC_COLS`` and ``FLOOR_COLS``).
 
     Raises:
         InputError: no rows: every ΔW was zero.
@@ -54,8 +63,20 @@ def spectra_frames(spectra: list, modules: list[dict]) -> tuple[pd.DataFrame, pd
     cols["index"] = np.concatenate([np.arange(n) for n in counts])
     cols["sigma"] = np.concatenate([s for _, s in spectra])
     return (nullable_ints(pd.DataFrame(cols, columns=ID_COLS + ["index", "sigma"]), ID_INTS),
-            nullable_ints(pd.DataFrame(modules, columns=ID_COLS + ["d_out", "d_in"] + METRIC_COLS),
-                          ID_INTS))
+            nullable_ints(pd.DataFrame(modules, columns=ID_COLS + ["d_out", "d_in"] + METRIC_COLS
+                                       + FLOOR_COLS), ID_INTS + ("energy_rank_90_seeddiff",)))
+
+
+def add_seed_diff(modules: pd.DataFrame, ranks: dict[str, int]) -> pd.DataFrame:
+    """``modules`` with ``energy_rank_90_seeddiff`` filled on every full run's row of each module
+    in ``ranks`` ({name: k₉₀ of ΔW_seed a − ΔW_seed b}, ``floors.seed_diff_ranks``): the same
+    value on every seed's row of that module."""
+    full = modules["method"] == "full"
+    values = modules.loc[full, "name"].map(ranks)
+    out = modules.copy()
+    out["energy_rank_90_seeddiff"] = pd.array([pd.NA] * len(out), dtype="Int64")
+    out.loc[full, "energy_rank_90_seeddiff"] = values.astype("Int64")
+    return out
 
 
 def decomposed_spectra(runs: list) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -18,7 +18,7 @@ from rankscope import analyze as analyze
 from rankscope.analysis.analyze import resolve_sources
 from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import ModuleDelta
-from rankscope.analysis.tables import ID_COLS, METRIC_COLS, summary
+from rankscope.analysis.tables import FLOOR_COLS, ID_COLS, METRIC_COLS, summary
 from rankscope.errors import InputError
 
 
@@ -84,7 +84,7 @@ def test_adapter_with_chosen_spectrum(minilm_slice, make_adapter, chosen_factors
             progress=False)
     spectra, modules, manifest = read_out(tmp_path / "out")
     assert list(spectra.columns) == ID_COLS + ["index", "sigma"]
-    assert list(modules.columns) == ID_COLS + ["d_out", "d_in"] + METRIC_COLS
+    assert list(modules.columns) == ID_COLS + ["d_out", "d_in"] + METRIC_COLS + FLOOR_COLS
     for name, s in ADAPTER_SPECTRA.items():
         check_module(spectra, modules, name, s, n_sigma=4)
     assert set(modules["run"]) == {"adapter"} and set(modules["method"]) == {"lora"}

@@ -39,8 +39,11 @@ def sweep(smollm2_slice, make_run, tmp_path_factory):
     for seed in SEEDS:
         full = {f"{_name(layer, k)}.delta": 1e-3 * torch.randn(*shape, generator=gen)
                 for layer in (0, 1) for k, shape in KINDS.items()}
+        # seed 0 records the training evidence of issue 9; seed 1 is a run from before it
+        evidence = dict(late_gain_share=0.05, full_scope="all", delta_fro={
+            n[:-len(".delta")]: float(t.norm()) for n, t in full.items()}) if seed == 0 else {}
         make_run(out / f"full-s{seed}", full, run=f"full-s{seed}", method="full", rank=None,
-                 seed=seed, eval_after={"loss": 2.0}, **common)
+                 seed=seed, eval_after={"loss": 2.0}, **evidence, **common)
         for r in RANKS:
             t = {}
             for layer in (0, 1):
@@ -49,11 +52,16 @@ def sweep(smollm2_slice, make_run, tmp_path_factory):
                     t[f"{_name(layer, k)}.lora_A"] = torch.randn(r, d_in, generator=gen) / 24
                     t[f"{_name(layer, k)}.lora_B"] = 0.05 * torch.randn(d_out, r, generator=gen)
                     t[f"{_name(layer, k)}.scaling"] = torch.tensor(2.0)
+                    if seed == 0:   # A₀ saved: A moved by ‖A − A₀‖/‖A₀‖ = 0.5 exactly
+                        t[f"{_name(layer, k)}.lora_A0"] = t[f"{_name(layer, k)}.lora_A"] / 1.5
             # a planted intruder: one direction far above layer 1 q_proj's spectrum
             t[f"{_name(1, LORA[0])}.lora_B"][:, 0] *= 400.0
+            moved = {"a_moved": {_name(layer, k): 0.5 + 0.1 * layer for layer in (0, 1)
+                                 for k in LORA}} if seed == 0 else {}
             make_run(out / f"lora-r{r}-s{seed}", t, run=f"lora-r{r}-s{seed}", method="lora",
                      rank=r, seed=seed, lora_alpha=2.0 * r, alpha_policy="scaled",
-                     targets=["q_proj", "v_proj"], eval_after={"loss": 2.5 - 0.1 * r}, **common)
+                     targets=["q_proj", "v_proj"], eval_after={"loss": 2.5 - 0.1 * r}, **moved,
+                     **common)
     return out
 
 
@@ -70,6 +78,9 @@ def counted(sweep):
             return real[kind](x, *a, **kw)
         return f
 
+    from rankscope.analysis.floors import _noise_rank_90
+
+    _noise_rank_90.cache_clear()     # so that each shape's Gaussian matrix is counted once
     with pytest.MonkeyPatch.context() as mp:
         for kind in calls:
             mp.setattr(torch.linalg, kind, counting(kind))
@@ -83,7 +94,9 @@ def test_every_decomposition_is_done_once(counted):
     # full runs' q, v (decompose) + W0 once per module + the full runs' W0 + ΔW (intruders);
     # LoRA updates and LoRA's W0 + ΔW take no large SVD at all
     assert len(calls["svd"]) == n_full * analysed + w0 + n_full * analysed
-    assert len(calls["svdvals"]) == n_full * others      # the full runs' other modules, once
+    # the full runs' other modules once; ΔW_s0 − ΔW_s1 of every full module (the seeds' floor);
+    # one Gaussian matrix per shape up to a transpose (576², 576×192, 1536×576)
+    assert len(calls["svdvals"]) == n_full * others + 2 * len(KINDS) + 3
     assert set(frames) == {"metrics", "modules", "spectra", "subspace", "subspace_grid",
                            "convergence", "relation", "intruders"}
 
@@ -99,8 +112,10 @@ def test_spectra_tables_equal_the_analysis_of_every_module(sweep, counted):
     # float32 dense SVD vs svdvals: equal to float32 rounding of each module's largest σ
     scale = spectra.groupby(["run", "name"])["sigma"].transform("max")
     assert ((frames["spectra"]["sigma"] - spectra["sigma"]).abs() <= 1e-5 * scale).all()
-    pd.testing.assert_frame_equal(frames["modules"].drop(columns=METRIC_COLS),
-                                  modules.drop(columns=METRIC_COLS))
+    seeddiff = ["energy_rank_90_seeddiff"]                 # compare's alone: it needs the sweep
+    pd.testing.assert_frame_equal(frames["modules"].drop(columns=METRIC_COLS + seeddiff),
+                                  modules.drop(columns=METRIC_COLS + seeddiff))
+    assert modules["energy_rank_90_seeddiff"].isna().all()
     exact = [c for c in METRIC_COLS if c.startswith(("energy", "numerical"))]
     pd.testing.assert_frame_equal(frames["modules"][exact], modules[exact])
     np.testing.assert_allclose(frames["modules"][["fro_norm", "spectral_norm", "stable_rank",
@@ -130,20 +145,68 @@ def test_relation_uses_w0s_singular_values(sweep, counted):
     row = rel[(rel["name"] == _name(0, LORA[0])) & (rel["run"] == "lora-r4-s0")].iloc[0]
     assert row["w_dirs"] == pytest.approx(float(s[:4].square().sum().sqrt()), rel=1e-12)
     assert set(rel["r_dirs"]) == set(RANKS)
+    w_fro = float(w.square().sum().sqrt())
+    assert row["random_expected"] == pytest.approx(4 * w_fro / 576, rel=1e-12)
+    assert rel["amplification_within_noise"].dtype == bool
+
+
+def test_modules_carry_the_energy_ranks_noise_floors(sweep, counted):
+    from rankscope.linalg.spectra import rank_at_energy
+
+    frames, _ = counted
+    mods = frames["modules"]
+    floor = {(576, 576): 294, (192, 576): 140, (576, 1536): 410}
+    for (d_out, d_in), k in floor.items():
+        got = mods[(mods["d_out"] == d_out) & (mods["d_in"] == d_in)]["energy_rank_90_noise"]
+        assert (got - k).abs().max() <= 3 and got.nunique() == 1
+    full, lora = mods[mods["method"] == "full"], mods[mods["method"] == "lora"]
+    assert lora["energy_rank_90_seeddiff"].isna().all() and full["energy_rank_90_seeddiff"].notna().all()
+    sets = {s.run: {d.name: d.dense for d in s} for s in from_runs(sweep) if s.method == "full"}
+    name = _name(1, "mlp.down_proj")
+    want = rank_at_energy(torch.linalg.svdvals(sets["full-s0"][name] - sets["full-s1"][name]), 0.9)
+    assert set(full.loc[full["name"] == name, "energy_rank_90_seeddiff"]) == {want}
+    # random dense ΔW are white noise: Gavish–Donoho keeps none; a rank-r LoRA keeps r
+    assert (full["gd_rank"] == 0).all()
+    assert (lora["gd_rank"] == lora["rank"]).all()
+
+
+def test_metrics_carry_the_training_evidence_and_leave_old_runs_empty(counted):
+    frames, _ = counted
+    m = frames["metrics"].set_index("run")
+    assert m.loc["full-s0", "late_gain_share"] == 0.05 and m.loc["full-s0", "full_scope"] == "all"
+    assert m.loc["full-s0", "delta_fro_median"] > 0
+    assert m.loc["lora-r4-s0", "a_moved_min"] == pytest.approx(0.5)
+    assert m.loc["lora-r4-s0", "a_moved_median"] == pytest.approx(0.55)
+    old = m.loc[["full-s1", "lora-r1-s1", "lora-r4-s1"]]
+    assert old[["late_gain_share", "a_moved_min", "a_moved_median", "delta_fro_median"]] \
+        .isna().all().all() and old["full_scope"].isna().all()
+    assert m["late_gain_share"].dtype == float
 
 
 def test_subspace_tables_record_their_basis(counted):
     frames, _ = counted
     sub, grid = frames["subspace"], frames["subspace_grid"]
-    assert dict(sub.groupby("pair")["basis"].unique().map(list)) == {
-        "full": ["ΔW"], "ranks": ["A/B"], "seeds": ["A/B"]}
+    # A₀ is saved by seed 0 alone: its pair of ranks has A − A₀, seed 1's and the seeds' not
+    basis = sub.groupby(["pair", "seed_1"])["basis"].unique().map(sorted)
+    assert dict(basis) == {("full", 0): ["A−A₀", "ΔW"], ("full", 1): ["ΔW"],
+                           ("ranks", 0): ["A", "A−A₀", "B"], ("ranks", 1): ["A", "B"],
+                           ("seeds", 0): ["A", "B"]}
+    ranks = sub[sub["pair"] == "ranks"]
+    np.testing.assert_allclose(ranks.loc[ranks["seed_1"] == 0, "a_moved"], 0.5, rtol=1e-6)
+    assert ranks.loc[ranks["seed_1"] == 1, "a_moved"].isna().all()    # an old run: unknown
+    seeds = sub[(sub["pair"] == "seeds") & (sub["layer"] == 1)]
+    np.testing.assert_allclose(seeds["a_moved"], 0.5, rtol=1e-6)   # seed 0's, from its A₀
     assert (sub["null_mean"] < sub["null_q95"]).all() and (sub["null_q95"] < sub["null_q99"]).all()
     top = sub[(sub["i"] == 1) & (sub["side"] == "right")]        # n = d_in = 576: exact Beta
     assert top["null_q99"].mul(576).between(6.5, 6.7).all()
     assert set(grid["pair"]) == {"ranks", "seeds"} and set(grid["layer"]) == {1}
-    assert set(zip(grid["source"], grid["basis"])) == {("trained", "A/B"), ("random", "random")}
-    for col in ("pair", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2", "i", "j", "phi"):
+    assert set(zip(grid["side"], grid["source"], grid["basis"])) == {
+        ("left", "trained", "B"), ("right", "trained", "A"), ("right", "trained", "A−A₀"),
+        ("left", "random", "random"), ("right", "random", "random")}
+    for col in ("pair", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2", "i", "j", "phi",
+                "null_q95", "null_q99", "a_moved"):
         assert col in grid                               # what plots_extra._grids reads
+    assert (grid["null_q95"] < grid["null_q99"]).all()
 
 
 def test_compare_refuses_an_unknown_grid_layer_before_any_svd(sweep, monkeypatch):

@@ -333,6 +333,20 @@ def test_run_folder_lora(chosen_factors, make_run, tmp_path):
     assert all(d.scale == 2.0 and d.rank == 4 and (d.d_out, d.d_in) == (24, 16) for d in deltas)
 
 
+def test_run_folder_lora_with_a_at_initialisation(chosen_factors, make_run, tmp_path):
+    tensors = _lora_tensors(chosen_factors, NAMES[:2])
+    a0 = 0.5 * tensors[f"{NAMES[0]}.lora_A"]
+    run = make_run(tmp_path / "lora-r4-s0", {**tensors, f"{NAMES[0]}.lora_A0": a0},
+                   method="lora", rank=4, seed=0)
+    deltas = {d.name: d for d in from_run(run)}
+    torch.testing.assert_close(deltas[NAMES[0]].A0, a0.float())
+    assert deltas[NAMES[1]].A0 is None                                  # an older run's module
+    make_run(run, {**tensors, f"{NAMES[0]}.lora_A0": torch.ones(3, 16)}, method="lora", rank=4,
+             seed=0)
+    with pytest.raises(InputError, match=r"lora_A0 is \(3, 16\), lora_A \(4, 16\)"):
+        list(from_run(run))
+
+
 def test_run_folder_full_and_sweep(chosen_factors, make_run, tmp_path):
     dense = {f"{n}.delta": torch.randn(8, 6, generator=torch.Generator().manual_seed(i))
              for i, n in enumerate(NAMES)}

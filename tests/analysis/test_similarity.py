@@ -23,37 +23,98 @@ def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
     return random_orthonormal(n, k, generator=torch.Generator().manual_seed(seed))
 
 
-def _lora_run(seed: int, b_cols, a_rows, *, name="model.layers.0.self_attn.q_proj") -> RunDecomp:
-    """A rank-3 LoRA run whose ΔW = B·A is chosen column by column and row by row."""
+def _lora_run(seed: int, b_cols, a_rows, *, name="model.layers.0.self_attn.q_proj", a0=None,
+              manifest=None) -> RunDecomp:
+    """A LoRA run whose ΔW = B·A is chosen column by column and row by row (A₀: ``a0``)."""
     B, A = torch.stack(b_cols, dim=1), torch.stack(a_rows, dim=0)
-    delta = ModuleDelta(name, 0, "q_proj", B.shape[0], A.shape[1], B=B, A=A, scale=1.0)
-    return RunDecomp(f"lora-r3-s{seed}", "lora", 3, seed, {}, {name: decompose(delta)})
+    delta = ModuleDelta(name, 0, "q_proj", B.shape[0], A.shape[1], B=B, A=A, scale=1.0, A0=a0)
+    r = A.shape[0]
+    return RunDecomp(f"lora-r{r}-s{seed}", "lora", r, seed, manifest or {}, {name: decompose(delta)})
+
+
+def test_the_row_space_training_learned_is_measured_on_a_minus_a0():
+    """A = A₀ + L with A₀ = 5·[p_a; p_b] (orthonormal rows, different per seed) and L = c·[q; 0],
+    q orthogonal to every p. A's top direction is mostly its initialisation: seeds 0 and 1
+    (c = 1, 2) have φ_A(1, 1) = (1·2)²/(26·29); A − A₀ = L has the one direction q in both
+    runs: φ = 1, and against a full update whose top row direction is q, 1 too. a_moved =
+    ‖L‖/‖A₀‖ = c/(5√2): the pair carries the smaller, 1/(5√2)."""
+    n, dout = 40, 12
+    basis = _orthonormal(n, 5, 7)               # p0..p3 and q
+    p, q = basis[:, :4], basis[:, 4]
+    b = _orthonormal(dout, 2, 8)
+    runs = []
+    for seed, c in ((0, 1.0), (1, 2.0)):
+        a0 = 5 * torch.stack([p[:, 2 * seed], p[:, 2 * seed + 1]])
+        a = a0 + torch.stack([c * q, torch.zeros(n, dtype=torch.float64)])
+        runs.append(_lora_run(seed, [b[:, 0], b[:, 1]], list(a), a0=a0))
+    name = "model.layers.0.self_attn.q_proj"
+    full = ModuleDelta(name, 0, "q_proj", dout, n, dense=3 * torch.outer(b[:, 0], q) +
+                       torch.outer(b[:, 1], p[:, 0]))
+    runs.append(RunDecomp("full-s0", "full", None, 0, {}, {name: decompose(full)}))
+    assert runs[0].modules[name].a_moved == pytest.approx(1 / (5 * math.sqrt(2)))
+    sub = S.subspace_similarity(runs, n_draws=8)
+    seeds = sub[sub["pair"] == "seeds"].set_index(["basis", "i"])
+    assert set(seeds.index.get_level_values(0)) == {"B", "A", "A−A₀"}
+    assert seeds.loc[("A", 1), "phi"] == pytest.approx(4 / (26 * 29))
+    assert seeds.loc[("A−A₀", 1), "phi"] == pytest.approx(1.0)
+    assert list(seeds.loc["A−A₀"].index) == [1]          # A − A₀ has rank 1: i = 1 only
+    np.testing.assert_allclose(seeds["a_moved"], 1 / (5 * math.sqrt(2)))
+    against_full = sub[(sub["pair"] == "full") & (sub["basis"] == "A−A₀") & (sub["i"] == 1)]
+    assert list(against_full["phi"]) == pytest.approx([1.0, 1.0], abs=1e-6)   # a float32 SVD
+    assert list(sub.columns[:12]) == ["pair", "run_1", "run_2", "rank_1", "rank_2", "seed_1",
+                                      "seed_2", "layer", "module", "name", "side", "basis"]
+    grid = S.subspace_grids(runs[:2], layers=[0], n_draws=20)
+    assert set(zip(grid["side"], grid["source"], grid["basis"])) == {
+        ("left", "trained", "B"), ("right", "trained", "A"), ("right", "trained", "A−A₀"),
+        ("left", "random", "random"), ("right", "random", "random")}
+    moved = grid[grid["basis"] == "A−A₀"]
+    assert len(moved) == 1 and moved["phi"].iloc[0] == pytest.approx(1.0)
+    from scipy.stats import beta
+    assert moved["null_q99"].iloc[0] == pytest.approx(beta.ppf(0.99, 0.5, (n - 1) / 2))
+    assert (grid["null_q95"] < grid["null_q99"]).all() and grid["a_moved"].notna().all()
+
+
+def test_a_moved_falls_back_to_the_manifest():
+    """Without A₀: the manifest's value of the module, else its median over modules."""
+    p, q = _orthonormal(16, 2, 1), _orthonormal(20, 2, 2)
+    name = "model.layers.0.self_attn.q_proj"
+    one = _lora_run(0, [p[:, 0], p[:, 1]], [q[:, 0], q[:, 1]],
+                    manifest={"a_moved": {name: 0.3, "other": 9.0}})
+    two = _lora_run(1, [p[:, 0], p[:, 1]], [q[:, 0], q[:, 1]],
+                    manifest={"a_moved": {"x": 0.5, "y": 0.7, "z": 2.0}})
+    assert S.run_a_moved(one, name) == 0.3 and S.run_a_moved(two, name) == 0.7
+    assert S.pair_a_moved(one, two, name) == 0.3
+    sub = S.subspace_similarity([one, two], n_draws=4)
+    assert (sub["a_moved"] == 0.3).all()
 
 
 def test_lora_pairs_use_a_and_b_own_singular_vectors():
     """A = diag(4, 1, 2)·Qᵀ and B = P·diag(1, 5, 3.5): ΔW = P diag(4, 5, 7) Qᵀ, so ΔW's top
     direction is (p2, q2), A's is q0 and B's is p1. Seed 1 shares A's top row q0 and B's top
-    column p1 but puts its largest product elsewhere: φ(1, 1) is 1 in the A/B basis and 0 in ΔW's."""
+    column p1 but puts its largest product elsewhere: φ(1, 1) is 1 in the bases of A and B and 0
+    in ΔW's."""
     p, q = _orthonormal(16, 6, 1), _orthonormal(20, 6, 2)
     a, b = (4.0, 1.0, 2.0), (1.0, 5.0, 3.5)
     one = _lora_run(0, [b[i] * p[:, i] for i in (0, 1, 2)], [a[i] * q[:, i] for i in (0, 1, 2)])
     two = _lora_run(1, [b[0] * p[:, 5], b[1] * p[:, 1], b[2] * p[:, 4]],
                     [a[0] * q[:, 0], a[1] * q[:, 3], a[2] * q[:, 4]])
     d = next(iter(one.modules.values()))
-    assert abs(float(S.frame(d, "right", "A/B")[:, 0] @ q[:, 0])) == pytest.approx(1.0)
-    assert abs(float(S.frame(d, "left", "A/B")[:, 0] @ p[:, 1])) == pytest.approx(1.0)
+    assert abs(float(S.frame(d, "right", "A")[:, 0] @ q[:, 0])) == pytest.approx(1.0)
+    assert abs(float(S.frame(d, "left", "B")[:, 0] @ p[:, 1])) == pytest.approx(1.0)
+    assert S.frame(d, "right", "A−A₀") is None                  # no A₀ saved
     assert abs(float(S.frame(d, "right")[:, 0] @ q[:, 2])) == pytest.approx(1.0)
     assert abs(float(S.frame(d, "left")[:, 0] @ p[:, 2])) == pytest.approx(1.0)
     sub = S.subspace_similarity([one, two], n_draws=4)
     top = sub[sub["i"] == 1].set_index("side")
-    assert list(top["pair"]) == ["seeds", "seeds"] and set(top["basis"]) == {"A/B"}
+    assert list(top["pair"]) == ["seeds", "seeds"] and set(top["basis"]) == {"A", "B"}
+    assert top["a_moved"].isna().all()                          # no A₀, no manifest field
     assert top.loc["right", "phi"] == pytest.approx(1.0) and top.loc["left", "phi"] == pytest.approx(1.0)
     d2 = next(iter(two.modules.values()))
     for side in ("left", "right"):       # the same pair in ΔW's basis shares no top direction
         assert phi(S.frame(d, side), S.frame(d2, side), 1, 1) == pytest.approx(0.0, abs=1e-20)
     grid = S.subspace_grids([one, two], layers=[0])
     g = grid[(grid["source"] == "trained") & (grid["i"] == 1) & (grid["j"] == 1)]
-    assert set(g["basis"]) == {"A/B"} and np.allclose(g["phi"], 1.0)
+    assert set(g["basis"]) == {"A", "B"} and np.allclose(g["phi"], 1.0)
 
 
 # ------------------------------------------------------- figure pairs and grid layers
