@@ -1,5 +1,6 @@
-"""The truncation test: gain shares and functional ranks on curves built with known shares,
-W_0 + trunc_k(ΔW) at full rank giving back the fine-tuned model on a tiny real sweep, and
+"""The truncation test: gain shares from the k = 0 baseline and functional ranks on curves
+built with known shares, k = 0 writing the base model's linear weights exactly, W_0 +
+trunc_k(ΔW) at full rank giving back the fine-tuned model on a tiny real sweep, and
 ``rankscope truncate`` through click's CliRunner with every bad input.
 """
 from __future__ import annotations
@@ -19,16 +20,17 @@ KS = (1, 2, 4, 8, 16, 32)
 FULL_RANK = 576
 
 
-def curve(shares, *, before=3.0, full=2.0, run="full-s0", metric="loss", extra=None):
+def curve(shares, *, before=3.0, full=2.0, run="full-s0", metric="loss", extra=None, k0=None):
     """A truncation curve whose k = KS[i] keeps exactly ``shares[i]`` of the gain, then the
-    full rank (share 1): the metric moves from ``before`` (W_0) towards ``full``."""
-    rows = []
-    for k, share in [*zip(KS, shares), (FULL_RANK, 1.0)]:
-        rows.append({"run": run, "method": "full", "rank": None, "seed": 0, "k": k,
-                     "is_full_rank": k == FULL_RANK,
-                     f"eval_{metric}": before + share * (full - before),
-                     f"before_{metric}": before, **(extra or {})})
-    return pd.DataFrame(rows)
+    full rank (share 1): the metric moves from the baseline towards ``full``. The baseline is
+    ``before`` (the base model), or with ``k0`` a k = 0 row whose metric is ``k0``."""
+    start = before if k0 is None else k0
+    points = [*zip(KS, shares), (FULL_RANK, 1.0)]
+    rows = [] if k0 is None else [{"k": 0, f"eval_{metric}": k0}]
+    rows += [{"k": k, f"eval_{metric}": start + share * (full - start)} for k, share in points]
+    return pd.DataFrame([{"run": run, "method": "full", "rank": None, "seed": 0,
+                          "is_full_rank": r["k"] == FULL_RANK, **r, f"before_{metric}": before,
+                          **(extra or {})} for r in rows])
 
 
 def ranks(summary: pd.DataFrame, run: str = "full-s0") -> dict:
@@ -82,7 +84,40 @@ def test_runs_are_kept_apart():
     summary = functional_rank(gain_shares(c))
     assert ranks(summary) == {0.9: 4, 0.95: 16}
     assert ranks(summary, "full-s1") == {0.9: 1, 0.95: 1}
-    assert list(summary.columns) == ["run", "method", "rank", "seed", "share", "k"]
+    assert list(summary.columns) == ["run", "method", "rank", "seed", "share", "k", "k0_share",
+                                     "k_max"]
+
+
+def test_shares_are_measured_from_the_k0_baseline():
+    """Base model 3.0, k = 0 (linear weights at W_0, the rest fine-tuned) 2.8, full 2.0: the
+    non-linear parameters make 20% of the gain, and each k's share counts from 2.8."""
+    shares = (0.3, 0.6, 0.9, 0.93, 0.95, 0.97)
+    g = gain_shares(curve(shares, k0=2.8))
+    assert g["gain_share"].tolist() == pytest.approx([0.0, *shares, 1.0])
+    assert g["k0_share"].tolist() == pytest.approx([0.2] * 8)
+    summary = functional_rank(g)
+    assert ranks(summary) == {0.9: 4, 0.95: 16}
+    assert summary["k0_share"].tolist() == pytest.approx([0.2, 0.2])
+    assert summary["k_max"].tolist() == [FULL_RANK, FULL_RANK]
+    # the same curve read from the base model would credit k = 1 with 0.2 + 0.8·0.3 = 44%
+    base = gain_shares(curve(shares, k0=2.8).query("k > 0"))
+    assert base["gain_share"].iloc[0] == pytest.approx(0.44)
+
+
+def test_a_k0_baseline_that_keeps_all_the_gain_leaves_the_rank_undefined():
+    """The non-linear parameters alone reach full fine-tuning's metric: no gain is left for the
+    linear updates to share, and k0_share is 1."""
+    g = gain_shares(curve((0.3, 0.6, 0.9, 0.93, 0.95, 0.97), k0=2.0))
+    assert g["gain_share"].isna().all() and g["k0_share"].tolist() == pytest.approx([1.0] * 8)
+    summary = functional_rank(g)
+    assert summary["k"].isna().all() and summary["k0_share"].tolist() == pytest.approx([1.0] * 2)
+
+
+def test_accuracy_shares_count_from_k0_too():
+    g = gain_shares(curve((0.1, 0.2, 0.5, 0.91, 0.96, 0.99), before=0.5, full=0.9, k0=0.6,
+                          metric="accuracy"))
+    assert g["k0_share"].iloc[0] == pytest.approx(0.25)
+    assert ranks(functional_rank(g)) == {0.9: 8, 0.95: 16}
 
 
 # ------------------------------------------------------------------ a tiny real sweep
@@ -112,9 +147,9 @@ def test_truncation_at_full_rank_gives_back_the_fine_tuned_model(news_sweep, tru
         assert top["eval_loss"].iloc[0] == pytest.approx(manifest["eval_after"]["loss"], rel=1e-6)
         assert (rows["before_loss"] == manifest["eval_before"]["loss"]).all()
     full = curve[curve["run"] == "full-s0"]
-    assert full["k"].tolist() == [1, 2, 4, 576]             # 576: the largest module rank
+    assert full["k"].tolist() == [0, 1, 2, 4, 576]          # 576: the largest module rank
     lora = curve[curve["run"] == "lora-r2-s0"]
-    assert lora["k"].tolist() == [1, 2]                     # a rank-2 update is whole at k = 2
+    assert lora["k"].tolist() == [0, 1, 2]                  # a rank-2 update is whole at k = 2
 
 
 @pytest.mark.slow
@@ -123,13 +158,16 @@ def test_the_cli_writes_the_curve_and_the_functional_ranks(news_sweep, truncated
     summary = pd.read_csv(out / "truncation_summary.csv")
     assert sorted(set(summary["run"])) == ["full-s0", "lora-r2-s0"]
     assert sorted(set(summary["share"])) == [0.9, 0.95]
+    assert {"k0_share", "k_max"} <= set(summary.columns)
     curve = pd.read_csv(out / "truncation.csv")
     for run, g in curve.groupby("run"):
-        gain = g["before_loss"].iloc[0] - g.loc[g["is_full_rank"], "eval_loss"].iloc[0]
-        if gain > 0:
+        gain = g.loc[g["k"] == 0, "eval_loss"].iloc[0] - g.loc[g["is_full_rank"], "eval_loss"].iloc[0]
+        if gain > 0:                                        # the gain from the k = 0 baseline
             assert g.loc[g["is_full_rank"], "gain_share"].iloc[0] == pytest.approx(1.0)
+            assert g.loc[g["k"] == 0, "gain_share"].iloc[0] == 0.0
         else:
             assert g["gain_share"].isna().all()
+        assert (summary.loc[summary["run"] == run, "k_max"] == g["k"].max()).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"truncation", "truncation_summary"} <= set(manifest["tables"])
     assert manifest["inputs"]["runs"] == str(news_sweep.out)
@@ -307,3 +345,75 @@ def test_conv1d_slots_write_through_on_cuda(tiny_gpt2):
     import torch
 
     _check_slots_write_through(tiny_gpt2, torch.device("cuda"), tol=2e-3)   # TF32 matmuls allowed
+
+
+# ------------------------------------------------------------------ the k = 0 baseline
+
+def test_k0_writes_the_base_models_linear_weights_exactly(tiny_gpt2, monkeypatch, tmp_path):
+    """``truncation_table`` on a full run of the tiny GPT-2 (planted rank-2 ΔW in every linear
+    weight, a fine-tuned final norm): the model evaluated at k = 0 holds W_0 bit for bit and the
+    fine-tuned norm; at the full rank it is the fine-tuned model."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from rankscope.analysis import truncate as T
+    from rankscope.train.models import linear_weight
+
+    base, tuned, svds, _ = _tiny_gpt2_pair(tiny_gpt2)
+    names = [n for n, *_ in svds]
+    norm = {"transformer.ln_f.weight": torch.full((32,), 2.0)}
+    seen = []
+
+    def evaluate(model, data, *, kind, device, bf16):
+        seen.append(({n: linear_weight(model.get_submodule(n)).detach().clone() for n in names},
+                     model.transformer.ln_f.weight.detach().clone()))
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(T, "read_manifest", lambda run_dir: {
+        "method": "full", "rank": None, "seed": 0, "eval_before": {"loss": 2.0}})
+    monkeypatch.setattr(T, "_svds", lambda run_dir, device: svds)
+    monkeypatch.setattr(T, "load_task_model", lambda cfg, **kw: copy.deepcopy(base))
+    monkeypatch.setattr(T, "read_tensors", lambda path: (norm, {}))
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    table = T.truncation_table(tmp_path, SimpleNamespace(bf16=False),
+                               SimpleNamespace(kind="lm", num_labels=None, eval=None), ks=(1, 2),
+                               device=torch.device("cpu"), progress=False)
+    assert table["k"].tolist() == [0, 1, 2, 32]          # 32: every module's full rank
+    weights, ln_f = seen[0]
+    for name in names:
+        assert torch.equal(weights[name], linear_weight(base.get_submodule(name)))
+    assert torch.equal(ln_f, norm["transformer.ln_f.weight"])
+    weights, _ = seen[-1]
+    for name in names:
+        torch.testing.assert_close(weights[name], linear_weight(tuned.get_submodule(name)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_lora_keeps_the_exact_base_weights_for_k0(tiny_gpt2, make_adapter, monkeypatch,
+                                                           tmp_path):
+    """For a LoRA run, W_0 is taken from the base model before the adapter is merged: exact,
+    where W_0 + ΔW − ΔW would round."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import GPT2Model        # what make_adapter wraps: names "h.0.attn.c_attn"
+
+    from rankscope.analysis import truncate as T
+    from rankscope.analysis.deltas import from_adapter
+    from rankscope.train.models import linear_weight
+
+    make_adapter(tiny_gpt2, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"],
+                 fan_in_fan_out=True)
+    deltas = {d.name: d.materialize() for d in from_adapter(tmp_path / "adapter")}
+    base = GPT2Model.from_pretrained(tiny_gpt2)
+    monkeypatch.setattr(T, "load_task_model", lambda cfg, **kw: GPT2Model.from_pretrained(tiny_gpt2))
+    task = SimpleNamespace(kind="lm", num_labels=None)
+    model, w0 = T._fine_tuned_model(None, tmp_path, {"method": "lora"}, task, list(deltas))
+    assert len(w0) == 2
+    for name, delta in deltas.items():
+        want = linear_weight(base.get_submodule(name))
+        assert torch.equal(w0[name], want)
+        torch.testing.assert_close(linear_weight(model.get_submodule(name)), want + delta,
+                                   rtol=1e-5, atol=1e-6)
