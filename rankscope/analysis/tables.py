@@ -98,5 +98,6 @@ def summary(modules: pd.DataFrame) -> pd.DataFrame:
                         fro_norm=("fro_norm", "median"), stable_rank=("stable_rank", "median"),
                         entropy_rank=("entropy_rank", "median"),
                         energy_rank_90=("energy_rank_90", "median"),
-                        energy_rank_99=("energy_rank_99", "median"))
+                        energy_rank_99=("energy_rank_99", "median"),
+                        **{c: (c, "median") for c in FLOOR_COLS if c in modules})
     return table.reset_index()

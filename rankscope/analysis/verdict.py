@@ -128,6 +128,10 @@ def functional_rank(summary: pd.DataFrame | None, modules: pd.DataFrame | None) 
     k0 = _median(full, "k0_share")
     base = f"; the k = 0 baseline (non-linear weights only) keeps {k0:.0%} of the gain" \
         if k0 is not None else ""
+    if k is None and k0 is not None and k0 >= 0.9:
+        return _row("functional rank", "inconclusive", None, low, gate, "the non-linear weights "
+                    f"alone keep {k0:.0%} of the gain, so the linear update's rank carries little "
+                    "of it: train with full_scope: linear")
     if k is None:
         return _row("functional rank", "high", None, high, gate, f"90% of the gain not reached "
                     f"up to k = {tested}" + base)

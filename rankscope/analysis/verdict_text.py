@@ -25,6 +25,8 @@ NEXT = {   # (test, status) → what to run next
                                      "spread",
     ("equivalence", "skipped"): "run full fine-tuning and LoRA side by side (--methods full,lora)",
     ("functional rank", "skipped"): "add a full fine-tuning run so its update can be truncated",
+    ("functional rank", "inconclusive"): "train full fine-tuning with full_scope: linear, so "
+                                         "that only the linear update can carry the gain",
     ("functional rank", "between"): "the functional rank is neither low nor high: test more "
                                     "truncation ranks or a longer full run",
     ("shared direction", "fail"): "the top directions of different ranks overlap no more than "

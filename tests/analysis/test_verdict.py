@@ -105,3 +105,10 @@ def test_the_verdict_table_carries_value_threshold_and_gate_for_every_test():
                                                 "shared direction"}
     assert all(set(r) == {"test", "status", "value", "threshold", "gate", "note"}
                for r in ev["tests"])
+
+
+def test_a_gain_the_non_linear_weights_carry_alone_is_not_read_as_a_high_rank():
+    f = frames(metrics(), k90=None, k0=0.97)
+    outcome, table = verdict_table(f)
+    assert (outcome, status(table, "functional rank")) == ("inconclusive", "inconclusive")
+    assert "full_scope: linear" in verdict(f)[0]
