@@ -97,48 +97,74 @@ def _panels(rows: list[pd.DataFrame]) -> pd.DataFrame:
     return df[front + [c for c in df.columns if c not in front]]
 
 
+SPACES = {"left": ("B", "column space (B)"), "right": ("A", "row space (A)")}
+MOVED = 0.5         # below this ‖A − A₀‖/‖A₀‖, A's row space is still mostly its random init
+
+
 def _grids(results, pair: str, *, side: str, layer: int | None, modules):
     g = _table(_one(results), "subspace_grid", "a φ(i, j) heatmap")
     g = g[(g["pair"] == pair) & (g["side"] == side)]
+    if "basis" in g:        # one trained basis per side (A, not A − A₀, on the row space)
+        g = g[g["basis"].isin([SPACES[side][0], "random"]) | (g["source"] != "trained")]
     if g.empty:
         raise InputError(f"no φ(i, j) grid for a pair of {pair} on the {side} side: the sweep "
                          f"needs {'two ranks' if pair == 'ranks' else 'two seeds at its top rank'}")
     g = g[g["layer"] == _mid_layer(g, layer)]
     modules = list(modules or dict.fromkeys(g["module"]))
-    cols = ["module", "layer", "side", "source", "rank_1", "rank_2", "seed_1", "seed_2",
-            "i", "j", "phi"]
+    cols = [c for c in ("module", "layer", "side", "source", "rank_1", "rank_2", "seed_1",
+                        "seed_2", "i", "j", "phi", "null_q99", "a_moved") if c in g]
     return g[cols], modules
 
 
-def subspace_ranks(results, *, side: str = "right", layer: int | None = None,
-                   modules: list[str] | None = None, zoom: int = 8) -> pd.DataFrame:
-    """Hu et al. Figure 3: φ(ΔW_{r1}, ΔW_{r2}, i, j) of one seed, whole and zoomed (i, j ≤ zoom)."""
-    g, modules = _grids(results, "ranks", side=side, layer=layer, modules=modules)
-    g = g[g["source"] == "trained"]
-    whole, zoomed = [], []
-    for m in modules:
-        gm = g[g["module"] == m]
-        r1, r2, lay = int(gm["rank_1"].iloc[0]), int(gm["rank_2"].iloc[0]), int(gm["layer"].iloc[0])
-        z = min(zoom, r1)
-        whole.append(gm.assign(plot="subspace_heatmap",
-                               panel=f"ΔW {m}, layer {lay}: r = {r1} vs {r2}"))
-        zoomed.append(gm[(gm["i"] <= z) & (gm["j"] <= z)].assign(
-            plot="subspace_heatmap", panel=f"ΔW {m}, layer {lay}: i, j ≤ {z}"))
-    return _panels(whole + zoomed)
+def _evidence(gm: pd.DataFrame, side: str) -> str:
+    """The panel's evidence: φ(1, 1) against its null's 99% quantile, and how far A moved."""
+    top = gm[(gm["i"] == 1) & (gm["j"] == 1)]
+    text = f"φ(1,1) = {top['phi'].iloc[0]:.2f}" if len(top) else ""
+    if len(top) and "null_q99" in top and pd.notna(top["null_q99"].iloc[0]):
+        text += f", null 99%: {top['null_q99'].iloc[0]:.3f}"
+    moved = gm["a_moved"].dropna() if "a_moved" in gm else pd.Series(dtype=float)
+    if side == "right" and len(moved):
+        a = float(moved.min())
+        text += f"; A moved {a:.2f}" + (" — not moved: φ reads A's init" if a < MOVED else "")
+    return text
 
 
-def subspace_seeds(results, *, side: str = "right", layer: int | None = None,
-                   modules: list[str] | None = None) -> pd.DataFrame:
-    """Hu et al. Figure 4: φ(i, j) between two seeds at the top rank, and two random subspaces."""
-    g, modules = _grids(results, "seeds", side=side, layer=layer, modules=modules)
+def subspace_ranks(results, *, sides=("left", "right"), layer: int | None = None,
+                   modules: list[str] | None = None, zoom: int = 8, side: str | None = None
+                   ) -> pd.DataFrame:
+    """Hu et al. Figure 3: φ(ΔW_{r1}, ΔW_{r2}, i, j) of one seed on the column space (B) and the
+    row space (A), whole and zoomed (i, j ≤ zoom); each title carries φ(1, 1), its null's 99%
+    quantile and, on the row space, how far A moved from its initialisation. ``side`` (one
+    side only) is kept for experiment files that name it."""
+    panels = []
+    for sd in ((side,) if side else sides):
+        g, mods = _grids(results, "ranks", side=sd, layer=layer, modules=modules)
+        g = g[g["source"] == "trained"]
+        for m in mods:
+            gm = g[g["module"] == m]
+            r1, r2, lay = int(gm["rank_1"].iloc[0]), int(gm["rank_2"].iloc[0]), int(gm["layer"].iloc[0])
+            z, where = min(zoom, r1), f"{SPACES[sd][1]} of ΔW {m}, layer {lay}"
+            panels.append(gm.assign(plot="subspace_heatmap",
+                                    panel=f"{where}: r = {r1} vs {r2}\n{_evidence(gm, sd)}"))
+            panels.append(gm[(gm["i"] <= z) & (gm["j"] <= z)].assign(
+                plot="subspace_heatmap", panel=f"{where}: i, j ≤ {z}"))
+    return _panels(panels)
+
+
+def subspace_seeds(results, *, sides=("left", "right"), layer: int | None = None,
+                   modules: list[str] | None = None, side: str | None = None) -> pd.DataFrame:
+    """Hu et al. Figure 4: φ(i, j) between two seeds at the top rank on both spaces (titles as
+    in ``subspace_ranks``), and two random subspaces of the same sizes."""
     rows = []
-    for m in modules:
-        gm = g[(g["module"] == m) & (g["source"] == "trained")]
-        s1, s2, r = int(gm["seed_1"].iloc[0]), int(gm["seed_2"].iloc[0]), int(gm["rank_1"].iloc[0])
-        rows.append(gm.assign(plot="subspace_heatmap",
-                              panel=f"ΔW {m}, layer {int(gm['layer'].iloc[0])}: "
-                                    f"seeds {s1} vs {s2}, r = {r}"))
-    rnd = g[(g["module"] == modules[0]) & (g["source"] == "random")]
+    for sd in ((side,) if side else sides):
+        g, mods = _grids(results, "seeds", side=sd, layer=layer, modules=modules)
+        for m in mods:
+            gm = g[(g["module"] == m) & (g["source"] == "trained")]
+            s1, s2, r = int(gm["seed_1"].iloc[0]), int(gm["seed_2"].iloc[0]), int(gm["rank_1"].iloc[0])
+            rows.append(gm.assign(plot="subspace_heatmap", panel=(
+                f"{SPACES[sd][1]} of ΔW {m}, layer {int(gm['layer'].iloc[0])}: seeds {s1} vs "
+                f"{s2}, r = {r}\n{_evidence(gm, sd)}")))
+    rnd = g[(g["module"] == mods[0]) & (g["source"] == "random")]
     rows.append(rnd.assign(plot="subspace_heatmap", panel="two random subspaces, same sizes"))
     return _panels(rows)
 
@@ -210,7 +236,8 @@ def relation(results, *, layer: int | None = None,
     lay = _mid_layer(lora, layer)
     at = lora[lora["layer"] == lay]
     modules = list(modules or dict.fromkeys(at["module"]))
-    names = {"delta_dirs": "ΔW's top-r", "w_dirs": "W's top-r", "random_dirs": "random"}
+    names = {"delta_dirs": "ΔW's top-r", "w_dirs": "W's top-r",
+             "random_expected": "random (expected)"}
     rows = []
     for m in modules:
         d = at[at["module"] == m].melt(id_vars=["rank", "seed", "module", "layer", "w_fro"],
@@ -266,6 +293,13 @@ def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
     full = full.assign(group=full["name"].map(module_group))
     ref = pd.DataFrame({"module": [f"LoRA r = {lora_rank}"], "group": ["reference"],
                         "value": [float(lora_rank)]})
+    if tau == 90:       # the noise floors k₉₀ is read against (docs/science.md)
+        floors = {"energy_rank_90_noise": "noise floor: Gaussian matrix",
+                  "energy_rank_90_seeddiff": "noise floor: ΔW seed a − seed b"}
+        ref = pd.concat([ref] + [pd.DataFrame({
+            "module": [f"{label}, {m}"], "group": ["reference"], "value": [float(v)]})
+            for col, label in floors.items() if col in full
+            for m, v in full.groupby("module")[col].median().dropna().items()])
     by_layer = full[["layer", "module", "group", "seed"]].assign(value=full[f"energy_rank_{tau}"])
     taus = [c for c in ("energy_rank_50", "energy_rank_90", "energy_rank_99") if c in full]
     bars = full.groupby(["group", "module"])[taus].median().reset_index().melt(
@@ -285,8 +319,8 @@ def energy_shares(spectra: pd.DataFrame, ks) -> pd.DataFrame:
     for run, g in spectra.groupby("run", sort=False):
         shares = []
         for _, s in g.groupby("name", sort=False):
-            e = np.cumsum(np.sort(s["sigma"].to_numpy())[::-1] ** 2)
-            shares.append([e[min(k, len(e)) - 1] / e[-1] for k in ks])
+            e = np.concatenate([[0.0], np.cumsum(np.sort(s["sigma"].to_numpy())[::-1] ** 2)])
+            shares.append([e[min(k, len(e) - 1)] / e[-1] for k in ks])   # k = 0 keeps nothing
         med = np.median(np.array(shares), axis=0)
         out.append(pd.DataFrame({"run": run, "k": list(ks), "value": med}))
     return pd.concat(out, ignore_index=True)
@@ -296,6 +330,9 @@ def truncation(results) -> pd.DataFrame:
     """The truncation test: gain share of W_0 + trunc_k(ΔW) vs k, beside ΔW_full's energy share."""
     tables = _one(results)
     curve = _table(tables, "truncation", "the truncation figure")
+    k0 = curve.loc[curve["k"] == 0, "k0_share"] if "k0_share" in curve else pd.Series(dtype=float)
+    base = f" (k = 0 baseline: {k0.median():.0%} of the gain)" if k0.notna().any() else ""
+    curve = curve[curve["k"] > 0]                       # shares are measured from k = 0
     gain = curve[["run", "k", "gain_share"]].rename(columns={"gain_share": "value"})
     gain = gain.assign(curve="gain share, " + gain["run"])
     rows = [gain]
@@ -309,7 +346,7 @@ def truncation(results) -> pd.DataFrame:
             rows.append(e.groupby("k")["value"].mean().reset_index().assign(
                 curve=r"energy share of $\Delta W_{\rm full}$ (median module)"))
     return _panels([pd.concat(rows, ignore_index=True).assign(
-        plot="truncation_curve", panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$")])
+        plot="truncation_curve", panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$" + base)])
 
 
 BUILDERS = {f.__name__: f for f in (subspace_ranks, subspace_seeds, metric_rank, convergence,

@@ -130,15 +130,19 @@ def analysis_sections(runs: Path, sets, frames: dict) -> list[Section]:
         s.table("Effective ranks per run and module (medians over layers)", summary(mods))
     out.append(s)
     s = Section("Subspace similarity φ", "phi")
-    s.built("φ(i, j) between two ranks of one seed, right singular vectors (Hu et al. Fig. 3)",
+    s.built("φ(i, j) between two ranks of one seed, column space (B) and row space (A) "
+            "(Hu et al. Fig. 3)",
             PX.subspace_ranks, results, name="phi_ranks")
-    s.built("φ(i, j) between two seeds at the top rank, and two random subspaces (Hu et al. Fig. 4)",
+    s.built("φ(i, j) between two seeds at the top rank, both spaces, and two random subspaces "
+            "(Hu et al. Fig. 4)",
             PX.subspace_seeds, results, name="phi_seeds")
     sub = frames.get("subspace")
     if sub is not None and len(sub):
-        s.table("Median φ of the top direction (i = j = 1) and of the top-m directions, against "
-                "the random null", sub.groupby(["pair", "side", "i"])[["phi", "null_mean"]].median()
-                .reset_index())
+        keys = [c for c in ("pair", "side", "basis", "i") if c in sub]
+        vals = [c for c in ("phi", "null_q95", "null_q99", "a_moved") if c in sub]
+        s.table("Median φ of the top direction (i = j = 1) and of the top-m directions, beside "
+                "the random null's 95% and 99% quantiles and how far A moved (‖A − A₀‖/‖A₀‖)",
+                sub.groupby(keys, dropna=False)[vals].median().reset_index())
     out.append(s)
     out.append(Section("Convergence to the full update", "convergence").built(
         "ΔW_r against ΔW_full and ΔW_r′ as r grows", PX.convergence, results, name="convergence"))
