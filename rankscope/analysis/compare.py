@@ -15,6 +15,7 @@ import pandas as pd
 from rankscope.analysis.decompose import RunDecomp, base_svds, base_weights, decompose_sweep
 from rankscope.analysis.deltas import from_runs
 from rankscope.analysis.floors import seed_diff_ranks
+from rankscope.linalg.spectra import svd_device
 from rankscope.analysis.relation import intruders, relation_to_w
 from rankscope.analysis.similarity import (convergence_table, require_layers, subspace_grids,
                                            subspace_similarity)
@@ -66,23 +67,29 @@ def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
 
 
 def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
-                   n_draws: int = 200, progress: bool = False) -> dict[str, pd.DataFrame]:
+                   n_draws: int = 200, device: str = "auto",
+                   progress: bool = False) -> dict[str, pd.DataFrame]:
     """Every analysis of a sweep but the truncation test, as {table name: DataFrame}.
 
     Each update is decomposed once (``decompose_sweep``: factorized SVDs for LoRA, one dense SVD
     per full-run module, svdvals for the full runs' other modules), and W_0 once per module
     (``base_svds``); every table reuses those. The modules table's seed-disagreement floor
     (``floors.seed_diff_ranks``) reads the full runs of two seeds once more, side by side.
+    Dense SVDs of updates run on ``device`` ("auto": CUDA when present; "cpu"; "cuda").
+
+    Raises:
+        InputError: no finished runs, mixed setups, unknown grid layers, or "cuda" without CUDA.
     """
     if grid_layers:     # refused before any SVD, from the names of one LoRA run's modules
         lora = [s for s in from_runs(path) if s.method == "lora"]
         if lora:
             require_layers(grid_layers, sorted({d.layer for d in lora[0] if d.layer is not None}))
-    runs = decompose_sweep(path, keep=None, spectra=True, progress=progress)
+    svd_device(device)                 # "cuda" without CUDA: refused before any work
+    runs = decompose_sweep(path, keep=None, spectra=True, device=device, progress=progress)
     weights = base_weights(runs)
     svds = base_svds(weights)
     spectra, modules = decomposed_spectra(runs)
-    modules = add_seed_diff(modules, seed_diff_ranks(from_runs(path)))
+    modules = add_seed_diff(modules, seed_diff_ranks(from_runs(path), device=device))
     return {"metrics": run_metrics(runs), "modules": modules, "spectra": spectra,
             "subspace": subspace_similarity(runs, n_draws=n_draws),
             "subspace_grid": subspace_grids(runs, layers=grid_layers),

@@ -124,12 +124,14 @@ def update_svd(delta: ModuleDelta, *, compute_uv: bool = True, dtype: torch.dtyp
     return dense_svd(delta.dense, dtype=dtype, compute_uv=compute_uv, device=device)
 
 
-def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
-    """One update's ``update_svd`` (dense: float32 on CUDA when present) as a float64 Decomp.
+def decompose(delta: ModuleDelta, *, keep: int | None = None,
+              device: str | torch.device | None = "auto") -> Decomp:
+    """One update's ``update_svd`` (dense: float32 on ``device``) as a float64 Decomp.
 
-    ``fro`` is ‖ΔW‖_F over the whole spectrum; ``keep`` then keeps the top triplets only.
+    ``fro`` is ‖ΔW‖_F over the whole spectrum; ``keep`` then keeps the top triplets only;
+    ``device`` "auto" is CUDA when present (``spectra.svd_device``).
     """
-    U, S, Vh = (t.double() for t in update_svd(delta, device=svd_device("auto")))
+    U, S, Vh = (t.double() for t in update_svd(delta, device=svd_device(device)))
     fro = float(torch.linalg.vector_norm(S))
     if keep is not None:
         U, S, Vh = U[:, :keep], S[:keep], Vh[:keep]
@@ -138,13 +140,15 @@ def decompose(delta: ModuleDelta, *, keep: int | None = None) -> Decomp:
 
 
 def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str] | None = None,
-                    spectra: bool = False, progress: bool = False) -> list[RunDecomp]:
+                    spectra: bool = False, device: str | None = "auto",
+                    progress: bool = False) -> list[RunDecomp]:
     """Decompose every finished run under ``path``, on the modules LoRA adapted.
 
     Full runs hold every linear module; only those some LoRA run also adapted are decomposed
     (all of them when the sweep has no LoRA run, or ``names`` when given). With ``spectra``,
     every other module's singular values are computed too (``update_svd`` without vectors),
     so that each run's ``spectra`` lists every module once, and each ΔW is decomposed once.
+    Dense SVDs run on ``device`` ("auto": CUDA when present, "cpu", "cuda").
 
     Raises:
         InputError: no finished runs, or runs of different setups mixed together.
@@ -161,15 +165,17 @@ def decompose_sweep(path: str | Path, *, keep: int | None = None, names: set[str
     total = sum(s.n_modules or 0 for s in sets) or None
     with tqdm(total=total, desc="decompose", unit="module", disable=not progress,
               file=sys.stderr) as bar:
-        return [_decompose_run(s, lora_names, keep=keep, spectra=spectra, bar=bar) for s in sets]
+        return [_decompose_run(s, lora_names, keep=keep, spectra=spectra, device=device, bar=bar)
+                for s in sets]
 
 
-def _decompose_run(s: DeltaSet, names: set[str] | None, *, keep, spectra: bool, bar) -> RunDecomp:
+def _decompose_run(s: DeltaSet, names: set[str] | None, *, keep, spectra: bool, device,
+                   bar) -> RunDecomp:
     mods, specs = {}, []
     for d in s:
         analysed = names is None or d.name in names
         if analysed:
-            mods[d.name] = decompose(d, keep=keep if s.method == "full" else None)
+            mods[d.name] = decompose(d, keep=keep if s.method == "full" else None, device=device)
         if spectra:  # the decomposition's S when it kept the whole spectrum, else svdvals
             whole = analysed and (keep is None or s.method != "full")
             sv = mods[d.name].S if whole else update_svd(d, compute_uv=False)

@@ -110,8 +110,8 @@ def compare_stage(runs: str | Path, results: str | Path, *, grid_layers: list[in
     if not force and stamps is not None and stamps.fresh("compare", settings):
         log(f"compare {runs} → {results}: {UP_TO_DATE}")
         return False
+    frames = compare_frames(runs, grid_layers=grid_layers, device=device, progress=progress)
     log(f"compare {runs} → {results}")
-    frames = compare_frames(runs, grid_layers=grid_layers, progress=progress)
     if update:
         _write_compare(results, frames, runs, settings, stamps)
     else:

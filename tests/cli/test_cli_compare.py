@@ -66,7 +66,7 @@ def test_this_sweeps_results_folder_is_updated_in_place(sweep, tmp_path):
     res = invoke(sweep, "--out", out)
     assert res.exit_code == 0, res.output
     assert (out / "truncation_summary.csv").read_text() == table
-    assert "k = 4" in (out / "verdict.md").read_text()      # the verdict reads it too
+    assert "k₉₀ = 4" in (out / "verdict.md").read_text()    # the verdict reads it too
 
 
 def test_a_missing_folder_is_one_line(tmp_path):
@@ -113,4 +113,22 @@ def test_an_out_path_that_is_a_file_is_one_line(sweep, tmp_path):
 def test_bad_grid_layers_are_one_line(sweep, tmp_path):
     assert_one_line_error(invoke(sweep, "--out", tmp_path / "res", "--grid-layers", "0,x"),
                           "--grid-layers: expected comma-separated integers")
+    assert not (tmp_path / "res").exists()
+
+
+def test_device_chooses_where_the_svds_run_like_analyze_and_truncate(sweep, tmp_path, monkeypatch):
+    import rankscope.analysis.decompose as D
+
+    seen = []
+    real = D.update_svd
+    monkeypatch.setattr(D, "update_svd", lambda d, **kw: seen.append(kw.get("device")) or real(d, **kw))
+    res = invoke(sweep, "--out", tmp_path / "res", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert seen and set(seen) <= {"cpu", None}          # None: svdvals where ΔW lies
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_device_cuda_without_cuda_is_one_line_and_writes_nothing(sweep, tmp_path):
+    assert_one_line_error(invoke(sweep, "--out", tmp_path / "res", "--device", "cuda"),
+                          "no CUDA device")
     assert not (tmp_path / "res").exists()
