@@ -6,7 +6,8 @@ A run folder ``<sweep>/<method>-r<rank>-s<seed>/`` (``full-s<seed>`` for full fi
     metrics.jsonl         one JSON object per line: {"step", "kind": "train"|"eval", ...}
     updates.safetensors   full: "<module>.delta" (d_out, d_in) float32 for every linear module;
                           LoRA: "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r) and
-                          "<module>.scaling" (a 0-d float32 tensor), ΔW = scaling · B @ A;
+                          "<module>.scaling" (a 0-d float32 tensor), ΔW = scaling · B @ A,
+                          and "<module>.lora_A0" (r, d_in), A at initialisation;
                           header metadata {"format": "rankscope.updates/1", "method": ...}
     others.safetensors    full only: the final value of every parameter that is not a linear
                           weight of the pretrained backbone (norms, biases, embeddings, a new
@@ -14,11 +15,20 @@ A run folder ``<sweep>/<method>-r<rank>-s<seed>/`` (``full-s<seed>`` for full fi
     adapter/              LoRA only: the standard PEFT folder (PeftModel.from_pretrained)
     manifest.json         written last, atomically: a folder without it is not a finished run
 
+Besides its setup and provenance, a manifest holds the training evidence:
+``"eval_history"`` [{"step", <metric>: value, …}] (step 0 = the base model, the step nearest 80%
+of the run, any ``eval_every`` steps, the last), ``"late_gain_share"`` (the share of the held-out
+gain made after that 80% step, null without a gain), ``"delta_fro"`` {module: ‖ΔW‖_F},
+``"a_moved"`` {module: ‖A − A₀‖_F / ‖A₀‖_F} (LoRA; null for full) and ``"full_scope"``. A run of
+the planted task names its teacher by ``"planted_hash"`` (``tensor_hash`` of the sweep folder's
+``planted.safetensors``: ΔW* in the LoRA layout, scaling 1, method "planted").
+
 Module names are those of the trained model (``model.layers.0.self_attn.q_proj``); the base
 weights are never copied into a run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +47,7 @@ MANIFEST = "manifest.json"
 UPDATES = "updates.safetensors"
 OTHERS = "others.safetensors"
 SWEEP_FILE = "sweep.yaml"          # a sweep folder's config, beside its run folders
+PLANTED = "planted.safetensors"    # a planted-task sweep's ΔW*, beside its run folders
 
 
 def sweep_root(runs: str | Path) -> Path:
@@ -67,11 +78,31 @@ class RunId(NamedTuple):
         return run_name(self.method, self.rank, self.seed)
 
 
-def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method: str) -> None:
-    """Save update tensors to ``path`` as float32 safetensors, atomically."""
+def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method: str,
+                  metadata: dict[str, str] | None = None) -> None:
+    """Save update tensors to ``path`` as float32 safetensors, atomically.
+
+    Args:
+        metadata: more header entries, beside "format" and "method" (strings).
+    """
     contiguous = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
-        save_file(contiguous, tmp, metadata={"format": UPDATES_FORMAT, "method": method})
+        save_file(contiguous, tmp, metadata={**(metadata or {}), "format": UPDATES_FORMAT,
+                                             "method": method})
+
+
+def tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 hex digest of tensors: each name, dtype, shape and bytes, in name order.
+
+    Not the hash of a file's bytes: safetensors writes its header metadata in no fixed order,
+    so the same tensors saved twice can differ on disk.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

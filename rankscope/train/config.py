@@ -7,6 +7,7 @@ LoRA targets (MiniLM's ``query``/``value`` for the classification tasks) unless 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from rankscope.errors import InputError
 from rankscope.store.runs import RunId
 
 METHODS = ("full", "lora")
+FULL_SCOPES = ("all", "linear")
+# ‖ΔW*‖_F = 0.2·‖W₀‖_F: measured on MiniLM (docs in rankscope.train.planted), large enough that
+# the teacher's distillation loss stands far above float32 and bf16 noise and that a few hundred
+# CPU steps of full fine-tuning remove ≥ 90% of it, small enough to leave the teacher a working
+# model (its q/v stay dominated by W₀'s own directions)
+PLANTED_SCALE = 0.2
 ALPHA_POLICIES = ("fixed", "scaled", "rslora")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -29,10 +36,19 @@ class SweepConfig:
     """Everything that defines a sweep: model, data, schedule, and the grid of runs."""
 
     model: str = _f("smollm2-135m", "registry name, local folder or hub id")
-    task: str | None = _f("news", "shipped task (news, qa, sentiment, topic); None with --data")
+    task: str | None = _f("news", "shipped task (news, qa, sentiment, topic, planted); None "
+                                  "with --data")
     data: str | None = _f(None, "the user's own JSONL/CSV/text file instead of a shipped task")
     task_kind: str | None = _f(None, "lm, sft or cls: the schema of --data")
+    planted_rank: int | dict = _f(4, "planted task: rank of ΔW* in every target, or a "
+                                     "{module kind: rank} mapping ({query: 2, value: 8})")
+    planted_scale: float = _f(PLANTED_SCALE, "planted task: ‖ΔW*‖_F as a share of ‖W₀‖_F, "
+                                             "per module")
+    planted_seed: int = _f(0, "planted task: seed of ΔW*'s directions (not a run seed: every "
+                              "run of the sweep distils the same teacher)")
     methods: tuple[str, ...] = _f(("full", "lora"), "full and/or lora")
+    full_scope: str = _f("all", "what full fine-tuning trains: all (every parameter) or linear "
+                                "(the backbone's linear weights and a new classification head)")
     ranks: tuple[int, ...] = _f((1, 2, 4, 8, 16, 64), "LoRA ranks")
     seeds: tuple[int, ...] = _f((0,), "seeds: LoRA init, data order, dropout")
     targets: tuple[str, ...] = _f(("q_proj", "v_proj"), "LoRA target modules, or all-linear")
@@ -64,6 +80,8 @@ class SweepConfig:
         _check_choice("methods", self.methods, METHODS)
         _check_choice("alpha_policy", (self.alpha_policy,), ALPHA_POLICIES)
         _check_choice("schedule", (self.schedule,), SCHEDULES)
+        _check_choice("full_scope", (self.full_scope,), FULL_SCOPES)
+        _check_planted(self)
         if not self.methods:
             raise InputError("methods: give at least one of full, lora")
         if "lora" in self.methods and (not self.ranks or any(r <= 0 for r in self.ranks)):
@@ -106,9 +124,11 @@ class SweepConfig:
 
 
 _INTS = ("steps", "batch_size", "grad_accum", "max_len", "split_seed", "eval_every",
-         "checkpoint_every", "max_train_examples", "max_eval_examples")
-_FLOATS = ("alpha", "lr_full", "lr_lora", "weight_decay", "warmup", "clip", "eval_fraction")
-_STRS = ("model", "task", "data", "task_kind", "alpha_policy", "schedule", "device", "profile")
+         "checkpoint_every", "max_train_examples", "max_eval_examples", "planted_seed")
+_FLOATS = ("alpha", "lr_full", "lr_lora", "weight_decay", "warmup", "clip", "eval_fraction",
+           "planted_scale")
+_STRS = ("model", "task", "data", "task_kind", "alpha_policy", "schedule", "device", "profile",
+         "full_scope")
 
 
 def _check_types(cfg) -> None:
@@ -143,6 +163,29 @@ def _check_types(cfg) -> None:
             bad(name, list(getattr(cfg, name)), "a list of names")
     if cfg.bf16 is not None and not isinstance(cfg.bf16, bool):
         bad("bf16", cfg.bf16, "true, false or null")
+
+
+def _check_planted(cfg) -> None:
+    """The planted task's rank (an int, or a mapping of module kinds to ints) and scale.
+
+    A rank's upper bound, min(d_out, d_in) of each module it applies to, needs the model: the
+    sweep checks it (``rankscope.train.planted.planted_ranks``) before anything is written.
+
+    Raises:
+        InputError: naming planted_rank (not a positive integer, an empty mapping) or
+            planted_scale (not a finite positive number).
+    """
+    rank = cfg.planted_rank
+    ranks = rank.values() if isinstance(rank, dict) else [rank]
+    if isinstance(rank, dict) and not all(isinstance(k, str) for k in rank):
+        raise InputError(f"planted_rank: module kinds must be names, got {list(rank)}")
+    if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0
+                            for r in ranks):
+        raise InputError(f"planted_rank: expected a positive integer or a mapping of module "
+                         f"kinds to positive integers, got {rank!r}")
+    if not (math.isfinite(cfg.planted_scale) and cfg.planted_scale > 0):
+        raise InputError(f"planted_scale: must be a finite positive number, got "
+                         f"{cfg.planted_scale}")
 
 
 def _check_choice(name: str, values, allowed) -> None:
@@ -214,14 +257,16 @@ def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = No
 
 
 def _task_defaults(values: dict) -> None:
-    """A shipped task's own model, and that model's query/value names, unless given."""
+    """A shipped task's own model, and that model's query/value names (also for a slice of it,
+    ``minilm-l6@2l``), unless given."""
     from rankscope.train.corpora import TASKS
 
     spec = TASKS.get(values.get("task", SweepConfig.task))
     if spec is None:
         return
     values.setdefault("model", spec.default_model)
-    if values["model"] == spec.default_model:
+    model = str(values["model"])
+    if model == spec.default_model or model.startswith(spec.default_model + "@"):  # or a slice
         values.setdefault("targets", spec.default_targets)
 
 
@@ -243,6 +288,15 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(doc, dict):
         raise InputError(f"config {path} must be a mapping of field: value")
     return doc
+
+
+def with_defaults(old: dict, new: dict) -> dict:
+    """A recorded config ``old`` (``sweep.yaml``, a run's ``config.yaml``) with the SweepConfig
+    fields that ``new`` has and ``old`` lacks set to their defaults: a field added to rankscope
+    since the folder was written (``full_scope``, ``planted_*``) reads as the value the folder
+    was trained with, so the folder still resumes."""
+    defaults = to_dict(SweepConfig())
+    return {**{k: defaults[k] for k in new if k in defaults}, **old}
 
 
 def dump_yaml(cfg) -> str:

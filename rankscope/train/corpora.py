@@ -9,6 +9,8 @@
   ``__label__neg <text>`` / ``__label__pos <text>`` (fastText form).
 * ``topic`` (cls): each chatterbot-corpus English conversation's first utterance, labelled by its
   file stem; duplicates and questions found under two topics are dropped.
+* ``planted`` (distill): the ``news`` paragraphs, on which a student learns to match a teacher,
+  the base model plus a planted update ΔW* of known rank (``rankscope.train.planted``).
 
 Every kind's examples are dicts holding exactly its fields (``FIELDS``): ``lm`` ``text``;
 ``sft`` ``prompt``, ``response``; ``cls`` ``text``, ``label`` (a string).
@@ -23,8 +25,10 @@ import yaml
 
 from rankscope.errors import InputError
 
-KINDS = ("lm", "sft", "cls")
-FIELDS = {"lm": ("text",), "sft": ("prompt", "response"), "cls": ("text", "label")}
+KINDS = ("lm", "sft", "cls")          # the kinds of the user's own files
+DISTILL = "distill"                   # the planted task's kind: its targets are a teacher's outputs
+FIELDS = {"lm": ("text",), "sft": ("prompt", "response"), "cls": ("text", "label"),
+          DISTILL: ("text",)}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
              "accuracy", ("query", "value")),
     TaskSpec("topic", "cls", "minilm-l6", "chatterbot-corpus English questions labelled by topic",
              "accuracy", ("query", "value")),
+    TaskSpec("planted", DISTILL, "minilm-l6", "news paragraphs; match a teacher = base + ΔW* of "
+             "a planted rank", "loss", ("query", "value")),
 )}
 
 
@@ -115,4 +121,4 @@ def _topic() -> list[dict]:
     return [{"text": q, "label": s[0]} for q, s in topics.items() if len(s) == 1]
 
 
-_LOADERS = {"news": _news, "qa": _qa, "sentiment": _sentiment, "topic": _topic}
+_LOADERS = {"news": _news, "qa": _qa, "sentiment": _sentiment, "topic": _topic, "planted": _news}

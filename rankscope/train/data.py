@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rankscope.errors import InputError
-from rankscope.train.corpora import KINDS, TASKS, check_kind, shipped_examples
+from rankscope.train.corpora import DISTILL, KINDS, TASKS, check_kind, shipped_examples
 from rankscope.train.encoding import IGNORE_INDEX, cap_rows, encode, label_names
+from rankscope.train.model_setup import is_causal_lm, load_task_model
 from rankscope.train.models import quiet_transformers, resolve_model
+from rankscope.train.planted import DistillSplit, Teacher, add_planted, planted_factors, \
+    planted_ranks
 from rankscope.train.user_files import load_user_file
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value to compare by
 class TaskData:
-    """Encoded train/eval tensors of one task and split, with their provenance hashes."""
+    """Encoded train/eval tensors of one task and split, with their provenance hashes.
+
+    The planted task's sides are ``DistillSplit``s, which carry its teacher; ``planted_hash``
+    names the teacher's ΔW* (``tensor_hash`` of its factors), None for any other task.
+    """
 
     kind: str
     train: dict[str, torch.Tensor]
@@ -36,6 +43,12 @@ class TaskData:
     n_train_examples: int
     n_eval_examples: int
     n_train_tokens: int
+    planted_hash: str | None = None
+
+    @property
+    def teacher(self):
+        """The planted task's Teacher, else None."""
+        return getattr(self.train, "teacher", None)
 
 
 def load_examples(task: str | None = None, *, data_file: str | Path | None = None,
@@ -126,11 +139,29 @@ def prepare_task(task: str | None, tokenizer, *, seed: int, max_len: int,
         if len(parts[side]["input_ids"]) == 0:
             raise InputError(f"{task or data_file}: the {side} split encodes to no rows at max_len {max_len}")
     tr, ev = parts["train"], parts["eval"]
-    counted = tr["attention_mask"] if kind == "cls" else tr["labels"] != IGNORE_INDEX
+    counted = tr["attention_mask"] if kind in ("cls", DISTILL) else tr["labels"] != IGNORE_INDEX
     return TaskData(kind=kind, train=tr, eval=ev, num_labels=len(names) if names else None,
                     label_names=names, data_hash=data_hash(examples), split_hash=data_hash(held),
                     n_train_examples=len(tr["input_ids"]), n_eval_examples=len(ev["input_ids"]),
                     n_train_tokens=int(counted.sum()))
+
+
+def build_teacher(cfg) -> Teacher:
+    """The teacher of a planted sweep: its base model plus ΔW* on the LoRA targets
+    (``rankscope.train.planted``), drawn from the config alone.
+
+    Args:
+        cfg: the SweepConfig (model, targets, planted_rank, planted_scale, planted_seed).
+    Raises:
+        InputError: a model that cannot be loaded, or a planted_rank it cannot hold.
+    """
+    model = load_task_model(cfg, kind=DISTILL, num_labels=None)
+    ranks = planted_ranks(model, cfg.targets, cfg.planted_rank)
+    factors = planted_factors(model, ranks, scale=cfg.planted_scale, seed=cfg.planted_seed)
+    add_planted(model, factors)
+    meta = {"planted_rank": cfg.planted_rank, "planted_scale": cfg.planted_scale,
+            "planted_seed": cfg.planted_seed}
+    return Teacher(model, factors, causal=is_causal_lm(cfg.model), meta=meta)
 
 
 def load_tokenizer(model: str):
@@ -162,8 +193,13 @@ def prepare(cfg) -> TaskData:
     if isinstance(positions, int) and cfg.max_len > positions:
         raise InputError(f"max_len {cfg.max_len} is longer than the {positions} positions of "
                          f"{cfg.model}")
-    return prepare_task(cfg.task, load_tokenizer(cfg.model), seed=cfg.split_seed,
+    task = prepare_task(cfg.task, load_tokenizer(cfg.model), seed=cfg.split_seed,
                         max_len=cfg.max_len, data_file=cfg.data, kind=cfg.task_kind,
                         eval_fraction=cfg.eval_fraction,
                         max_train_examples=cfg.max_train_examples,
                         max_eval_examples=cfg.max_eval_examples)
+    if task.kind != DISTILL:
+        return task
+    teacher = build_teacher(cfg)
+    return replace(task, train=DistillSplit(task.train, teacher),
+                   eval=DistillSplit(task.eval, teacher), planted_hash=teacher.hash)

@@ -6,6 +6,9 @@
   ``"Question: ...\\nAnswer: ..."`` without one; only the response and its end-of-turn token
   are labelled.
 * cls: each text truncated to ``max_len`` and labelled with its class id.
+* distill: the lm blocks, each framed by the tokenizer's own special tokens (an encoder's
+  ``[CLS] … [SEP]``; nothing for SmolLM2's), so an encoder reads them as it was trained to; no
+  labels: the targets are a teacher's outputs (``rankscope.train.planted``).
 """
 from __future__ import annotations
 
@@ -22,14 +25,14 @@ def encode(kind: str, tokenizer, examples: list[dict], *, max_len: int,
     """The tensors of one side of a split.
 
     Args:
-        kind: "lm", "sft" or "cls".
+        kind: "lm", "sft", "cls" or "distill".
         tokenizer: a Hugging Face tokenizer (not modified).
         examples: dicts with the kind's fields.
         max_len: L, the width of every row (the block length for lm).
         names: cls only, the class names whose positions are the class ids.
     Returns:
         input_ids, attention_mask (N, L) long and labels: (N, L) long with ``IGNORE_INDEX``
-        where ignored (lm, sft), or (N,) class ids (cls).
+        where ignored (lm, sft), or (N,) class ids (cls); no labels for distill.
     Raises:
         InputError: a tokenizer without the special tokens the kind needs, or a chat
             template that does not render the prompt as the conversation's start.
@@ -38,6 +41,8 @@ def encode(kind: str, tokenizer, examples: list[dict], *, max_len: int,
         return _encode_lm(tokenizer, examples, max_len)
     if kind == "sft":
         return _encode_sft(tokenizer, examples, max_len)
+    if kind == "distill":
+        return _encode_distill(tokenizer, examples, max_len)
     return _encode_cls(tokenizer, examples, max_len, names=names)
 
 
@@ -96,6 +101,26 @@ def _encode_lm(tok, examples: list[dict], max_len: int) -> dict[str, torch.Tenso
     n = len(stream) // max_len
     ids = torch.tensor(stream[: n * max_len], dtype=torch.long).view(n, max_len)  # (N, L)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _frame(tok) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS], [SEP] for BERT)."""
+    plain = _ids(tok, ["a"])[0]
+    full = tok(["a"], add_special_tokens=True, verbose=False)["input_ids"][0]
+    start = next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
+    return full[:start], full[start + len(plain):]
+
+
+def _encode_distill(tok, examples: list[dict], max_len: int) -> dict[str, torch.Tensor]:
+    head, tail = _frame(tok)
+    if max_len <= len(head) + len(tail):
+        raise InputError(f"max_len {max_len} leaves no room for text between the tokenizer's "
+                         f"{len(head) + len(tail)} special tokens")
+    blocks = _encode_lm(tok, examples, max_len - len(head) - len(tail))["input_ids"]
+    n = len(blocks)
+    ids = torch.cat([torch.tensor(head, dtype=torch.long).expand(n, -1), blocks,
+                     torch.tensor(tail, dtype=torch.long).expand(n, -1)], dim=1)  # (N, L)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _sft_texts(tok, example: dict) -> tuple[str, str]:

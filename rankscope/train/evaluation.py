@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rankscope.store.atomic import atomic_write_json
+from rankscope.train.corpora import DISTILL
 from rankscope.train.device import autocast
 from rankscope.train.objective import loss_sum
 
@@ -21,11 +22,13 @@ def evaluate(model, data: dict[str, torch.Tensor], *, kind: str, device: torch.d
     """Held-out loss per target, and perplexity (lm, sft) or accuracy (cls).
 
     Args:
-        data: the held-out tensors (``TaskData.eval``).
-        kind: "lm", "sft" or "cls".
+        data: the held-out tensors (``TaskData.eval``); for distill, a ``DistillSplit``,
+            whose teacher gives the targets.
+        kind: "lm", "sft", "cls" or "distill".
         bf16: evaluate under bf16 autocast, as the run trains.
     Returns:
-        {"loss", "perplexity"} or {"loss", "accuracy"}; the model's train/eval mode is kept.
+        {"loss", "perplexity"}, {"loss", "accuracy"} or, for distill, {"loss"}: the
+        distillation loss per token (lower is better); the model's train/eval mode is kept.
     """
     was_training = model.training
     model.eval()
@@ -41,13 +44,13 @@ def evaluate(model, data: dict[str, torch.Tensor], *, kind: str, device: torch.d
                 m = batch["labels"].numel()
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
             else:
-                loss, m = loss_sum(model, batch, kind=kind)
+                loss, m = loss_sum(model, batch, kind=kind, teacher=getattr(data, "teacher", None))
         total, count = total + float(loss), count + m
     model.train(was_training)
     result = {"loss": total / max(count, 1)}
     if kind == "cls":
         result["accuracy"] = correct / max(count, 1)
-    else:
+    elif kind != DISTILL:
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
     return result
 
@@ -56,8 +59,8 @@ def base_evaluation(model, task, sweep_dir: Path, *, device: torch.device, bf16:
                     write: bool = True) -> dict[str, float]:
     """The base model's held-out metrics, read from ``sweep_dir``'s cache when it holds them.
 
-    The cache is keyed by the held-out split: a sweep computes it once for all its runs, and
-    ``recommend --validate`` reads the same numbers. ``model`` must be the base model (a fresh
+    The cache is keyed by the held-out split (and a planted task's teacher): a sweep computes
+    it once for all its runs, and ``recommend --validate`` reads the same numbers. ``model`` must be the base model (a fresh
     LoRA adapter, B = 0, computes the same function).
 
     Args:
@@ -67,11 +70,13 @@ def base_evaluation(model, task, sweep_dir: Path, *, device: torch.device, bf16:
         ``evaluate``'s metrics.
     """
     path = Path(sweep_dir) / BASE_EVAL
+    planted = getattr(task, "planted_hash", None)
+    key = {"split_hash": task.split_hash, **({"planted_hash": planted} if planted else {})}
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("split_hash") == task.split_hash:
+        if cached.get("split_hash") == task.split_hash and cached.get("planted_hash") == planted:
             return cached["metrics"]
     metrics = evaluate(model.to(device), task.eval, kind=task.kind, device=device, bf16=bf16)
     if write:
-        atomic_write_json(path, {"split_hash": task.split_hash, "metrics": metrics})
+        atomic_write_json(path, {**key, "metrics": metrics})
     return metrics

@@ -76,7 +76,8 @@ def train_steps(model, task, order: torch.Tensor, *, cfg, dist: Dist, bf16: bool
 
     Args:
         model: the model, or its DDP wrapper when ``dist.world`` > 1; in train mode.
-        task: the TaskData; its training tensors (``task.train``) and ``task.kind``.
+        task: the TaskData; its training tensors (``task.train``, with the planted task's
+            teacher) and ``task.kind``.
         order: (steps, batch_size · grad_accum) example indices (``batch_order``).
         cfg: the SweepConfig; batch_size, grad_accum and clip are read.
         opt, sched: the optimizer over the model's trainable parameters and its scheduler.
@@ -107,7 +108,7 @@ def _gradients(model, task, idx: torch.Tensor, *, cfg, dist: Dist, bf16: bool) -
         batch = {k: v[shard].to(dist.device) for k, v in task.train.items()}
         sync = nullcontext() if dist.world == 1 or a == cfg.grad_accum - 1 else model.no_sync()
         with sync, autocast(dist.device, bf16):
-            loss, _ = loss_sum(model, batch, kind=task.kind)
+            loss, _ = loss_sum(model, batch, kind=task.kind, teacher=getattr(task.train, "teacher", None))
         # DDP averages gradients over processes: scale by world so the sum is global.
         (loss * dist.world / n).backward()
         total += loss.detach().double()

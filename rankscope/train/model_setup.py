@@ -7,13 +7,38 @@ import torch
 
 from rankscope.errors import InputError
 from rankscope.store.runs import RunId
-from rankscope.train.models import find_linear_modules, load_pretrained
+from rankscope.train.corpora import DISTILL
+from rankscope.train.models import HEADS, find_linear_modules, load_pretrained, \
+    quiet_transformers, resolve_model
 
-HEADS = frozenset({"lm_head", "classifier", "score", "cls"})   # output layers, never adapted
+
+def is_causal_lm(name) -> bool:
+    """Whether a model's config names a ``…ForCausalLM`` architecture (else: an encoder)."""
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        archs = AutoConfig.from_pretrained(resolve_model(name)).architectures or []
+    return any(a.endswith("ForCausalLM") for a in archs)
+
+
+def _no_dropout(name) -> dict[str, float]:
+    """Config overrides that set every dropout rate of a model's config to 0."""
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(resolve_model(name)).to_dict()
+    return {k: 0.0 for k, v in config.items() if "dropout" in k and isinstance(v, float)}
 
 
 def load_task_model(cfg, *, kind: str, num_labels: int | None):
     """The pretrained model with the head the task needs, float32 on the CPU.
+
+    lm and sft: the causal LM. cls: a sequence classifier with a new head. distill (the
+    planted task): the causal LM, or an encoder's backbone without its pooler (the loss reads
+    the final hidden states, and a parameter with no gradient is one DDP refuses), with every
+    dropout rate 0: the teacher is a deterministic function, which a student under dropout
+    could never match (on MiniLM the dropout noise made the training loss ~10× the held-out
+    loss and swamped the signal of ΔW*).
 
     A new classification head is drawn from ``split_seed``, not from whatever state the global
     generator is in, so the base evaluation and every run start from the same head whatever ran
@@ -21,17 +46,22 @@ def load_task_model(cfg, *, kind: str, num_labels: int | None):
 
     Args:
         cfg: the SweepConfig (model, split_seed).
-        kind: "lm", "sft" or "cls"; num_labels: the classes of cls.
+        kind: "lm", "sft", "cls" or "distill"; num_labels: the classes of cls.
     Raises:
         InputError: the model cannot be loaded (see ``load_pretrained``).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind == "cls":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.split_seed)
             model = load_pretrained(AutoModelForSequenceClassification, cfg.model,
                                     num_labels=num_labels)
+    elif kind == DISTILL:
+        model = load_pretrained(AutoModelForCausalLM if is_causal_lm(cfg.model) else AutoModel,
+                                cfg.model, **_no_dropout(cfg.model))
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None
     else:
         model = load_pretrained(AutoModelForCausalLM, cfg.model)
     if model.config.pad_token_id is None:
@@ -73,17 +103,29 @@ def wrap_lora(model, cfg, *, rank: int, kind: str):
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = "all-linear" if tuple(cfg.targets) == ("all-linear",) else list(cfg.targets)
+    if kind == "cls":                   # peft also trains (and saves) the new head
+        task_type = TaskType.SEQ_CLS
+    elif kind == DISTILL and not is_causal_lm(cfg.model):
+        task_type = TaskType.FEATURE_EXTRACTION
+    else:
+        task_type = TaskType.CAUSAL_LM
     lcfg = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha(rank), target_modules=targets,
                       lora_dropout=0.0, use_rslora=cfg.alpha_policy == "rslora",
-                      task_type=TaskType.SEQ_CLS if kind == "cls" else TaskType.CAUSAL_LM)
+                      task_type=task_type)
     return get_peft_model(model, lcfg)
 
 
 def build_model(cfg, task, run: RunId):
     """The model of one run, trainable parameters chosen by the method (LoRA init from seed).
 
+    Full fine-tuning trains every parameter (``full_scope: all``), or (``linear``) only the
+    weights that ΔW is defined for, the backbone's linear weights, and a new classification
+    head: embeddings, norms and biases stay at their pretrained values, so the full run
+    changes what a LoRA run can change, and nothing else. The head is new (it has no
+    pretrained value to keep) and LoRA trains it too, so the comparison stays fair.
+
     Args:
-        cfg: the SweepConfig (model, targets, α policy, split seed).
+        cfg: the SweepConfig (model, targets, α policy, split seed, full_scope).
         task: the TaskData; ``kind`` and ``num_labels`` are read.
         run: the grid cell; its seed draws the LoRA A factors.
     Returns:
@@ -93,9 +135,21 @@ def build_model(cfg, task, run: RunId):
     torch.manual_seed(run.seed)
     if run.method == "lora":
         return wrap_lora(model, cfg, rank=run.rank, kind=task.kind)
+    keep = linear_scope(model, kind=task.kind) if cfg.full_scope == "linear" else None
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(keep is None or id(p) in keep)
     return model
+
+
+def linear_scope(model, *, kind: str) -> set[int]:
+    """The ids of the parameters that ``full_scope: linear`` trains: the weight of every linear
+    module outside the output layers (``HEADS``), and every parameter of a new classification
+    head (cls); a pretrained output layer (an LM head) is not the backbone's, and stays."""
+    keep = {id(model.get_submodule(i.name).weight) for i in find_linear_modules(model)
+            if not HEADS & set(i.name.split("."))}
+    if kind == "cls":
+        keep |= {id(p) for n, p in model.named_parameters() if HEADS & set(n.split("."))}
+    return keep
 
 
 def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:

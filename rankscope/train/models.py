@@ -189,6 +189,8 @@ def model_type(model: nn.Module) -> str:
 
 # ---------------------------------------------------------------- linear-module discovery
 
+HEADS = frozenset({"lm_head", "classifier", "score", "cls"})   # output layers, never adapted
+
 @dataclass(frozen=True)
 class LinearInfo:
     """One linear weight of a model, in the (d_out, d_in) orientation of y = W x."""

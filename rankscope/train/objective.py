@@ -9,21 +9,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rankscope.errors import InputError
+from rankscope.train.corpora import DISTILL
 from rankscope.train.encoding import IGNORE_INDEX
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str,
+             teacher=None) -> tuple[torch.Tensor, int]:
     """The summed loss of a batch and how many targets it summed over.
 
     lm/sft: next-token cross-entropy over the labels that are not ``IGNORE_INDEX``;
-    cls: cross-entropy of each row's class.
+    cls: cross-entropy of each row's class; distill: the distillation loss of every attended
+    token against ``teacher`` (``distill_sum``).
 
     Args:
-        batch: input_ids, attention_mask (B, L) and labels (B, L) or (B,) for cls.
-        kind: "lm", "sft" or "cls".
+        batch: input_ids, attention_mask (B, L) and labels (B, L) or (B,) for cls (none
+            for distill).
+        kind: "lm", "sft", "cls" or "distill".
+        teacher: distill only, the planted task's ``Teacher``.
     Returns:
         (the float32 summed loss, a 0-d tensor; the number of targets).
+    Raises:
+        InputError: distill without a teacher.
     """
+    if kind == DISTILL:
+        if teacher is None:
+            raise InputError("the planted task's loss needs its teacher (a DistillSplit's)")
+        return distill_sum(model, batch, teacher)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits.float()
     if kind == "cls":
@@ -35,22 +47,47 @@ def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str) -> tuple[torch
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
+def distill_sum(model, batch: dict[str, torch.Tensor], teacher) -> tuple[torch.Tensor, int]:
+    """The summed distillation loss of a batch and the number of tokens it summed over.
+
+    Per attended token: KL(teacher ‖ student) of the next-token distributions (a causal LM),
+    or the mean over hidden units of (h_student − h_teacher)² (an encoder).
+
+    Args:
+        model: the student; batch: input_ids, attention_mask (B, L).
+        teacher: the planted task's ``Teacher`` (``outputs(batch)`` and ``causal``).
+    Returns:
+        (the float32 summed loss, a 0-d tensor; the attended tokens).
+    """
+    target = teacher.outputs(batch)                                   # (B, L, V) or (B, L, H)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if teacher.causal:
+        log_s = F.log_softmax(out.logits.float(), dim=-1)             # (B, L, V)
+        per_token = F.kl_div(log_s, target, log_target=True, reduction="none").sum(-1)
+    else:
+        per_token = (out.last_hidden_state.float() - target).pow(2).mean(-1)   # (B, L)
+    mask = batch["attention_mask"].bool()                             # (B, L)
+    return per_token[mask].sum(), int(mask.sum())
+
+
 def n_targets(train: dict[str, torch.Tensor], idx: torch.Tensor, *, kind: str) -> int:
     """What a step's summed loss over the training rows ``idx`` is divided by (at least 1).
 
-    cls: the rows. lm/sft: the labels that are not ``IGNORE_INDEX``, at every position. That
-    counts one token more per lm row than ``loss_sum`` sums over (the first token has no
+    cls: the rows. distill: the attended tokens. lm/sft: the labels that are not
+    ``IGNORE_INDEX``, at every position. That counts one token more per lm row than ``loss_sum`` sums over (the first token has no
     previous one to predict it), so an lm step's loss is (L−1)/L of the mean; it is kept as
     every committed run was trained with it (sft rows start with an ignored prompt token).
     """
     if kind == "cls":
         return max(idx.numel(), 1)
+    if kind == DISTILL:
+        return max(int(train["attention_mask"][idx].sum()), 1)
     return max(int((train["labels"][idx] != IGNORE_INDEX).sum()), 1)
 
 
 def tokens_in(train: dict[str, torch.Tensor], idx: torch.Tensor, *, kind: str) -> int:
     """The tokens that the rows ``idx`` train on, for throughput: labelled tokens (lm/sft) or
-    every attended token (cls)."""
-    if kind == "cls":
+    every attended token (cls, distill)."""
+    if kind in ("cls", DISTILL):
         return int(train["attention_mask"][idx].sum())
     return int((train["labels"][idx] != IGNORE_INDEX).sum())

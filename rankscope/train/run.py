@@ -22,12 +22,13 @@ from rankscope.train.config import SweepConfig
 from rankscope.train.data import TaskData
 from rankscope.train.device import Dist, peak_memory_mb, use_bf16, wrap_ddp
 from rankscope.train.evaluation import evaluate
+from rankscope.train.evidence import a_moved, delta_fro, eval_history, late_gain_share, late_step
 from rankscope.train.loop import batch_order, make_optimizer, train_steps
 from rankscope.train.model_setup import build_model, trainable
 from rankscope.train.models import resolve_model
 from rankscope.train.objective import tokens_in
 from rankscope.train.run_folder import clear_checkpoint, load_checkpoint, save_checkpoint
-from rankscope.train.updates import full_updates, lora_updates
+from rankscope.train.updates import full_updates, lora_a, lora_updates
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +60,8 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)     # this run's peak, not the sweep's
     model = build_model(cfg, task, run).to(dist.device)
+    # A₀, as peft drew it from the run's seed: a resumed run draws the same before loading
+    initial_a = lora_a(model) if run.method == "lora" else None
     if base_eval is None:
         base_eval = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
     tokens_per_s, metrics = _train(plan, model, progress=progress)
@@ -66,10 +69,12 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
     metrics.append({"step": cfg.steps, "kind": "eval", **after})
     if not dist.main:
         return {}
-    n_modules = save_outputs(run_dir, model, run, base_name=cfg.model, metrics=metrics)
-    manifest = run_manifest(plan, n_modules=n_modules,
+    updates = save_outputs(run_dir, model, run, base_name=cfg.model, metrics=metrics,
+                           initial_a=initial_a)
+    manifest = run_manifest(plan, updates=updates,
                             trainable_params=sum(p.numel() for _, p in trainable(model)),
                             measured={"eval_before": base_eval, "eval_after": after,
+                                      "eval_history": eval_history(base_eval, metrics),
                                       "wall_time_s": round(time.perf_counter() - t0, 3),
                                       "tokens_per_s": tokens_per_s})
     write_manifest(run_dir, manifest)
@@ -79,6 +84,9 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
 
 def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[dict]]:
     """The run's steps from its checkpoint on: log, evaluate and checkpoint between them.
+
+    Held-out evaluations: at the step nearest 80% of the run (``late_step``: the split of
+    ``late_gain_share``), every ``eval_every`` steps, and (the caller's) at the last step.
 
     Returns:
         (tokens per second over the steps taken here, None if none were; the metric rows).
@@ -104,7 +112,8 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
         tok_s = tokens / max(time.perf_counter() - t_loop, 1e-9)
         metrics.append({"step": s.step, "kind": "train", "loss": s.loss, "lr": s.lr,
                         "tokens_per_s": tok_s})
-        if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < cfg.steps:
+        due = s.step == late_step(cfg.steps) or cfg.eval_every and s.step % cfg.eval_every == 0
+        if due and s.step < cfg.steps:
             ev = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
             metrics.append({"step": s.step, "kind": "eval", **ev})
         bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:.0f}")
@@ -115,21 +124,29 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
     return tok_s, metrics
 
 
-def run_manifest(plan: RunPlan, *, n_modules: int, trainable_params: int,
+def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_params: int,
                  measured: dict) -> dict:
-    """A finished run's manifest: the grid cell, the setup, the data, the measurements.
+    """A finished run's manifest: the grid cell, the setup, the data, the measurements, and
+    the training evidence (``rankscope.train.evidence``).
 
     Args:
-        n_modules: modules with an update; trainable_params: parameters that trained.
-        measured: eval_before, eval_after, wall_time_s and tokens_per_s.
+        updates: the tensors of ``updates.safetensors``; trainable_params: parameters that
+            trained.
+        measured: eval_before, eval_after, eval_history, wall_time_s and tokens_per_s.
     """
     cfg, task, run, dist = plan.cfg, plan.task, plan.run, plan.dist
     lora = run.method == "lora"
+    history = measured["eval_history"]
+    planted = {} if task.planted_hash is None else {
+        "planted_hash": task.planted_hash, "planted_rank": cfg.planted_rank,
+        "planted_scale": cfg.planted_scale, "planted_seed": cfg.planted_seed}
+    n_modules = sum(k.endswith((".delta", ".lora_A")) for k in updates)
     return {
         "run": run.name, "method": run.method, "rank": run.rank, "seed": run.seed,
         "lora_alpha": cfg.lora_alpha(run.rank) if lora else None,
         "alpha_policy": cfg.alpha_policy if lora else None,
         "targets": list(cfg.targets) if lora else "all", "n_modules": n_modules,
+        "full_scope": cfg.full_scope,
         "model": cfg.model, "model_path": str(resolve_model(cfg.model)),
         "task": cfg.task, "data": cfg.data, "task_kind": task.kind,
         "data_hash": task.data_hash, "split_hash": task.split_hash,
@@ -140,29 +157,32 @@ def run_manifest(plan: RunPlan, *, n_modules: int, trainable_params: int,
         "peak_memory_mb": round(peak_memory_mb(dist.device), 1),
         "trainable_params": trainable_params,
         "eval_before": measured["eval_before"], "eval_after": measured["eval_after"],
-        **provenance(),
+        "eval_history": history, "late_gain_share": late_gain_share(history, steps=cfg.steps),
+        "delta_fro": delta_fro(updates), "a_moved": a_moved(updates) if lora else None,
+        **planted, **provenance(),
     }
 
 
-def save_outputs(run_dir: Path, model, run: RunId, *, base_name: str,
-                 metrics: list[dict]) -> int:
+def save_outputs(run_dir: Path, model, run: RunId, *, base_name: str, metrics: list[dict],
+                 initial_a: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Write a trained run's updates (and others, or its peft adapter) and its metrics.
 
     Args:
         model: the trained model (not a DDP wrapper); left in eval mode.
         base_name: the model it was fine-tuned from (full runs subtract its W_0).
         metrics: the rows of ``metrics.jsonl``.
+        initial_a: LoRA only, {module: A₀}, saved as "<module>.lora_A0".
     Returns:
-        The number of modules with an update.
+        The tensors written to ``updates.safetensors``.
     """
     model.eval()
     if run.method == "full":
         updates, others = full_updates(model, base_name)
         write_updates(run_dir / OTHERS, others, method="others")
     else:
-        updates = lora_updates(model)
+        updates = lora_updates(model, initial_a=initial_a)
         with atomic_dir(run_dir / "adapter", overwrite=True) as tmp:
             model.save_pretrained(tmp)
     write_updates(run_dir / UPDATES, updates, method=run.method)
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    return sum(k.endswith((".delta", ".lora_A")) for k in updates)
+    return updates

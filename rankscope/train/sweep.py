@@ -1,6 +1,7 @@
 """The grid of runs: one folder per (method, rank, seed); finished runs skipped, the rest resumed."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import yaml
 
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_text
-from rankscope.store.runs import SWEEP_FILE, finished_manifest
-from rankscope.train.config import SweepConfig, dump_yaml, to_dict
+from rankscope.store.runs import PLANTED, SWEEP_FILE, finished_manifest, read_tensors, \
+    tensor_hash, write_updates
+from rankscope.train.config import SweepConfig, dump_yaml, to_dict, with_defaults
 from rankscope.train.data import TaskData, prepare
 from rankscope.train.device import leave_dist, setup_dist, use_bf16
 from rankscope.train.evaluation import base_evaluation
@@ -37,6 +39,7 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
     mine = {k: v for k, v in to_dict(cfg).items() if k != "device"}
     if path.exists():
         old = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "device"}
+        old = with_defaults(old, mine)
         if old != mine:
             diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
             raise InputError(f"{out} holds a sweep started with another config (differs in: "
@@ -44,6 +47,25 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
         return
     atomic_write_text(path, "# written by rankscope sweep; the grid and settings of this folder\n"
                       + dump_yaml(cfg))
+
+
+def record_teacher(out: Path, task: TaskData) -> None:
+    """Write a planted task's ΔW* to ``out/planted.safetensors`` once; check it if it is there.
+
+    Raises:
+        InputError: the folder holds another teacher's ΔW* (by ``tensor_hash``).
+    """
+    if task.teacher is None:
+        return
+    path = out / PLANTED
+    if path.exists():
+        held, _ = read_tensors(path)
+        if tensor_hash(held) != task.planted_hash:
+            raise InputError(f"{path} holds another planted update than this config draws; "
+                             "use another --out or remove it")
+        return
+    cfg_meta = {k: json.dumps(v) for k, v in task.teacher.meta.items()}
+    write_updates(path, task.teacher.factors, method="planted", metadata=cfg_meta)
 
 
 def load_checked_model(cfg: SweepConfig, task: TaskData, *, world: int):
@@ -87,6 +109,8 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
     task = prepare(cfg)
     base = load_checked_model(cfg, task, world=dist.world)
     claim_sweep_dir(out, cfg)           # only once the inputs are good: nothing half-written
+    if dist.main:
+        record_teacher(out, task)
     base_eval = base_evaluation(base, task, out, device=dist.device,
                                 bf16=use_bf16(cfg.bf16, dist.device), write=dist.main)
     del base

@@ -2,7 +2,8 @@
 
 The tensors go to the run folder's ``updates.safetensors`` (``rankscope.store.runs``): full
 "<module>.delta" (d_out, d_in); LoRA "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r)
-and "<module>.scaling", with ΔW = scaling · B @ A.
+and "<module>.scaling", with ΔW = scaling · B @ A, and "<module>.lora_A0" (r, d_in), A at
+initialisation (``lora_a`` of the fresh adapter).
 """
 from __future__ import annotations
 
@@ -41,17 +42,35 @@ def full_updates(model, base_name: str) -> tuple[dict[str, torch.Tensor], dict[s
     return deltas, others
 
 
-def lora_updates(peft_model) -> dict[str, torch.Tensor]:
+def lora_updates(peft_model, *, initial_a: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """The LoRA factors A (r, d_in), B (d_out, r) and scaling of every adapted module.
 
     Module names drop peft's ``base_model.model.`` prefix, so they match the full run's.
+
+    Args:
+        initial_a: {module: A₀ (r, d_in)}, A at initialisation; saved as "<module>.lora_A0".
     """
     out = {}
+    for key, mod in _adapted(peft_model):
+        out[f"{key}.lora_A"] = mod.lora_A["default"].weight.detach().float().cpu()
+        out[f"{key}.lora_B"] = mod.lora_B["default"].weight.detach().float().cpu()
+        out[f"{key}.scaling"] = torch.tensor(float(mod.scaling["default"]))
+        if initial_a is not None:
+            out[f"{key}.lora_A0"] = initial_a[key].float().cpu()
+    return out
+
+
+def lora_a(peft_model) -> dict[str, torch.Tensor]:
+    """{module: a float32 CPU copy of A (r, d_in)}: of a fresh adapter, A₀."""
+    return {key: mod.lora_A["default"].weight.detach().float().cpu().clone()
+            for key, mod in _adapted(peft_model)}
+
+
+def _adapted(peft_model):
+    """(module name without peft's ``base_model.model.`` prefix, LoRA layer) of each adapted
+    module."""
     prefix = "base_model.model."
     for name, mod in peft_model.named_modules():
         if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            key = name[len(prefix):] if name.startswith(prefix) else name
-            out[f"{key}.lora_A"] = mod.lora_A["default"].weight.detach().float().cpu()
-            out[f"{key}.lora_B"] = mod.lora_B["default"].weight.detach().float().cpu()
-            out[f"{key}.scaling"] = torch.tensor(float(mod.scaling["default"]))
-    return out
+            yield (name.removeprefix(prefix)), mod

@@ -76,6 +76,10 @@ def test_an_unknown_field_is_named(tmp_path, doc, field):
     ({"targets": []}, "targets"),
     ({"data": "x.jsonl", "task_kind": "seq2seq"}, "task_kind"),
     ({"data": "x.jsonl", "task": "news", "task_kind": "lm"}, "task/data"),
+    ({"full_scope": "head"}, "full_scope"),
+    ({"planted_rank": 0}, "planted_rank"),
+    ({"planted_scale": -1.0}, "planted_scale"),
+    ({"planted_seed": "zero"}, "planted_seed"),
 ])
 def test_an_invalid_value_is_an_error_naming_its_field(tmp_path, doc, field):
     with pytest.raises(InputError, match=rf"(^|\W){field}\b"):
@@ -183,6 +187,31 @@ def test_a_data_file_with_an_explicit_task_is_refused(tmp_path):
     with pytest.raises(InputError, match="task/data"):
         build_sweep(yaml_path=_yaml(tmp_path, {"task": "news"}),
                     overrides={"data": "mine.jsonl", "task_kind": "lm"})
+
+
+def test_a_folder_written_before_a_field_existed_still_resumes(tmp_path):
+    """sweep.yaml and a run's config.yaml lack full_scope and planted_*: they read as their
+    defaults (the values such a folder trained with); a changed value is still refused."""
+    from rankscope.train.run_folder import claim_run_dir, run_config_text
+    from rankscope.train.sweep import claim_sweep_dir
+
+    new = ("full_scope", "planted_rank", "planted_scale", "planted_seed")
+    cfg = SweepConfig(steps=3)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    old = {k: v for k, v in to_dict(cfg).items() if k not in new}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(old))
+    claim_sweep_dir(out, cfg)
+    run = cfg.runs()[0]
+    text = yaml.safe_load(run_config_text(cfg, run))
+    (out / run.name).mkdir()
+    (out / run.name / "config.yaml").write_text(yaml.safe_dump(
+        {k: v for k, v in text.items() if k not in new}))
+    claim_run_dir(out / run.name, run_config_text(cfg, run))
+    with pytest.raises(InputError, match=r"differs in: full_scope\)"):
+        claim_sweep_dir(out, replace(cfg, full_scope="linear"))
+    with pytest.raises(InputError, match=r"differs in: full_scope\)"):
+        claim_run_dir(out / run.name, run_config_text(replace(cfg, full_scope="linear"), run))
 
 
 # ---------------------------------------------------------------- grid and α

@@ -165,7 +165,8 @@ def test_lora_updates_are_the_adapters_factors_with_scaling_alpha_over_r(news_sw
     names = sorted(k.removesuffix(".lora_A") for k in ups if k.endswith(".lora_A"))
     assert names == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1)
                      for m in ("q_proj", "v_proj")]
-    assert sorted(ups) == sorted(f"{n}.{k}" for n in names for k in ("lora_A", "lora_B", "scaling"))
+    assert sorted(ups) == sorted(f"{n}.{k}" for n in names
+                                 for k in ("lora_A", "lora_B", "scaling", "lora_A0"))
     adapter_cfg = json.loads((news_sweep.lora / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 2 and adapter_cfg["lora_alpha"] == 4.0
     adapter = load_file(news_sweep.lora / "adapter" / "adapter_model.safetensors")
@@ -291,7 +292,7 @@ def test_qa_runs_a_few_steps_on_the_smollm2_slice(smollm2_slice, tmp_path):
                      ranks=(2,), steps=2, max_len=64)
     assert m["task_kind"] == "sft" and m["eval_after"]["loss"] != m["eval_before"]["loss"]
     assert m["n_train_examples"] == 32 and set(m["eval_after"]) == {"loss", "perplexity"}
-    assert len(_updates(tmp_path / "qa" / "lora-r2-s0")) == 3 * 4
+    assert len(_updates(tmp_path / "qa" / "lora-r2-s0")) == 4 * 4       # A, B, scaling, A₀
 
 
 def _capture_trained(monkeypatch, eval_data: dict):
@@ -338,7 +339,7 @@ def test_classification_heads_train_in_every_method_but_are_not_part_of_delta_w(
     assert not [k for k in [*full_ups, *lora_ups] if "classifier" in k]
     assert len(full_ups) == 13 and all(match_name(k.removesuffix(".delta"), backbone)
                                        for k in full_ups)
-    assert len(lora_ups) == 3 * 4
+    assert len(lora_ups) == 4 * 4
 
     # the head trains in both methods: it moved away from the (seeded) initial head
     start = load_task_model(cfg, kind="cls", num_labels=n_labels).classifier.weight
@@ -409,7 +410,7 @@ def test_a_users_file_trains_through_the_cli(kind, suffix, smollm2_slice, minilm
     assert m["task"] is None and m["data"] == str(data) and m["task_kind"] == kind
     assert m["data_hash"] == data_hash(load_user_file(data, kind=kind))
     n_modules = 2 * len(targets.split(","))                  # 2 blocks
-    assert m["n_eval_examples"] >= 1 and len(_updates(out / "lora-r2-s0")) == 3 * n_modules
+    assert m["n_eval_examples"] >= 1 and len(_updates(out / "lora-r2-s0")) == 4 * n_modules
     metric = "accuracy" if kind == "cls" else "perplexity"
     assert metric in m["eval_after"]
 
@@ -506,5 +507,5 @@ def test_a_bad_input_in_a_real_process_prints_one_line_and_no_traceback(tmp_path
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "rankscope: error: unknown task 'nope'; known tasks: news, qa, sentiment, topic"]
+        "rankscope: error: unknown task 'nope'; known tasks: news, qa, sentiment, topic, planted"]
     assert not (tmp_path / "out").exists()
