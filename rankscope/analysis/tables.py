@@ -99,5 +99,6 @@ def summary(modules: pd.DataFrame) -> pd.DataFrame:
                         entropy_rank=("entropy_rank", "median"),
                         energy_rank_90=("energy_rank_90", "median"),
                         energy_rank_99=("energy_rank_99", "median"),
-                        **{c: (c, "median") for c in FLOOR_COLS if c in modules})
+                        **{c: (c, "median") for c in FLOOR_COLS
+                           if c in modules and modules[c].notna().any()})   # its noise floors
     return table.reset_index()

@@ -91,7 +91,8 @@ def test_adapter_form_prints_the_summary(minilm_adapter, minilm_slice, tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().split("\n")
     assert lines[0].split() == ["run", "module", "layers", "d_out", "d_in", "fro_norm",
-                                "stable_rank", "entropy_rank", "energy_rank_90", "energy_rank_99"]
+                                "stable_rank", "entropy_rank", "energy_rank_90", "energy_rank_99",
+                                "energy_rank_90_noise", "gd_rank"]       # beside its noise floors
     assert [line.split()[:3] for line in lines[1:3]] == [["adapter", "query", "2"],
                                                          ["adapter", "value", "2"]]
     assert lines[-1] == f"4 modules analysed; wrote {out}/spectra.csv, modules.csv, manifest.json"
