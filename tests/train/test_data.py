@@ -91,7 +91,8 @@ def test_task_specs_name_model_and_metric():
     for name, spec in TASKS.items():
         assert spec.name == name
         assert spec.metric == ("accuracy" if spec.kind == "cls" else "loss")
-        assert spec.default_model == ("minilm-l6" if spec.kind == "cls" else "smollm2-135m")
+        encoder = spec.kind == "cls" or spec.name == "planted"    # planted: MiniLM by default
+        assert spec.default_model == ("minilm-l6" if encoder else "smollm2-135m")
 
 
 # ---------------------------------------------------------------- hashing and splitting

@@ -13,7 +13,13 @@ from safetensors.torch import load_file
 
 from rankscope.store.runs import RunId
 from rankscope.train.config import build_sweep
-from rankscope.train.evidence import a_moved, delta_fro, eval_history, late_gain_share, late_step
+from rankscope.train.evidence import (
+    a_moved,
+    delta_fro,
+    eval_history,
+    late_gain_share,
+    late_step,
+)
 from rankscope.train.model_setup import build_model, load_task_model
 from rankscope.train.models import find_linear_modules
 from rankscope.train.sweep import run_sweep
@@ -133,6 +139,7 @@ def test_lora_a0_is_peft_s_initial_a(news_sweep, stand_in_task):
 def test_full_scope_linear_leaves_every_non_linear_pretrained_parameter_bit_identical(
         minilm_slice, tmp_path):
     cfg = build_sweep(overrides=dict(model=str(minilm_slice), task="sentiment", methods=("full",),
+                                     targets=("query", "value"),
                                      full_scope="linear", steps=3, batch_size=4, max_len=32,
                                      max_eval_examples=8, max_train_examples=32, bf16=False,
                                      lr_full=1e-3))

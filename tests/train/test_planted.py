@@ -19,7 +19,12 @@ from rankscope.train.evaluation import evaluate
 from rankscope.train.loop import batch_order, make_optimizer, train_steps
 from rankscope.train.model_setup import build_model, load_task_model
 from rankscope.train.models import linear_weight
-from rankscope.train.planted import add_planted, planted_factors, planted_ranks, planted_update
+from rankscope.train.planted import (
+    add_planted,
+    planted_factors,
+    planted_ranks,
+    planted_update,
+)
 
 CPU = torch.device("cpu")
 TINY = dict(task="planted", batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32,
