@@ -26,6 +26,23 @@ held-out ``loss``:
   KL weighs the tokens the teacher finds likely, which is where the two models differ most.
 
 Both losses are 0 exactly when the student computes the teacher's function and > 0 otherwise.
+Student and teacher run with every dropout rate 0 (``model_setup.load_task_model``).
+
+Measured (2-block MiniLM slice, planted rank 4 on query/value, batch 8 × 128 tokens, warm-up
+10% + cosine, held-out 32 blocks; 2 CPU cores, ~0.4 s a step when not shared):
+
+* planted_scale 0.2, lr_full 3e-4, 400 steps: full fine-tuning removes 91.6% of the held-out
+  loss (0.00376 → 0.00032; 93.4% with ``full_scope: linear``) and has plateaued: the last fifth
+  makes 0.3% of the gain (``late_gain_share`` 0.003); ~160 s a run. LoRA r = 4 at lr 1e-3:
+  95.5%. 200 steps at 3e-4 remove 88%; lr 1e-4 removes 83% by step 125 of 200; lr 1e-3 (on
+  every parameter) stalls at 13%.
+* planted_scale 0.1, same run: 12% removed after 100 steps (the planted signal is the size of
+  the optimiser's own drift at that rate), 85% after 300. planted_scale 0.4: 91.0%, the 0.2 curve.
+
+The function is learned before the matrix: full fine-tuning's ΔW on a target shows the planted
+rank as a gap (σ₅/σ₄ ≈ 0.3, its top-4 subspace at φ 0.5–0.8 with ΔW*'s, chance ≈ 0.01), but
+only ~30% of its energy lies in ΔW*'s subspace and its k₉₀ is 12–59: Haar directions that the
+news text barely excites need not be learned to match the teacher's outputs.
 """
 from __future__ import annotations
 
