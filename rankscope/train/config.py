@@ -290,13 +290,14 @@ def load_yaml(path: str | Path) -> dict:
     return doc
 
 
-def with_defaults(old: dict, new: dict) -> dict:
-    """A recorded config ``old`` (``sweep.yaml``, a run's ``config.yaml``) with the SweepConfig
-    fields that ``new`` has and ``old`` lacks set to their defaults: a field added to rankscope
-    since the folder was written (``full_scope``, ``planted_*``) reads as the value the folder
-    was trained with, so the folder still resumes."""
+def changed_fields(old: dict, new: dict) -> list[str]:
+    """The fields in which a recorded config ``old`` (``sweep.yaml``, a run's ``config.yaml``)
+    differs from ``new``, sorted. SweepConfig fields that ``new`` has and ``old`` lacks read as
+    their defaults: a field added to rankscope since the folder was written (``full_scope``,
+    ``planted_*``) reads as the value the folder was trained with, so the folder still resumes."""
     defaults = to_dict(SweepConfig())
-    return {**{k: defaults[k] for k in new if k in defaults}, **old}
+    old = {**{k: defaults[k] for k in new if k in defaults}, **old}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def dump_yaml(cfg) -> str:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_dir, atomic_write_text
 from rankscope.store.runs import RunId
-from rankscope.train.config import with_defaults
+from rankscope.train.config import changed_fields
 
 CKPT = "checkpoint"
 ASIDE = f".{CKPT}.old"      # where atomic_dir moves the previous checkpoint during its renames
@@ -43,10 +43,8 @@ def claim_run_dir(run_dir: Path, text: str) -> None:
         raise InputError(f"cannot create run folder {run_dir}: {e.strerror}") from None
     path = run_dir / "config.yaml"
     if path.exists():
-        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(text)
-        old = with_defaults(old, new)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diff = changed_fields(yaml.safe_load(path.read_text()), yaml.safe_load(text))
+        if diff:
             raise InputError(f"{run_dir} holds a run of another config (differs in: "
                              f"{', '.join(diff)}); use another --out or remove it")
         return

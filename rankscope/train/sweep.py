@@ -13,7 +13,7 @@ from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_text
 from rankscope.store.runs import PLANTED, SWEEP_FILE, finished_manifest, read_tensors, \
     tensor_hash, write_updates
-from rankscope.train.config import SweepConfig, dump_yaml, to_dict, with_defaults
+from rankscope.train.config import SweepConfig, changed_fields, dump_yaml, to_dict
 from rankscope.train.data import TaskData, prepare
 from rankscope.train.device import leave_dist, setup_dist, use_bf16
 from rankscope.train.evaluation import base_evaluation
@@ -39,9 +39,8 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
     mine = {k: v for k, v in to_dict(cfg).items() if k != "device"}
     if path.exists():
         old = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "device"}
-        old = with_defaults(old, mine)
-        if old != mine:
-            diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+        diff = changed_fields(old, mine)
+        if diff:
             raise InputError(f"{out} holds a sweep started with another config (differs in: "
                              f"{', '.join(diff)}); rerun with the same config or another --out")
         return
