@@ -67,10 +67,10 @@ class Stamps:
         """The settings ``stage`` last completed with ({} when it never did)."""
         return (self.done.get(stage) or {}).get("settings") or {}
 
-    def mark(self, stage: str, settings: dict, *, folder: Path | None = None) -> None:
-        """Record that ``stage`` completed with ``settings`` (into ``folder`` when given)."""
+    def mark(self, stage: str, settings: dict) -> None:
+        """Record that ``stage`` completed with ``settings``."""
         self.done[stage] = {"stamp": self.stamp(stage, settings), "settings": settings}
-        atomic_write_json((folder / STAMPS) if folder else self.path, self.done)
+        atomic_write_json(self.path, self.done)
 
 
 def write_verdict(results: Path) -> str:
@@ -123,7 +123,7 @@ def compare_stage(runs: str | Path, results: str | Path, *, grid_layers: list[in
 def _write_compare(folder: Path, frames: dict, runs, settings: dict, stamps: Stamps) -> None:
     save_tables(folder, frames, inputs={"runs": str(runs)})
     write_verdict(folder)
-    stamps.mark("compare", settings, folder=folder)
+    stamps.mark("compare", settings)          # stamps of ``folder``
 
 
 def truncate_stage(runs: str | Path, results: str | Path, *, ks=TRUNCATION_KS,
@@ -179,22 +179,20 @@ def analyses(runs: str | Path, results: str | Path, *, grid_layers: list[int] | 
     compare_stage(runs, results, grid_layers=layers, device=device, force=False,
                   progress=progress, log=log)
     has_full = any(read_manifest(d).get("method") == "full" for d in find_runs(runs))
-    if not with_truncation:
-        pass
-    elif has_full and (sweep_root(runs) / SWEEP_FILE).exists():
-        opts = truncate or {}
-        truncate_stage(runs, results, ks=opts.get("ks") or TRUNCATION_KS,
-                       lora_min_rank=opts.get("lora_min_rank"), device=device, force=False,
-                       progress=progress, log=log)
-    elif has_full:
-        log(f"truncation test skipped: {sweep_root(runs)} has no sweep.yaml")
+    if with_truncation and has_full:
+        if (sweep_root(runs) / SWEEP_FILE).exists():
+            opts = truncate or {}
+            truncate_stage(runs, results, ks=opts.get("ks") or TRUNCATION_KS,
+                           lora_min_rank=opts.get("lora_min_rank"), device=device, force=False,
+                           progress=progress, log=log)
+        else:
+            log(f"truncation test skipped: {sweep_root(runs)} has no {SWEEP_FILE}")
     return load_tables(results)
 
 
 def _work_only(log: Log) -> Log:
     """``log`` without the lines of stages found up to date (a later stage's own checks)."""
     return lambda line: None if line.endswith(UP_TO_DATE) else log(line)
-
 
 
 def recommend_stage(runs: str | Path, results: str | Path, *, budget=None,
@@ -244,9 +242,8 @@ def report_stage(runs: str | Path, results: str | Path, *, progress: bool = True
     from rankscope.outputs.report import build_report
 
     sets = check_runs(runs)
-    check_same_sweep(runs, results)
-    analyses(runs, results, progress=progress, log=_work_only(log))
-    last = Stamps(results, runs).settings("recommend")
+    check_same_sweep(runs, results)         # before anything is computed into the folder
+    last = Stamps(results, runs).settings("recommend")   # recommend brings the analyses up to date
     recommend_stage(runs, results, budget=last.get("budget"),
                     targets=tuple(last["targets"]) if last.get("targets") else None,
                     validate=bool(last.get("validate")), force=False, progress=progress, log=log)

@@ -1,10 +1,7 @@
-"""What a recommendation reads from a sweep: its finished runs and its sweep folder."""
+"""What a recommendation reads from a sweep: its finished runs, of one model and task."""
 from __future__ import annotations
 
 from pathlib import Path
-
-from rankscope.store.runs import sweep_root  # noqa: F401 (what a recommendation reads)
-
 
 
 def check_runs(runs: str | Path) -> list:
