@@ -64,3 +64,36 @@ def check_ranks(ranks):
     if ranks is not None and any(r <= 0 for r in ranks):
         raise ValueError(f"ranks: every rank must be a positive integer, got {list(ranks)}")
     return ranks
+
+
+def planted_rank(text):
+    """``--planted-rank``: an integer (``4``) or module kinds with ranks (``query=2,value=8``)."""
+    if text is None or "=" not in text:
+        return ints(text, "--planted-rank")[0] if text and text.strip() else None
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--planted-rank: expected an integer or kind=rank pairs such as "
+                             f"query=2,value=8, got {text!r}") from None
+    return out
+
+
+def task_options(fn):
+    """The options that choose a sweep's task and its known-answer controls (sweep and run)."""
+    from rankscope.train.config import FULL_SCOPES
+    from rankscope.train.corpora import TASKS
+
+    for decorator in reversed((
+        click.option("--task", help=f"Shipped task: {', '.join(TASKS)}."),
+        click.option("--planted-rank", help="planted task: rank of ΔW* (4), or per module kind "
+                                            "(query=2,value=8)."),
+        click.option("--planted-scale", type=float, help="planted task: ‖ΔW*‖_F / ‖W₀‖_F."),
+        click.option("--planted-seed", type=int, help="planted task: seed of ΔW*'s directions."),
+        click.option("--full-scope", type=click.Choice(FULL_SCOPES),
+                     help="What full fine-tuning trains: all parameters or the linear weights."),
+    )):
+        fn = decorator(fn)
+    return fn

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from rankscope.cli.edge import check_ranks, ints, one_line_errors, strs
+from rankscope.cli.edge import check_ranks, ints, one_line_errors, planted_rank, strs, task_options
 
 
 @click.command()
@@ -14,7 +14,7 @@ from rankscope.cli.edge import check_ranks, ints, one_line_errors, strs
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Sweep folder.")
 @click.option("--profile", type=click.Choice(["quick", "paper"]), help="Sizing preset.")
 @click.option("--model", help="Registry name, local folder or hub id.")
-@click.option("--task", help="Shipped task: news, qa, sentiment, topic.")
+@task_options
 @click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
 @click.option("--task-kind", type=click.Choice(["lm", "sft", "cls"]), help="Schema of --data.")
 @click.option("--methods", help="Comma list: full,lora.")
@@ -43,6 +43,7 @@ def sweep(config, out, quiet, **flags):
     flags["ranks"] = check_ranks(ints(flags["ranks"], "--ranks"))
     flags["seeds"] = ints(flags["seeds"], "--seeds")
     flags["methods"], flags["targets"] = strs(flags["methods"]), strs(flags["targets"])
+    flags["planted_rank"] = planted_rank(flags["planted_rank"])
     cfg = build_sweep(yaml_path=config, overrides=flags)
     manifests = run_sweep(cfg, out, progress=not quiet, log=click.echo)
     table = grid_table(manifests)
@@ -106,7 +107,7 @@ def truncate(runs, out, ks, lora_min_rank, device, quiet):
 @click.option("--profile", type=click.Choice(["quick", "paper"]),
               help="Sizing preset; default paper on a GPU, quick on a CPU.")
 @click.option("--model", help="Registry name, local folder or hub id (default smollm2-135m).")
-@click.option("--task", help="Shipped task: news, qa, sentiment, topic.")
+@task_options
 @click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
 @click.option("--task-kind", type=click.Choice(["lm", "sft", "cls"]), help="Schema of --data.")
 @click.option("--ranks", help="Comma list of LoRA ranks.")
@@ -124,5 +125,6 @@ def run_cmd(config, out, profile, budget, validate, quiet, **flags):
 
     flags["ranks"] = check_ranks(ints(flags["ranks"], "--ranks"))
     flags["seeds"], flags["targets"] = ints(flags["seeds"], "--seeds"), strs(flags["targets"])
+    flags["planted_rank"] = planted_rank(flags["planted_rank"])
     cfg = job_config(config=config, profile=profile, overrides=flags)
     run_job(cfg, out, budget=budget, validate=validate, progress=not quiet, log=click.echo)

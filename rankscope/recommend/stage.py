@@ -39,6 +39,20 @@ class Recommendation:
     validation: pd.DataFrame | None = None
 
 
+def peft_task_type(meta: dict) -> str:
+    """PEFT's task type for a run's manifest: SEQ_CLS for classification, FEATURE_EXTRACTION for
+    the planted task's encoder (its student is the bare backbone), else CAUSAL_LM."""
+    from rankscope.train.corpora import DISTILL
+    from rankscope.train.models import is_causal_lm
+
+    kind = meta.get("task_kind")
+    if kind == "cls":
+        return "SEQ_CLS"
+    if kind == DISTILL and meta.get("model_path") and not is_causal_lm(meta["model_path"]):
+        return "FEATURE_EXTRACTION"
+    return "CAUSAL_LM"
+
+
 def alpha_settings(sets) -> tuple[str, float, str]:
     """(alpha policy, alpha, peft task type) of a sweep, from its LoRA runs' manifests.
 
@@ -48,7 +62,7 @@ def alpha_settings(sets) -> tuple[str, float, str]:
     from rankscope.train.config import SweepConfig
 
     meta = [s.meta for s in sets]
-    task = "SEQ_CLS" if meta[0].get("task_kind") == "cls" else "CAUSAL_LM"
+    task = peft_task_type(meta[0])
     for m in meta:
         if m.get("method") == "lora" and m.get("alpha_policy"):
             a = float(m["lora_alpha"])

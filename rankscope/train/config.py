@@ -257,14 +257,17 @@ def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = No
 
 
 def _task_defaults(values: dict) -> None:
-    """A shipped task's own model, and that model's query/value names (also for a slice of it,
-    ``minilm-l6@2l``), unless given."""
+    """A shipped task's own model, that model's query/value names (also for a slice of it,
+    ``minilm-l6@2l``) and the task's own settings (the planted task's ``lr_full``), unless
+    given."""
     from rankscope.train.corpora import TASKS
 
     spec = TASKS.get(values.get("task", SweepConfig.task))
     if spec is None:
         return
     values.setdefault("model", spec.default_model)
+    for name, value in spec.defaults:
+        values.setdefault(name, value)
     model = str(values["model"])
     if model == spec.default_model or model.startswith(spec.default_model + "@"):  # or a slice
         values.setdefault("targets", spec.default_targets)

@@ -41,6 +41,7 @@ class TaskSpec:
     description: str
     metric: str
     default_targets: tuple[str, ...] = ("q_proj", "v_proj")   # the default model's Wq, Wv
+    defaults: tuple[tuple[str, object], ...] = ()             # config fields the task sets
 
 
 TASKS: dict[str, TaskSpec] = {s.name: s for s in (
@@ -51,7 +52,10 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
     TaskSpec("topic", "cls", "minilm-l6", "chatterbot-corpus English questions labelled by topic",
              "accuracy", ("query", "value")),
     TaskSpec("planted", DISTILL, "minilm-l6", "news paragraphs; match a teacher = base + ΔW* of "
-             "a planted rank", "loss", ("query", "value")),
+             "a planted rank", "loss", ("query", "value"),
+             # full fine-tuning at 3e-5 removes little of the distillation loss in 400 steps;
+             # 3e-4 removes 92% and plateaus (rankscope.train.planted's docstring)
+             (("lr_full", 3e-4),)),
 )}
 
 

@@ -297,6 +297,14 @@ def match_name(key: str, names: list[str] | set[str]) -> str | None:
     return max(hits, key=len)
 
 
+def is_causal_lm(path: str | Path) -> bool:
+    """Whether the model folder at ``path`` is a causal LM (its config names a ``…ForCausalLM``)."""
+    from transformers import AutoConfig
+
+    return any(a.endswith("ForCausalLM") for a in (AutoConfig.from_pretrained(path).architectures
+                                                   or []))
+
+
 def save_slice(name: str | Path, out_dir: str | Path, *, n_layers: int) -> Path:
     """Save the first ``n_layers`` blocks of a model (with its tokenizer) as a new model folder.
 
@@ -312,8 +320,7 @@ def save_slice(name: str | Path, out_dir: str | Path, *, n_layers: int) -> Path:
     total = getattr(config, "num_hidden_layers", None)
     if total is None or not 1 <= n_layers <= total:
         raise InputError(f"n_layers must be in [1, {total}], got {n_layers}")
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    model = load_pretrained(AutoModelForCausalLM if causal else AutoModel, path)
+    model = load_pretrained(AutoModelForCausalLM if is_causal_lm(path) else AutoModel, path)
     for mod in model.modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == total:
             del mod[n_layers:]
