@@ -107,6 +107,13 @@ def equivalence(metrics: pd.DataFrame) -> dict:
                         LOW_RANK, gate, f"LoRA r = {int(r['rank'])} {key} {r['mean']:.4g} vs full "
                         f"{f['mean']:.4g}: |gap| {abs(gap):.3g} ≤ margin {margin:.3g}")
     best = lora.iloc[(lora["mean"] - f["mean"]).abs().argmin()]
+    better = lora[(lora["mean"] - f["mean"]) * (1 if higher else -1) > 0]
+    if len(better):       # LoRA beats a plateaued full fine-tune: the reference learned less
+        b = better.iloc[0]
+        return _row("equivalence", "inconclusive", None, LOW_RANK, gate,
+                    f"LoRA r = {int(b['rank'])} beats full fine-tuning beyond the margin "
+                    f"({key} {b['mean']:.4g} vs {f['mean']:.4g}): full fine-tuning is not the "
+                    "best learner at its rate and scope, so no rank can be said to match it")
     return _row("equivalence", "fail", None, LOW_RANK, gate,
                 f"no LoRA rank within the margin of full's {key} {f['mean']:.4g} (closest: "
                 f"r = {int(best['rank'])} at {best['mean']:.4g})")

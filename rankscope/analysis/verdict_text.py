@@ -23,6 +23,8 @@ NEXT = {   # (test, status) → what to run next
                              "learning rate",
     ("equivalence", "inconclusive"): "run at least two seeds (--seeds 0,1) so the margin has a "
                                      "spread",
+    ("equivalence", "beaten"): "choose full fine-tuning's learning rate on a validation split, "
+                               "or train it with full_scope: linear (the scope LoRA adapts)",
     ("equivalence", "skipped"): "run full fine-tuning and LoRA side by side (--methods full,lora)",
     ("functional rank", "skipped"): "add a full fine-tuning run so its update can be truncated",
     ("functional rank", "inconclusive"): "train full fine-tuning with full_scope: linear, so "
@@ -55,12 +57,20 @@ def markdown(outcome: str, table: pd.DataFrame) -> str:
         threshold = "" if pd.isna(r.threshold) else f" (threshold {_fmt(r.threshold)})"
         gate = f"; needs {r.gate}" if r.gate else ""
         lines.append(f"- **{r.test}**: {r.status}{value}{threshold}{gate}. {r.note}".rstrip())
-    todo = [NEXT[(r.test, r.status)] for r in table.itertuples() if (r.test, r.status) in NEXT]
+    keys = [(r.test, "beaten" if "beats full fine-tuning" in str(r.note) else r.status)
+            for r in table.itertuples()]
+    todo = [NEXT[k] for k in keys if k in NEXT]
     if outcome != "holds" and todo:
         lines += ["", "What to run next: " + "; ".join(dict.fromkeys(todo)) + "."]
-    lines += ["", "It would be refuted if no LoRA rank came within the margin of full "
-                  "fine-tuning and the full update needed a high rank to keep 90% of its gain."]
+    lines += ["", COUNTERFACTUAL[outcome == "refuted"]]
     return "\n".join(lines) + "\n"
+
+
+COUNTERFACTUAL = (  # what would turn the verdict: refuted for the others, holds for refuted
+    "It would be refuted if no LoRA rank came within the margin of full fine-tuning and the "
+    "full update needed a high rank to keep 90% of its gain.",
+    "It would hold if a small LoRA rank came within the margin of full fine-tuning and the full "
+    "update kept 90% of its gain at a low rank.")
 
 
 def _fmt(v) -> str:

@@ -81,8 +81,9 @@ def planted_rank(text):
     return out
 
 
-def task_options(fn):
-    """The options that choose a sweep's task and its known-answer controls (sweep and run)."""
+def sweep_options(fn):
+    """The options ``sweep`` and ``run`` share: the task, its known-answer control, what full
+    fine-tuning trains and how the learning rates are chosen."""
     from rankscope.train.config import FULL_SCOPES
     from rankscope.train.corpora import TASKS
 
@@ -93,7 +94,10 @@ def task_options(fn):
         click.option("--planted-scale", type=float, help="planted task: ‖ΔW*‖_F / ‖W₀‖_F."),
         click.option("--planted-seed", type=int, help="planted task: seed of ΔW*'s directions."),
         click.option("--full-scope", type=click.Choice(FULL_SCOPES),
-                     help="What full fine-tuning trains: all parameters or the linear weights."),
+                     help="What full fine-tuning trains: all parameters, the linear weights, or "
+                          "the LoRA targets' weights."),
+        click.option("--lr-search/--no-lr-search", default=None,
+                     help="Choose each method's learning rate on a validation split first."),
     )):
         fn = decorator(fn)
     return fn

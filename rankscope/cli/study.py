@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from rankscope.cli.edge import check_ranks, ints, one_line_errors, planted_rank, strs, task_options
+from rankscope.cli.edge import check_ranks, ints, one_line_errors, planted_rank, strs, sweep_options
 
 
 @click.command()
@@ -14,7 +14,7 @@ from rankscope.cli.edge import check_ranks, ints, one_line_errors, planted_rank,
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Sweep folder.")
 @click.option("--profile", type=click.Choice(["quick", "paper"]), help="Sizing preset.")
 @click.option("--model", help="Registry name, local folder or hub id.")
-@task_options
+@sweep_options
 @click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
 @click.option("--task-kind", type=click.Choice(["lm", "sft", "cls"]), help="Schema of --data.")
 @click.option("--methods", help="Comma list: full,lora.")
@@ -107,7 +107,7 @@ def truncate(runs, out, ks, lora_min_rank, device, quiet):
 @click.option("--profile", type=click.Choice(["quick", "paper"]),
               help="Sizing preset; default paper on a GPU, quick on a CPU.")
 @click.option("--model", help="Registry name, local folder or hub id (default smollm2-135m).")
-@task_options
+@sweep_options
 @click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
 @click.option("--task-kind", type=click.Choice(["lm", "sft", "cls"]), help="Schema of --data.")
 @click.option("--ranks", help="Comma list of LoRA ranks.")

@@ -10,7 +10,6 @@ for every module.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,9 +20,9 @@ import torch
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_dir, atomic_write_json
 from rankscope.store.runs import SWEEP_FILE, sweep_root
-from rankscope.train.device import Dist, setup_dist, use_bf16
+from rankscope.train.device import setup_dist, use_bf16
 from rankscope.train.evaluation import base_evaluation, evaluate
-from rankscope.train.loop import batch_order, make_optimizer, train_steps
+from rankscope.train.loop import train_in_process
 from rankscope.train.model_setup import load_task_model
 
 
@@ -48,27 +47,6 @@ def build_lora(cfg, task, config: dict, *, seed: int):
     model = load_task_model(cfg, kind=task.kind, num_labels=task.num_labels)
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(**config))
-
-
-def train_lora(model, task, *, cfg, seed: int, device: torch.device, bf16: bool,
-               progress: bool = False, desc: str = "validate") -> list[float]:
-    """Train ``model``'s trainable parameters as the sweep trains a LoRA run; the step losses.
-
-    The sweep's optimizer (AdamW at ``lr_lora``, its schedule), its batches (``batch_order``
-    from the seed) and its loop, in one process: validation is not sharded.
-    """
-    from tqdm.auto import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, cfg, method="lora")
-    torch.manual_seed(seed)                 # dropout stream, as a sweep run seeds it
-    order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
-                        per_step=cfg.batch_size * cfg.grad_accum, seed=seed)
-    model.train()
-    steps = train_steps(model, task, order, cfg=cfg, dist=Dist(device=device), bf16=bf16,
-                        opt=opt, sched=sched)
-    return [s.loss for s in tqdm(steps, total=len(order), desc=desc, unit="step", leave=False,
-                                 disable=not progress, file=sys.stderr)]
 
 
 def describe(config: dict) -> str:
@@ -130,8 +108,8 @@ def _validate_one(cfg, task, config: dict, *, runs: Path, out: Path, seed: int,
     # B = 0: the fresh adapter computes the base model, whose metrics the sweep cached
     before = base_evaluation(model, task, sweep_root(runs), device=device, bf16=bf16,
                              write=False)
-    losses = train_lora(model, task, cfg=cfg, seed=seed, device=device, bf16=bf16,
-                        progress=progress, desc=f"{out.name}")
+    losses = train_in_process(model, task, cfg=cfg, method="lora", seed=seed, device=device,
+                              bf16=bf16, progress=progress, desc=f"{out.name}")
     after = evaluate(model, task.eval, kind=task.kind, device=device, bf16=bf16)
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)

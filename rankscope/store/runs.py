@@ -48,6 +48,7 @@ UPDATES = "updates.safetensors"
 OTHERS = "others.safetensors"
 SWEEP_FILE = "sweep.yaml"          # a sweep folder's config, beside its run folders
 PLANTED = "planted.safetensors"    # a planted-task sweep's ΔW*, beside its run folders
+LR_SEARCH_FILE = "lr_search.json"  # a sweep's learning-rate search, beside its run folders
 
 
 def sweep_root(runs: str | Path) -> Path:

@@ -17,7 +17,7 @@ from rankscope.errors import InputError
 from rankscope.store.runs import RunId
 
 METHODS = ("full", "lora")
-FULL_SCOPES = ("all", "linear")
+FULL_SCOPES = ("all", "linear", "targets")
 # ‖ΔW*‖_F = 0.2·‖W₀‖_F: the smallest share whose planted signal stands above Adam's own drift,
 # so that 400 CPU steps of full fine-tuning remove > 90% of the distillation loss (measured:
 # rankscope.train.planted's docstring); near a real update's size (Hu et al. Table 7, r = 4:
@@ -47,8 +47,9 @@ class SweepConfig:
     planted_seed: int = _f(0, "planted task: seed of ΔW*'s directions (not a run seed: every "
                               "run of the sweep distils the same teacher)")
     methods: tuple[str, ...] = _f(("full", "lora"), "full and/or lora")
-    full_scope: str = _f("all", "what full fine-tuning trains: all (every parameter) or linear "
-                                "(the backbone's linear weights and a new classification head)")
+    full_scope: str = _f("all", "what full fine-tuning trains: all (every parameter), linear "
+                                "(the backbone's linear weights and a new classification head) "
+                                "or targets (the weights of the LoRA targets, and a new head)")
     ranks: tuple[int, ...] = _f((1, 2, 4, 8, 16, 64), "LoRA ranks")
     seeds: tuple[int, ...] = _f((0,), "seeds: LoRA init, data order, dropout")
     targets: tuple[str, ...] = _f(("q_proj", "v_proj"), "LoRA target modules, or all-linear")
@@ -60,6 +61,12 @@ class SweepConfig:
     max_len: int = _f(128, "tokens per sequence")
     lr_full: float = _f(3e-5, "peak learning rate of full fine-tuning")
     lr_lora: float = _f(1e-3, "peak learning rate of LoRA")
+    lr_search: bool = _f(False, "choose lr_full and lr_lora on a validation split of the "
+                                "training examples before the sweep (rankscope.train.lr_search)")
+    lr_grid_full: tuple[float, ...] = _f((1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
+                                         "the peak rates the search tries for full fine-tuning")
+    lr_grid_lora: tuple[float, ...] = _f((1e-4, 3e-4, 1e-3, 3e-3),
+                                         "the peak rates the search tries for LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup: float = _f(0.1, "share of steps spent in linear warm-up")
     schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
@@ -155,6 +162,13 @@ def _check_types(cfg) -> None:
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, str):
             bad(name, v, "a string")
+    if not isinstance(cfg.lr_search, bool):
+        bad("lr_search", cfg.lr_search, "true or false")
+    for name in ("lr_grid_full", "lr_grid_lora"):
+        grid = getattr(cfg, name)
+        if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and math.isfinite(v) and v > 0 for v in grid):
+            bad(name, list(grid), "a list of positive learning rates")
     for name in ("ranks", "seeds"):
         if not all(is_int(v) for v in getattr(cfg, name)):
             bad(name, list(getattr(cfg, name)), "a list of integers")

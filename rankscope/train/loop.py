@@ -1,8 +1,8 @@
 """The training loop every run shares: the batches, the optimizer and its schedule, and the steps.
 
 Every run of a sweep sees the same batches in the same order (drawn from the seed), the same
-schedule and the same number of tokens: only the method differs. ``recommend --validate`` and
-``benchmarks/train.py`` step through the same ``train_steps``.
+schedule and the same number of tokens: only the method differs. ``recommend --validate``, the
+learning-rate search and ``benchmarks/train.py`` step through the same ``train_steps``.
 """
 from __future__ import annotations
 
@@ -117,3 +117,26 @@ def _gradients(model, task, idx: torch.Tensor, *, cfg, dist: Dist, bf16: bool) -
 
         D.all_reduce(total)
     return float(total) / n
+
+
+def train_in_process(model, task, *, cfg, method: str, seed: int, device: torch.device,
+                     bf16: bool, progress: bool = False, desc: str = "train") -> list[float]:
+    """Train ``model``'s trainable parameters as the sweep trains a run of ``method``; the step
+    losses. The sweep's optimizer and schedule, its batches (``batch_order`` from the seed)
+    and its loop, in one process, with no checkpoint: for the short trainings of
+    ``recommend --validate`` and the learning-rate search.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg, method=method)
+    torch.manual_seed(seed)                 # dropout stream, as a sweep run seeds it
+    order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
+                        per_step=cfg.batch_size * cfg.grad_accum, seed=seed)
+    model.train()
+    steps = train_steps(model, task, order, cfg=cfg, dist=Dist(device=device), bf16=bf16,
+                        opt=opt, sched=sched)
+    return [s.loss for s in tqdm(steps, total=len(order), desc=desc, unit="step", leave=False,
+                                 disable=not progress, file=sys.stderr)]

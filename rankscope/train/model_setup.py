@@ -118,8 +118,8 @@ def wrap_lora(model, cfg, *, rank: int, kind: str):
 def build_model(cfg, task, run: RunId):
     """The model of one run, trainable parameters chosen by the method (LoRA init from seed).
 
-    Full fine-tuning trains every parameter (``full_scope: all``), or (``linear``) only the
-    weights that ΔW is defined for, the backbone's linear weights, and a new classification
+    Full fine-tuning trains every parameter (``full_scope: all``), the LoRA targets' weights
+    (``targets``, see ``linear_scope``), or (``linear``) only the weights that ΔW is defined for, the backbone's linear weights, and a new classification
     head: embeddings, norms and biases stay at their pretrained values, so the full run
     changes what a LoRA run can change, and nothing else. The head is new (it has no
     pretrained value to keep) and LoRA trains it too, so the comparison stays fair.
@@ -135,18 +135,26 @@ def build_model(cfg, task, run: RunId):
     torch.manual_seed(run.seed)
     if run.method == "lora":
         return wrap_lora(model, cfg, rank=run.rank, kind=task.kind)
-    keep = linear_scope(model, kind=task.kind) if cfg.full_scope == "linear" else None
+    keep = None if cfg.full_scope == "all" else linear_scope(
+        model, kind=task.kind, targets=None if cfg.full_scope == "linear" else cfg.targets)
     for p in model.parameters():
         p.requires_grad_(keep is None or id(p) in keep)
     return model
 
 
-def linear_scope(model, *, kind: str) -> set[int]:
+def linear_scope(model, *, kind: str, targets: tuple[str, ...] | None = None) -> set[int]:
     """The ids of the parameters that ``full_scope: linear`` trains: the weight of every linear
     module outside the output layers (``HEADS``), and every parameter of a new classification
-    head (cls); a pretrained output layer (an LM head) is not the backbone's, and stays."""
+    head (cls); a pretrained output layer (an LM head) is not the backbone's, and stays.
+
+    With ``targets`` (``full_scope: targets``), only the weights of the modules LoRA adapts
+    (named as PEFT's ``target_modules`` name them: the module's name or its last dotted parts;
+    ``all-linear`` is every one): the full-rank counterpart of the LoRA runs, so that the two
+    differ in rank alone."""
+    every = targets is None or tuple(targets) == ("all-linear",)
     keep = {id(model.get_submodule(i.name).weight) for i in find_linear_modules(model)
-            if not HEADS & set(i.name.split("."))}
+            if not HEADS & set(i.name.split(".")) and (every or any(
+                i.name == t or i.name.endswith("." + t) for t in targets))}
     if kind == "cls":
         keep |= {id(p) for n, p in model.named_parameters() if HEADS & set(n.split("."))}
     return keep

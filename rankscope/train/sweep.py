@@ -113,6 +113,11 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
     base_eval = base_evaluation(base, task, out, device=dist.device,
                                 bf16=use_bf16(cfg.bf16, dist.device), write=dist.main)
     del base
+    if cfg.lr_search:
+        from rankscope.train.lr_search import search
+
+        cfg = search(cfg, task, out, device=dist.device, bf16=use_bf16(cfg.bf16, dist.device),
+                     main=dist.main, log=log if dist.main else lambda s: None)
     manifests = []
     bar = tqdm(cfg.runs(), desc="sweep", unit="run", disable=not (progress and dist.main),
                file=sys.stderr)

@@ -157,3 +157,19 @@ def test_full_scope_linear_leaves_every_non_linear_pretrained_parameter_bit_iden
     assert len(deltas) == len(find_linear_modules(base)) - 1     # the backbone's, not the head
     assert all(float(d.abs().max()) > 0 for d in deltas.values())
     assert m["trainable_params"] == sum(d.numel() for d in deltas.values()) + 2 * 384 + 2
+
+
+@pytest.mark.slow
+def test_full_scope_targets_trains_the_lora_targets_weights_and_nothing_else(minilm_slice,
+                                                                             tmp_path):
+    cfg = build_sweep(overrides=dict(model=str(minilm_slice), task="sentiment", methods=("full",),
+                                     targets=("query", "value"), full_scope="targets", steps=3,
+                                     batch_size=4, max_len=32, max_eval_examples=8,
+                                     max_train_examples=32, bf16=False, lr_full=1e-3))
+    (m,) = run_sweep(cfg, tmp_path / "out", progress=False, log=lambda s: None)
+    assert m["full_scope"] == "targets"
+    deltas = load_file(tmp_path / "out" / "full-s0" / "updates.safetensors")
+    moved = sorted(k for k, d in deltas.items() if float(d.abs().max()) > 0)
+    assert moved == [f"bert.encoder.layer.{i}.attention.self.{t}.delta" for i in (0, 1)
+                     for t in ("query", "value")]
+    assert m["trainable_params"] == 4 * 384 * 384 + 2 * 384 + 2       # 2 blocks × (Wq, Wv) + head

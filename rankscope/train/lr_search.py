@@ -1,0 +1,143 @@
+"""The learning-rate search: each method's peak rate chosen on a validation split, before the sweep.
+
+Hu et al. and Biderman et al. tune the learning rate per method; a comparison at one arbitrary
+rate per method compares the rates as much as the methods (measured: on the planted task, full
+fine-tuning at 3e-4 stops at 2.6× the held-out loss of LoRA r = 4 at 1e-3, whatever the set of
+weights it trains: ``rankscope.train.planted``). The rule, fixed before any sweep is read:
+
+* **validation split** — a seeded share (``eval_fraction``, at least 8, at most
+  ``max_eval_examples``) of the *training* examples; the held-out split the sweep reports is
+  never seen. The candidates train on the rest; the sweep's runs then train on the whole
+  training split at the chosen rates.
+* **candidates** — every rate of ``lr_grid_full`` for full fine-tuning, of ``lr_grid_lora``
+  for LoRA at the sweep's middle rank (``search_rank``), each for the sweep's own steps,
+  schedule, batches and first seed.
+* **choice** — the lowest validation loss (the highest accuracy for classification); a
+  candidate whose loss is not finite is out. A choice at either end of its grid is flagged:
+  the best rate may lie beyond it.
+
+The grid, every candidate's validation metric and the choice are written to
+``<sweep>/lr_search.json`` (one candidate at a time, so a cut search resumes); the sweep's
+runs record the chosen rates in their ``config.yaml``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_write_json
+from rankscope.store.runs import LR_SEARCH_FILE, RunId
+from rankscope.train.config import replace
+from rankscope.train.data import TaskData
+from rankscope.train.evaluation import evaluate
+from rankscope.train.loop import train_in_process
+from rankscope.train.model_setup import build_model
+
+
+def search_rank(ranks: tuple[int, ...]) -> int:
+    """The LoRA rank the search trains: the middle of the sweep's ranks (the upper middle of
+    an even count)."""
+    r = sorted(ranks)
+    return r[len(r) // 2]
+
+
+def validation_split(task: TaskData, *, fraction: float, seed: int,
+                     cap: int | None = None) -> TaskData:
+    """``task`` with its training split divided: a seeded share as ``eval``, the rest as ``train``.
+
+    Raises:
+        InputError: too few training examples to leave 8 on each side.
+    """
+    n = task.train["input_ids"].shape[0]
+    n_val = max(8, round(n * fraction))
+    n_val = min(n_val, cap) if cap else n_val
+    if n - n_val < 8:
+        raise InputError(f"the learning-rate search needs at least 16 training examples, "
+                         f"the split has {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    def take(side, idx):
+        picked = {k: v[idx] for k, v in side.items()}
+        return type(side)(picked, side.teacher) if hasattr(side, "teacher") else picked
+
+    return dc_replace(task, train=take(task.train, order[n_val:]),
+                      eval=take(task.train, order[:n_val]), n_train_examples=n - n_val,
+                      n_eval_examples=n_val)
+
+
+def _score(result: dict) -> float:
+    """Lower is better: the loss, or minus the accuracy for classification."""
+    return -result["accuracy"] if "accuracy" in result else result["loss"]
+
+
+def choose(rows: list[dict], grid: tuple[float, ...]) -> dict:
+    """The best finite candidate of one method, and whether it sits at an end of the grid."""
+    ok = [r for r in rows if math.isfinite(r["score"])]
+    if not ok:
+        raise InputError(f"the learning-rate search for {rows[0]['method']}: every candidate "
+                         f"diverged ({', '.join(str(r['lr']) for r in rows)})")
+    best = min(ok, key=lambda r: (r["score"], r["lr"]))
+    return {"lr": best["lr"], "at_edge": best["lr"] in (min(grid), max(grid)),
+            "validation": best["validation"]}
+
+
+def search(cfg, task: TaskData, out: Path, *, device: torch.device, bf16: bool,
+           main: bool = True, log: Callable[[str], None] = print):
+    """Run (or resume) the search into ``out/lr_search.json``; the config at the chosen rates.
+
+    Returns:
+        ``cfg`` with ``lr_full`` and ``lr_lora`` replaced by the choices (the methods it runs).
+    Raises:
+        InputError: too few training examples, or a method whose every candidate diverged.
+    """
+    path = out / LR_SEARCH_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    rows = record.get("candidates", [])
+    val = validation_split(task, fraction=cfg.eval_fraction, seed=cfg.split_seed + 1,
+                           cap=cfg.max_eval_examples)
+    seed, rank = cfg.seeds[0], search_rank(cfg.ranks)
+    grids = {"full": cfg.lr_grid_full, "lora": cfg.lr_grid_lora}
+    choices = {}
+    for method in cfg.methods:
+        for lr in grids[method]:
+            if any(r["method"] == method and r["lr"] == lr for r in rows):
+                continue
+            c = replace(cfg, **{f"lr_{method}": lr})
+            run = RunId(method, rank if method == "lora" else None, seed)
+            model = build_model(c, val, run).to(device)
+            losses = train_in_process(model, val, cfg=c, method=method, seed=seed, device=device,
+                                      bf16=bf16, desc=f"lr {method} {lr:g}")
+            result = evaluate(model, val.eval, kind=val.kind, device=device, bf16=bf16)
+            score = _score(result) if math.isfinite(losses[-1]) else math.inf
+            rows.append({"method": method, "rank": run.rank, "lr": lr, "validation": result,
+                         "last_train_loss": losses[-1], "score": score})
+            log(f"lr search: {method:<4} lr {lr:<8g} validation {_fmt(result)}")
+            if main:
+                _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed,
+                       rank=rank)
+        choices[method] = choose([r for r in rows if r["method"] == method], grids[method])
+    if main:
+        _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed, rank=rank)
+    for method, ch in choices.items():
+        edge = " (at the edge of its grid)" if ch["at_edge"] else ""
+        log(f"lr search: {method} chooses {ch['lr']:g}{edge}")
+    return replace(cfg, **{f"lr_{m}": ch["lr"] for m, ch in choices.items()})
+
+
+def _fmt(result: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+
+
+def _write(path: Path, cfg, rows, choices, *, n_val: int, seed: int, rank: int) -> None:
+    atomic_write_json(path, {
+        "rule": "lowest validation loss (highest accuracy for classification) on a seeded share "
+                "of the training split; the sweep's steps, schedule and first seed",
+        "validation_examples": n_val, "seed": seed, "lora_rank": rank,
+        "grid": {"full": list(cfg.lr_grid_full), "lora": list(cfg.lr_grid_lora)},
+        "candidates": rows, "chosen": choices})
