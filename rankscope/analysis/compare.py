@@ -33,7 +33,8 @@ def training_evidence(manifest: dict) -> dict:
     late_gain_share: the share of the held-out gain made in the last fifth of training;
     a_moved_min / a_moved_median: over LoRA modules, ‖A − A₀‖_F/‖A₀‖_F (below ~0.5, A's row
     space is still mostly its initialisation); delta_fro_median: the median ‖ΔW‖_F over
-    modules; full_scope: which parameters full fine-tuning trained ("all" or "linear").
+    modules; full_scope: which parameters full fine-tuning trained ("all", "linear" or
+    "targets"); lr: the peak rate, and lr_searched: whether the learning-rate search chose it.
     Each is None when the manifest lacks it (runs older than these fields).
     """
     moved = (manifest.get("a_moved") or {}).values()
@@ -41,7 +42,8 @@ def training_evidence(manifest: dict) -> dict:
             "a_moved_min": min((float(v) for v in moved if v is not None), default=None),
             "a_moved_median": _median(moved),
             "delta_fro_median": _median((manifest.get("delta_fro") or {}).values()),
-            "full_scope": manifest.get("full_scope")}
+            "full_scope": manifest.get("full_scope"), "lr": manifest.get("lr"),
+            "lr_searched": manifest.get("lr_searched")}
 
 
 def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from rankscope.outputs import figure_data as PX
 from rankscope.outputs import report_figures as RF
 from rankscope.errors import InputError
 from rankscope.store.results import VALIDATED
-from rankscope.store.runs import SWEEP_FILE, sweep_root
+from rankscope.store.runs import LR_SEARCH_FILE, SWEEP_FILE, sweep_root
 from rankscope.recommend.text import size_note, validation_side
 from rankscope.analysis.verdict import metric_by_rank
 
@@ -83,12 +83,35 @@ def setup_section(runs: Path, sets, frames: dict) -> Section:
             "device": f"{m.get('device')} ×{m.get('world_size')}, bf16 autocast {m.get('bf16_autocast')}",
             "versions": ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v),
             "git revision": m.get("git"), "trained": m.get("time")}
+    search = lr_search_frame(runs)
+    if search is not None:
+        chosen = search[search["chosen"]].set_index("method")["lr"]
+        rows["learning rates (full / LoRA)"] = (f"{chosen.get('full')} / {chosen.get('lora')}, "
+                                                "chosen on a validation split")
     s = Section("Setup", "setup").table("", pd.DataFrame({"": list(rows), "value": list(rows.values())}))
+    if search is not None:
+        s.table("Learning-rate search: each candidate's metric on a validation split of the "
+                "training examples (the held-out split is not used); the sweep trains at the "
+                "chosen rates", search)
     met = frames.get("metrics")
     if met is not None and len(met):
         s.table("Runs: held-out metrics before and after training", met.drop(
             columns=[c for c in met if c.endswith("perplexity")]))
     return s
+
+
+def lr_search_frame(runs: Path) -> pd.DataFrame | None:
+    """The learning-rate search's candidates (method, LoRA rank, rate, validation metric,
+    chosen), or None when the sweep ran none."""
+    path = sweep_root(runs) / LR_SEARCH_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    chosen = {m: c["lr"] for m, c in record.get("chosen", {}).items()}
+    return pd.DataFrame([{"method": r["method"], "rank": r["rank"], "lr": r["lr"],
+                          **{f"validation {k}": v for k, v in r["validation"].items()},
+                          "chosen": chosen.get(r["method"]) == r["lr"]}
+                         for r in record["candidates"]]).astype({"rank": "Int64"})
 
 
 def training_frame(runs: Path) -> pd.DataFrame:

@@ -147,6 +147,7 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "alpha_policy": cfg.alpha_policy if lora else None,
         "targets": list(cfg.targets) if lora else "all", "n_modules": n_modules,
         "full_scope": cfg.full_scope,
+        "lr": cfg.lr_lora if lora else cfg.lr_full, "lr_searched": cfg.lr_search,
         "model": cfg.model, "model_path": str(resolve_model(cfg.model)),
         "task": cfg.task, "data": cfg.data, "task_kind": task.kind,
         "data_hash": task.data_hash, "split_hash": task.split_hash,

@@ -62,11 +62,23 @@ def test_a_full_run_still_improving_fails_its_gate_and_names_it():
     assert "last fifth made 40% of its gain" in text and ev["outcome"] == "inconclusive"
 
 
-def test_the_match_is_two_sided_lora_far_better_than_full_is_no_match():
+def test_lora_far_better_than_full_at_a_hand_set_rate_is_no_match_and_no_refutation():
     m = metrics(full=(2.5, 2.52), lora={4: (2.0, 2.01), 64: (2.0, 2.0)})
     outcome, table = verdict_table(frames(m, k90=None))
-    assert status(table, "equivalence") == "fail"
-    assert outcome == "refuted"       # converged runs, no r matches, 90% not reached by k = 64
+    assert status(table, "equivalence") == "inconclusive" and outcome == "inconclusive"
+    text, _ = verdict(frames(m, k90=None))
+    assert "LoRA r = 4 beats full fine-tuning beyond the margin" in text
+    assert "choose full fine-tuning's learning rate on a validation split" in text
+
+
+def test_lora_far_better_than_full_at_its_searched_rate_is_at_least_as_good():
+    m = metrics(full=(2.5, 2.52), lora={2: (2.8, 2.81), 4: (2.0, 2.01), 64: (2.0, 2.0)})
+    m["lr_searched"] = True
+    outcome, table = verdict_table(frames(m, phi=0.6))
+    assert (status(table, "equivalence"), outcome) == ("pass", "holds")
+    assert table.set_index("test").loc["equivalence", "value"] == 4      # r = 2 is worse
+    m.loc[m["method"] == "full", "lr_searched"] = [True, False]       # one full run hand-set
+    assert status(verdict_table(frames(m, phi=0.6))[1], "equivalence") == "inconclusive"
 
 
 def test_no_match_and_a_high_functional_rank_refute():

@@ -6,9 +6,12 @@ value; the student is trained to match it. Known by construction: LoRA reaches t
 r = 4 (the knee of the metric vs r), the directions LoRA learns at every r ≥ 4 are ΔW*'s four,
 and the verdict holds. With a planted rank of half of min(d_out, d_in) no small rank suffices
 and the verdict is refuted; the same sweep cut to a few steps is inconclusive. The budget (400
-steps, 64 tokens, 2 seeds) was set by the gates before any verdict was read: full fine-tuning
-must plateau (its last fifth ≤ 15% of its gain) and the LoRA knee must not sit at the largest
-rank tested. The numbers of each control are in tests/pipeline/PLANTED.md.
+steps, 64 tokens, 2 seeds) was set by the gates: full fine-tuning must plateau (its last fifth
+≤ 15% of its gain) and the LoRA knee must not sit at the largest rank tested (at 200 steps it
+did, r = 16). Measured on 2 cores (AVX2, float32), ~12 min for this sweep: full fine-tuning
+at its searched rate 1e-3 reaches a held-out loss of 5.4e-5, LoRA r = 4 1.3e-6 (r = 2 2.6e-4);
+the knee, k₉₀ and the recommendation are all 4; φ(4, 4) between r = 8 and 16 is 0.995 (query)
+and 0.999 (value), φ(8, 8) 0.55 and 0.61.
 """
 from __future__ import annotations
 
@@ -20,9 +23,13 @@ import pytest
 from rankscope.pipeline.job import run_job
 from rankscope.train.config import build_sweep
 
+# full fine-tuning trains the targets' weights (full_scope: targets), the full-rank counterpart
+# of LoRA on them: the teacher differs from the base there alone. Each method's rate is chosen
+# on a validation split (--lr-search) from a grid declared here before any run was read.
 CONTROL = dict(task="planted", model="minilm-l6@1l", ranks=(1, 2, 4, 8, 16), seeds=(0, 1),
                steps=400, batch_size=8, max_len=64, max_eval_examples=32, checkpoint_every=200,
-               full_scope="linear", bf16=False)
+               full_scope="targets", lr_search=True, lr_grid_full=(1e-4, 3e-4, 1e-3, 3e-3),
+               lr_grid_lora=(3e-4, 1e-3, 3e-3), bf16=False)
 PLANTED, D_MIN = 4, 384                  # MiniLM's query and value are 384 × 384
 
 
@@ -85,6 +92,13 @@ def test_lora_ranks_share_the_planted_subspace_and_only_it(holds):
 def test_the_recommendation_gives_each_module_its_planted_rank_within_a_factor_2(holds):
     rec = pd.read_csv(holds["results"] / "recommendation.csv")
     assert ((rec["r"] >= PLANTED / 2) & (rec["r"] <= 2 * PLANTED)).all(), rec[["name", "r"]]
+
+
+@pytest.mark.slow
+def test_the_recommendation_follows_a_per_module_planting_within_a_factor_2(tmp_path):
+    job = _job(tmp_path / "planted-2-8", planted_rank={"query": 2, "value": 8}, seeds=(0,))
+    rec = pd.read_csv(job["results"] / "recommendation.csv").set_index("module")["r"]
+    assert 1 <= rec["query"] <= 4 and 4 <= rec["value"] <= 16, rec
 
 
 @pytest.mark.slow
