@@ -22,8 +22,8 @@ ranks were trained, else the energy rank. The recommendation is
 r = min(structural, max(knee, truncation)) per module: no more rank than the metric needs, and
 no more than the module's update holds. φ comes first because the known-answer control says so
 (tests/pipeline/test_planted_controls.py): on a planted rank of 4, full fine-tuning's k₉₀ is
-18–56 (optimiser drift spreads its energy over directions the text barely excites), while the
-directions shared by LoRA ranks number 4.0–4.7. Each piece agrees when within a factor 2 of r (a
+43 (query) and 14.5 (value), as the optimiser spreads energy over directions the text barely
+excites, while the directions shared by neighbouring LoRA ranks number 4.5 and 4.9. Each piece agrees when within a factor 2 of r (a
 global rank also agrees when above r: another module may need it). Confidence: high when
 ≥ 3 pieces all agree (and the metric had stopped improving), medium when all but one agree
 (≥ 2), low otherwise.
