@@ -7,7 +7,8 @@ from rankscope.analysis.verdict import verdict_table
 
 HEADLINE = {
     "holds": "**The hypothesis holds here:** a small rank matches full fine-tuning within the "
-             "seeds' margin, and the full update keeps 90% of its gain at a low rank.",
+             "seeds' margin (or beats it at full fine-tuning's searched rate), and the full "
+             "update keeps 90% of its gain at a low rank.",
     "refuted": "**The hypothesis is refuted here:** no tested LoRA rank matches full "
                "fine-tuning, and the full update needs a high rank to keep 90% of its gain.",
     "inconclusive": "**Inconclusive:** the runs cannot decide the question yet.",
