@@ -26,6 +26,9 @@ NEXT = {   # (test, status) → what to run next
                                      "spread",
     ("equivalence", "beaten"): "choose full fine-tuning's learning rate on a validation split, "
                                "or train it with full_scope: linear (the scope LoRA adapts)",
+    ("equivalence", "fail"): "no tested rank came within the margin of full fine-tuning: train "
+                             "longer (or the paper profile) and add ranks above the largest "
+                             "tested, until the tests agree",
     ("equivalence", "skipped"): "run full fine-tuning and LoRA side by side (--methods full,lora)",
     ("functional rank", "skipped"): "add a full fine-tuning run so its update can be truncated",
     ("functional rank", "inconclusive"): "train full fine-tuning with full_scope: linear, so "

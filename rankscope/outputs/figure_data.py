@@ -314,16 +314,22 @@ def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
 
 
 def energy_shares(spectra: pd.DataFrame, ks) -> pd.DataFrame:
-    """Σ_{i≤k} σ_i² / Σ σ_i² of each module at each k, the median over modules per run."""
+    """Σ_{i≤k} σ_i² / Σ σ_i² of each module at each k, the median over modules per run.
+
+    Modules whose update is zero (not trained: ``full_scope: targets`` leaves the others at
+    W₀) have no energy to share and are left out."""
     out = []
     for run, g in spectra.groupby("run", sort=False):
         shares = []
         for _, s in g.groupby("name", sort=False):
             e = np.concatenate([[0.0], np.cumsum(np.sort(s["sigma"].to_numpy())[::-1] ** 2)])
-            shares.append([e[min(k, len(e) - 1)] / e[-1] for k in ks])   # k = 0 keeps nothing
+            if e[-1] > 0:
+                shares.append([e[min(k, len(e) - 1)] / e[-1] for k in ks])  # k = 0 keeps nothing
+        if not shares:
+            continue
         med = np.median(np.array(shares), axis=0)
         out.append(pd.DataFrame({"run": run, "k": list(ks), "value": med}))
-    return pd.concat(out, ignore_index=True)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["run", "k", "value"])
 
 
 def truncation(results) -> pd.DataFrame:

@@ -78,6 +78,10 @@ def test_energy_shares_known_by_construction():
     e = energy_shares(spectra, [1, 2, 3])
     # a: 4/6, 5/6, 1; b: 1/2, 1, 1 → medians
     assert e["value"].tolist() == pytest.approx([(4 / 6 + 0.5) / 2, (5 / 6 + 1) / 2, 1.0])
+    untrained = pd.DataFrame({"run": "full-s0", "name": ["c"] * 3, "sigma": [0.0] * 3})
+    with_zero = energy_shares(pd.concat([spectra, untrained]), [1, 2, 3])  # full_scope: targets
+    assert with_zero["value"].tolist() == e["value"].tolist()
+    assert energy_shares(untrained, [1, 2]).empty
 
 
 def test_module_group():

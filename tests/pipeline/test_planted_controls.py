@@ -110,7 +110,7 @@ def test_a_planted_rank_of_half_min_d_is_refuted(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_same_sweep_cut_to_a_few_steps_is_inconclusive_and_names_its_gate(tmp_path):
+def test_the_same_sweep_cut_to_a_few_steps_is_inconclusive_and_says_what_to_run_next(tmp_path):
     job = _job(tmp_path / "cut", steps=4, checkpoint_every=4)
     assert job["verdict"]["outcome"] == "inconclusive", job["text"]
     assert "What to run next" in job["text"]

@@ -102,7 +102,10 @@ def test_shared_directions_count_beyond_chance():
 
 def test_confidence_follows_agreement():
     assert core.combine({"energy": 2, "phi": 2, "knee": 8, "truncation": 8}, max_rank=64)[:2] == (2, "high")
-    assert core.combine({"energy": 128, "phi": 1, "knee": 8, "truncation": 4}, max_rank=64)[:2] == (8, "low")
+    # φ is the structural rank where it exists (the planted control: energy over-counts)
+    assert core.combine({"energy": 128, "phi": 1, "knee": 8, "truncation": 4}, max_rank=64)[:2] == (1, "medium")
+    assert core.combine({"energy": 4, "knee": 8, "truncation": 8}, max_rank=64)[:2] == (4, "high")
+    assert core.combine({"energy": 128, "phi": 16, "knee": 1}, max_rank=64)[:2] == (1, "low")
     assert core.combine({"energy": 16, "phi": 16, "knee": 8}, max_rank=64)[:2] == (8, "high")
     assert core.combine({"energy": 64, "phi": 16, "knee": 8}, max_rank=64)[:2] == (8, "medium")
     r, conf, why = core.combine({"energy": 2, "phi": 2, "knee": 8, "knee_at_edge": True}, max_rank=64)
