@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from rankscope.analysis.verdict import verdict_table
+from rankscope.analysis.verdict import NOT_BEST_LEARNER, verdict_table
 
 HEADLINE = {
     "holds": "**The hypothesis holds here:** a small rank matches full fine-tuning within the "
@@ -61,7 +61,7 @@ def markdown(outcome: str, table: pd.DataFrame) -> str:
         threshold = "" if pd.isna(r.threshold) else f" (threshold {_fmt(r.threshold)})"
         gate = f"; needs {r.gate}" if r.gate else ""
         lines.append(f"- **{r.test}**: {r.status}{value}{threshold}{gate}. {r.note}".rstrip())
-    keys = [(r.test, "beaten" if "beats full fine-tuning" in str(r.note) else r.status)
+    keys = [(r.test, "beaten" if NOT_BEST_LEARNER in str(r.note) else r.status)
             for r in table.itertuples()]
     todo = [NEXT[k] for k in keys if k in NEXT]
     if outcome != "holds" and todo:

@@ -45,7 +45,8 @@ def cheapest_adapter(cfg: SweepConfig) -> int | None:
     """
     from transformers import AutoConfig, AutoModel
 
-    from rankscope.train.models import find_linear_modules, quiet_transformers, resolve_model
+    from rankscope.train.models import find_linear_modules, is_target, quiet_transformers, \
+        resolve_model
 
     path = resolve_model(cfg.model)
     try:
@@ -55,8 +56,7 @@ def cheapest_adapter(cfg: SweepConfig) -> int | None:
         raise InputError(f"cannot load model {cfg.model}: {str(e).strip().splitlines()[0]}") from None
     infos = find_linear_modules(model)
     if "lora" in cfg.methods and tuple(cfg.targets) != ("all-linear",):
-        infos = [i for i in infos if any(i.name == t or i.name.endswith("." + t)
-                                         for t in cfg.targets)]
+        infos = [i for i in infos if any(is_target(i.name, t) for t in cfg.targets)]
     return min((i.d_out + i.d_in for i in infos), default=None)
 
 

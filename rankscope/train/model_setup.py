@@ -8,7 +8,7 @@ import torch
 from rankscope.errors import InputError
 from rankscope.store.runs import RunId
 from rankscope.train.corpora import DISTILL
-from rankscope.train.models import HEADS, find_linear_modules, load_pretrained, \
+from rankscope.train.models import HEADS, find_linear_modules, is_target, load_pretrained, \
     quiet_transformers, resolve_model
 
 
@@ -85,7 +85,7 @@ def check_targets(model, targets: tuple[str, ...], ranks) -> None:
                              "the smallest linear module that all-linear adapts")
         return
     for t in targets:
-        hits = [i for i in infos if i.name == t or i.name.endswith("." + t)]
+        hits = [i for i in infos if is_target(i.name, t)]
         if not hits:
             kinds = sorted({i.name.rsplit(".", 1)[-1] for i in infos})
             raise InputError(f"target module {t!r} not in the model; it has: {', '.join(kinds)}")
@@ -154,7 +154,7 @@ def linear_scope(model, *, kind: str, targets: tuple[str, ...] | None = None) ->
     every = targets is None or tuple(targets) == ("all-linear",)
     keep = {id(model.get_submodule(i.name).weight) for i in find_linear_modules(model)
             if not HEADS & set(i.name.split(".")) and (every or any(
-                i.name == t or i.name.endswith("." + t) for t in targets))}
+                is_target(i.name, t) for t in targets))}
     if kind == "cls":
         keep |= {id(p) for n, p in model.named_parameters() if HEADS & set(n.split("."))}
     return keep

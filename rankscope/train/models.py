@@ -283,6 +283,12 @@ def find_linear_modules(model: nn.Module) -> list[LinearInfo]:
     return infos
 
 
+def is_target(name: str, target: str) -> bool:
+    """Whether module ``name`` is the LoRA target ``target`` as PEFT's ``target_modules`` reads
+    it: the whole name, or its last dotted parts (``query`` names ``….attention.self.query``)."""
+    return name == target or name.endswith("." + target)
+
+
 def match_name(key: str, names: list[str] | set[str]) -> str | None:
     """The entry of ``names`` that equals ``key`` or is its suffix on a dot boundary.
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from rankscope.errors import InputError
 from rankscope.linalg.subspace import random_orthonormal
 from rankscope.store.runs import tensor_hash
-from rankscope.train.models import HEADS, LinearInfo, find_linear_modules, linear_weight
+from rankscope.train.models import HEADS, LinearInfo, find_linear_modules, is_target, linear_weight
 
 
 def planted_ranks(model, targets: tuple[str, ...], planted_rank: int | dict) -> dict[str, int]:
@@ -78,7 +78,7 @@ def planted_ranks(model, targets: tuple[str, ...], planted_rank: int | dict) -> 
         if kinds is None:
             kind, r = None, planted_rank
         else:
-            hits = [k for k in kinds if info.name == k or info.name.endswith("." + k)]
+            hits = [k for k in kinds if is_target(info.name, k)]
             if not hits:
                 raise InputError(f"planted_rank: no rank for target module {info.name} (give "
                                  f"one for its kind, {info.module!r})")
@@ -88,7 +88,7 @@ def planted_ranks(model, targets: tuple[str, ...], planted_rank: int | dict) -> 
             raise InputError(f"planted_rank: {r} is larger than min(d_out, d_in) = "
                              f"{min(info.d_out, info.d_in)} of {kind or info.module}")
         out[info.name] = r
-    unused = [k for k in (kinds or {}) if not any(n == k or n.endswith("." + k) for n in out)]
+    unused = [k for k in (kinds or {}) if not any(is_target(n, k) for n in out)]
     if unused:
         raise InputError(f"planted_rank: {unused[0]!r} names no target module (targets: "
                          f"{', '.join(targets)})")
@@ -98,7 +98,7 @@ def planted_ranks(model, targets: tuple[str, ...], planted_rank: int | dict) -> 
 def _is_target(info: LinearInfo, targets: tuple[str, ...]) -> bool:
     if tuple(targets) == ("all-linear",):
         return not HEADS & set(info.name.split("."))
-    return any(info.name == t or info.name.endswith("." + t) for t in targets)
+    return any(is_target(info.name, t) for t in targets)
 
 
 def planted_update(d_out: int, d_in: int, rank: int, *, fro: float,
