@@ -72,22 +72,51 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.Tensor], opt,
 
     Returns:
         (the step to resume from, the metrics logged so far); (0, []) without a checkpoint.
+
+    Raises:
+        InputError: the checkpoint is damaged, foreign (a pickle of anything but tensors,
+            numbers, strings and containers is refused unread) or of another run's parameters.
     """
     final = run_dir / CKPT
     if not (final / "state.pt").exists():
         final = run_dir / ASIDE             # killed between atomic_dir's two renames
         if not (final / "state.pt").exists():
             return 0, []
-    state = torch.load(final / "state.pt", map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for n, t in load_file(final / "trainable.safetensors").items():
-            params[n].copy_(t)
-    opt.load_state_dict(state["optim"])
-    sched.load_state_dict(state["sched"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])     # dropout on the GPU resumes too
-    return int(state["step"]), list(state["metrics"])
+    fix = f"remove {final} to restart this run from step 0"
+    try:
+        # weights_only: tensors, numbers, strings and containers; a pickle that would build any
+        # other object (run code) is refused, not executed
+        state = torch.load(final / "state.pt", map_location="cpu", weights_only=True)
+        tensors = load_file(final / "trainable.safetensors")
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged or foreign file
+        raise InputError(f"checkpoint {final} cannot be read safely "
+                         f"({type(e).__name__}: {_first_line(e)}); {fix}") from None
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra or not isinstance(state, dict) or not _STATE_KEYS <= set(state):
+        what = (f"lacks {missing[:2]}" if missing else f"has unknown {extra[:2]}" if extra
+                else "state.pt lacks " + ", ".join(sorted(_STATE_KEYS - set(state or {}))))
+        raise InputError(f"checkpoint {final} does not match this run ({what}); {fix}")
+    try:
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])     # dropout on the GPU resumes too
+        return int(state["step"]), list(state["metrics"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"checkpoint {final} does not match this run "
+                         f"({type(e).__name__}: {_first_line(e)}); {fix}") from None
+
+
+_STATE_KEYS = {"step", "optim", "sched", "rng", "metrics"}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:160]
 
 
 def clear_checkpoint(run_dir: Path) -> None:

@@ -1,6 +1,8 @@
 """A run folder: its config claimed once, and checkpoints that resume a run exactly."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +90,51 @@ def test_clearing_a_checkpoint_removes_its_leftovers_and_nothing_else(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     clear_checkpoint(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+class _RunsCode:
+    """A pickle that, when loaded without weights_only, calls a function of its choosing."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _saved_checkpoint(tiny_gpt2, tmp_path):
+    model, opt, sched = _train_bits(tiny_gpt2)
+    save_checkpoint(tmp_path, 2, dict(model.named_parameters()), opt, sched, [])
+    return model, opt, sched
+
+
+def test_a_checkpoint_holding_a_malicious_pickle_is_refused_unexecuted(tiny_gpt2, tmp_path):
+    model, opt, sched = _saved_checkpoint(tiny_gpt2, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "payload": _RunsCode(marker)}, tmp_path / CKPT / "state.pt")
+    with pytest.raises(InputError, match=r"^checkpoint .* cannot be read safely \(Unpickling"
+                                         r"Error: .*\); remove .* to restart this run from step 0$"):
+        load_checkpoint(tmp_path, dict(model.named_parameters()), opt, sched)
+    assert not marker.exists()
+    torch.load(tmp_path / CKPT / "state.pt", weights_only=False)     # the control: it does run
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "empty"])
+@pytest.mark.parametrize("name", ["state.pt", "trainable.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_fix(tiny_gpt2, tmp_path, damage, name):
+    model, opt, sched = _saved_checkpoint(tiny_gpt2, tmp_path)
+    path = tmp_path / CKPT / name
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "zeroed": bytes(len(data)),
+                      "empty": b""}[damage])
+    with pytest.raises(InputError, match=r"cannot be read safely .*; remove .* to restart") as e:
+        load_checkpoint(tmp_path, dict(model.named_parameters()), opt, sched)
+    assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_of_other_parameters_is_refused(tiny_gpt2, tmp_path):
+    model, opt, sched = _saved_checkpoint(tiny_gpt2, tmp_path)
+    params = dict(model.named_parameters())
+    params["extra.weight"] = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(InputError, match=r"does not match this run \(lacks \['extra.weight'\]\)"):
+        load_checkpoint(tmp_path, params, opt, sched)
