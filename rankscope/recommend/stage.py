@@ -41,14 +41,13 @@ class Recommendation:
 
 def peft_task_type(meta: dict) -> str:
     """PEFT's task type for a run's manifest: SEQ_CLS for classification, FEATURE_EXTRACTION for
-    the planted task's encoder (its student is the bare backbone), else CAUSAL_LM."""
+    the planted task (its student is the bare backbone), else CAUSAL_LM."""
     from rankscope.train.corpora import DISTILL
-    from rankscope.train.models import is_causal_lm
 
     kind = meta.get("task_kind")
     if kind == "cls":
         return "SEQ_CLS"
-    if kind == DISTILL and meta.get("model_path") and not is_causal_lm(meta["model_path"]):
+    if kind == DISTILL:
         return "FEATURE_EXTRACTION"
     return "CAUSAL_LM"
 

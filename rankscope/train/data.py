@@ -18,7 +18,7 @@ import torch
 from rankscope.errors import InputError
 from rankscope.train.corpora import DISTILL, KINDS, TASKS, check_kind, shipped_examples
 from rankscope.train.encoding import IGNORE_INDEX, cap_rows, encode, label_names
-from rankscope.train.model_setup import is_causal_lm, load_task_model
+from rankscope.train.model_setup import load_task_model
 from rankscope.train.models import quiet_transformers, resolve_model
 from rankscope.train.planted import DistillSplit, Teacher, add_planted, planted_factors, \
     planted_ranks
@@ -161,7 +161,7 @@ def build_teacher(cfg) -> Teacher:
     add_planted(model, factors)
     meta = {"planted_rank": cfg.planted_rank, "planted_scale": cfg.planted_scale,
             "planted_seed": cfg.planted_seed}
-    return Teacher(model, factors, causal=is_causal_lm(cfg.model), meta=meta)
+    return Teacher(model, factors, meta=meta)
 
 
 def load_tokenizer(model: str):

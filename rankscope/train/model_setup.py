@@ -12,15 +12,6 @@ from rankscope.train.models import HEADS, find_linear_modules, is_target, load_p
     quiet_transformers, resolve_model
 
 
-def is_causal_lm(name) -> bool:
-    """Whether a model's config names a ``…ForCausalLM`` architecture (else: an encoder)."""
-    from transformers import AutoConfig
-
-    with quiet_transformers():
-        archs = AutoConfig.from_pretrained(resolve_model(name)).architectures or []
-    return any(a.endswith("ForCausalLM") for a in archs)
-
-
 def _no_dropout(name) -> dict[str, float]:
     """Config overrides that set every dropout rate of a model's config to 0."""
     from transformers import AutoConfig
@@ -34,8 +25,9 @@ def load_task_model(cfg, *, kind: str, num_labels: int | None):
     """The pretrained model with the head the task needs, float32 on the CPU.
 
     lm and sft: the causal LM. cls: a sequence classifier with a new head. distill (the
-    planted task): the causal LM, or an encoder's backbone without its pooler (the loss reads
-    the final hidden states, and a parameter with no gradient is one DDP refuses), with every
+    planted task): the backbone, a causal LM's without its head and an encoder's without its
+    pooler (the loss reads the final hidden states, and a parameter with no gradient is one
+    DDP refuses), with every
     dropout rate 0: the teacher is a deterministic function, which a student under dropout
     could never match (on MiniLM the dropout noise made the training loss ~10× the held-out
     loss and swamped the signal of ΔW*).
@@ -58,8 +50,7 @@ def load_task_model(cfg, *, kind: str, num_labels: int | None):
             model = load_pretrained(AutoModelForSequenceClassification, cfg.model,
                                     num_labels=num_labels)
     elif kind == DISTILL:
-        model = load_pretrained(AutoModelForCausalLM if is_causal_lm(cfg.model) else AutoModel,
-                                cfg.model, **_no_dropout(cfg.model))
+        model = load_pretrained(AutoModel, cfg.model, **_no_dropout(cfg.model))
         if getattr(model, "pooler", None) is not None:
             model.pooler = None
     else:
@@ -105,7 +96,7 @@ def wrap_lora(model, cfg, *, rank: int, kind: str):
     targets = "all-linear" if tuple(cfg.targets) == ("all-linear",) else list(cfg.targets)
     if kind == "cls":                   # peft also trains (and saves) the new head
         task_type = TaskType.SEQ_CLS
-    elif kind == DISTILL and not is_causal_lm(cfg.model):
+    elif kind == DISTILL:               # the student is a bare backbone
         task_type = TaskType.FEATURE_EXTRACTION
     else:
         task_type = TaskType.CAUSAL_LM

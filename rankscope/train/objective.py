@@ -50,22 +50,18 @@ def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str,
 def distill_sum(model, batch: dict[str, torch.Tensor], teacher) -> tuple[torch.Tensor, int]:
     """The summed distillation loss of a batch and the number of tokens it summed over.
 
-    Per attended token: KL(teacher ‖ student) of the next-token distributions (a causal LM),
-    or the mean over hidden units of (h_student − h_teacher)² (an encoder).
+    Per attended token: the mean over hidden units of (h_student − h_teacher)², h the
+    backbone's final hidden state (``rankscope.train.planted``).
 
     Args:
-        model: the student; batch: input_ids, attention_mask (B, L).
-        teacher: the planted task's ``Teacher`` (``outputs(batch)`` and ``causal``).
+        model: the student backbone; batch: input_ids, attention_mask (B, L).
+        teacher: the planted task's ``Teacher`` (``outputs(batch)``).
     Returns:
         (the float32 summed loss, a 0-d tensor; the attended tokens).
     """
-    target = teacher.outputs(batch)                                   # (B, L, V) or (B, L, H)
+    target = teacher.outputs(batch)                                   # (B, L, H)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if teacher.causal:
-        log_s = F.log_softmax(out.logits.float(), dim=-1)             # (B, L, V)
-        per_token = F.kl_div(log_s, target, log_target=True, reduction="none").sum(-1)
-    else:
-        per_token = (out.last_hidden_state.float() - target).pow(2).mean(-1)   # (B, L)
+    per_token = (out.last_hidden_state.float() - target).pow(2).mean(-1)   # (B, L)
     mask = batch["attention_mask"].bool()                             # (B, L)
     return per_token[mask].sum(), int(mask.sum())
 
