@@ -122,7 +122,9 @@ def images(page: str) -> list[str]:
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
-OTHER = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if p not in PAPER)
+CONTROL_FIGURES = sorted((ROOT / "experiments" / "controls" / "figures").glob("*.yaml"))
+OTHER = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+               if p not in PAPER and p not in CONTROL_FIGURES)
 
 
 @pytest.fixture(scope="module")

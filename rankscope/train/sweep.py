@@ -36,9 +36,13 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
     except OSError as e:
         raise InputError(f"output folder {out} is not writable ({e.strerror})") from None
     path = out / SWEEP_FILE
-    mine = {k: v for k, v in to_dict(cfg).items() if k != "device"}
+    # labels, not values: the device a run used is in its manifest, and a profile is compared
+    # by the values it set (the same YAML run by ``rankscope run`` and by ``figures`` is one sweep)
+    labels = ("device", "profile")
+    mine = {k: v for k, v in to_dict(cfg).items() if k not in labels}
     if path.exists():
-        old = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "device"}
+        old = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
+               if k not in labels}
         diff = changed_fields(old, mine)
         if diff:
             raise InputError(f"{out} holds a sweep started with another config (differs in: "

@@ -5,7 +5,7 @@ variants run end to end and re-draw through the CLI in tests/cli/test_cli_figure
 from __future__ import annotations
 
 import pytest
-from study_fixtures import OTHER, PAPER, ROOT, runs_root  # noqa: F401
+from study_fixtures import CONTROL_FIGURES, OTHER, PAPER, ROOT, runs_root  # noqa: F401
 from study_fixtures import write_experiment as _write
 
 from rankscope.train.config import SweepConfig, build_sweep, load_yaml
@@ -41,6 +41,22 @@ def test_experiment_loads_with_a_header_and_every_variant(path):
     assert len(first.seeds) >= 2
     gpu, _, _ = resolve(exp, "gpu")
     assert all(c.max_eval_examples is None and c.steps >= 1000 for c in gpu.values())
+
+
+@pytest.mark.parametrize("path", CONTROL_FIGURES, ids=lambda p: p.stem)
+def test_a_control_figure_draws_the_control_as_declared(path):
+    """Its cpu and gpu variants are the control's own sweep, unchanged: a figure of a control
+    run at other settings would not show the control's answer."""
+    exp = load_experiment(path)
+    assert set(exp.variants) == set(VARIANTS)
+    assert any(f"rankscope figures experiments/controls/figures/{path.name}" in line
+               for line in path.read_text().splitlines() if line.startswith("#"))
+    (file, own), = exp.sweeps.values()
+    control = build_sweep(yaml_path=file)
+    assert control.task == "planted" and not own
+    for variant in ("cpu", "gpu"):
+        cfgs, _, _ = resolve(exp, variant)
+        assert list(cfgs.values()) == [control]
 
 
 def test_experiments_share_their_sweep_folders(runs_root):

@@ -316,3 +316,15 @@ def test_a_longer_run_sees_the_shorter_runs_batches_first():
     long = batch_order(30, steps=12, per_step=4, seed=0)
     assert torch.equal(long[:4], short)
 
+
+
+def test_a_sweep_folder_is_the_same_sweep_whatever_profile_label_set_its_values(tmp_path):
+    """``rankscope run`` labels the sweep with the profile it started from, ``figures`` with
+    none; the same values are the same sweep, and a value the profile changed still counts."""
+    from rankscope.train.sweep import claim_sweep_dir
+
+    labelled = build_sweep(profile="quick", overrides={"steps": 7})
+    claim_sweep_dir(tmp_path, labelled)
+    claim_sweep_dir(tmp_path, replace(labelled, profile=None))
+    with pytest.raises(InputError, match=r"differs in: steps\)"):
+        claim_sweep_dir(tmp_path, replace(labelled, profile=None, steps=8))
