@@ -6,6 +6,7 @@ rule of ``pipeline.stages``) is skipped too. Its inputs (the output folder, the 
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -104,10 +105,28 @@ def run_job(cfg: SweepConfig, out: str | Path, *, budget: int | str | None = Non
         InputError: see ``check_job`` (raised before anything is trained or written), and
             the errors of each stage.
     """
-    from rankscope.train.sweep import run_sweep
+    from rankscope.store.lock import LOCK_FILE, folder_lock
 
     budget = check_job(cfg, out, budget=budget)
     out = Path(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder {out}: {e.strerror}") from None
+    try:
+        with folder_lock(out, what="job"):      # one job per folder: its stages never race
+            return _stages(cfg, out, budget=budget, validate=validate, progress=progress, log=log)
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(out, ignore_errors=True)    # failed before writing: leave no folder
+        raise
+
+
+def _stages(cfg: SweepConfig, out: Path, *, budget, validate: bool, progress: bool,
+            log: Callable[[str], None]) -> Path:
+    from rankscope.train.sweep import run_sweep
+
     runs, results = out / "runs", out / "results"
     t0 = time.perf_counter()
 

@@ -1,6 +1,7 @@
 """The grid of runs: one folder per (method, rank, seed); finished runs skipped, the rest resumed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import yaml
 
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_text
+from rankscope.store.lock import folder_lock
 from rankscope.store.runs import PLANTED, SWEEP_FILE, finished_manifest, read_tensors, \
     tensor_hash, write_updates
 from rankscope.train.config import SweepConfig, changed_fields, dump_yaml, to_dict
@@ -103,15 +105,22 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
         processes other than the main one).
     Raises:
         InputError: bad inputs (data, model, targets, ranks, output folder), found before
-            anything is written.
+            anything is written; another process training into ``out``.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     dist = setup_dist(cfg.device)
     task = prepare(cfg)
     base = load_checked_model(cfg, task, world=dist.world)
     claim_sweep_dir(out, cfg)           # only once the inputs are good: nothing half-written
+    # one process trains a folder's runs (a torchrun's ranks are one sweep: its main holds it)
+    with folder_lock(out) if dist.main else contextlib.nullcontext():
+        return _train_grid(cfg, task, base, out, dist=dist, progress=progress, log=log)
+
+
+def _train_grid(cfg: SweepConfig, task: TaskData, base, out: Path, *, dist, progress: bool,
+                log: Callable[[str], None]) -> list[dict]:
+    from tqdm.auto import tqdm
+
     if dist.main:
         record_teacher(out, task)
     base_eval = base_evaluation(base, task, out, device=dist.device,

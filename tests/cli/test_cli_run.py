@@ -222,3 +222,26 @@ def test_a_missing_config_file_is_one_line(tmp_path):
     out = tmp_path / "study"
     assert_one_line_error(invoke(tmp_path / "nope.yaml", "--out", out), out,
                           "missing config file")
+
+
+def test_a_job_folder_in_use_by_another_process_is_one_line(tiny_yaml, tmp_path):
+    """A second ``rankscope run`` on a folder whose job is running is refused before it
+    trains (the holder here is a process holding the folder's lock, as a running job does)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    out.mkdir()
+    hold = ("import sys, time\nfrom rankscope.store.lock import folder_lock\n"
+            "with folder_lock(sys.argv[1], what='job'):\n    print('held', flush=True)\n"
+            "    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert_one_line_error(invoke(tiny_yaml, "--out", out), None,
+                              f"job folder {out} is in use by process {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in out.iterdir()] == [".rankscope.lock"]      # nothing trained

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -264,7 +265,8 @@ def test_a_sweep_killed_twice_resumes_to_bit_identical_updates(news_sweep, news_
     cmd = [sys.executable, "-m", "rankscope", "sweep", str(news_yaml), "--out", str(out),
            "--quiet"]
     # killed inside the full run after step 2, then (resumed) inside the LoRA run after step 2;
-    # the reference ran uninterrupted in this process, so this is also determinism across processes
+    # the reference ran uninterrupted in this process, so this is also determinism across processes;
+    # each rerun takes the folder's lock that the killed process held (rankscope.store.lock)
     _kill_at_checkpoint(cmd, out / "full-s0", tmp_path / "first.log")
     _kill_at_checkpoint(cmd, out / "lora-r2-s0", tmp_path / "second.log")
     assert (out / "full-s0" / "manifest.json").exists()
@@ -280,6 +282,42 @@ def test_a_sweep_killed_twice_resumes_to_bit_identical_updates(news_sweep, news_
                                       b[["step", "kind", "loss", "lr"]])
         assert _manifest(out / run)["eval_after"] == _manifest(news_sweep.out / run)["eval_after"]
         assert not (out / run / CKPT).exists()
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_on_one_folder_the_second_refuses_and_the_first_is_unharmed(
+        news_sweep, news_yaml, tmp_path):
+    """The second process is refused in one line while the first trains (frozen by SIGSTOP
+    after its first checkpoint, so the overlap is certain); the first then finishes with the
+    updates of an undisturbed sweep."""
+    out = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "rankscope", "sweep", str(news_yaml), "--out", str(out),
+           "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "first.log", "w") as f:
+        first = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "full-s0" / CKPT).is_dir():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                                env=env)
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2
+    (line,) = second.stderr.strip().splitlines()
+    assert re.fullmatch(rf"rankscope: error: sweep folder {re.escape(str(out))} is in use by "
+                        rf"process {first.pid} on \S+ \(since [^)]+\); wait for it to finish "
+                        r"or stop it, then rerun \(finished runs are kept\)", line), line
+    for run in ("full-s0", "lora-r2-s0"):
+        _assert_same_updates(news_sweep.out / run, out / run)
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(f".{CKPT}*"))
 
 
 # ---------------------------------------------------------------- the other shipped tasks
