@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rankscope"
 LAYERS = {"errors": 0, "linalg": 1, "store": 1, "train": 2, "analysis": 3, "recommend": 4,
-          "outputs": 5, "pipeline": 6, "cli": 7, "__main__": 8, "__init__": 8}
+          "export": 4, "outputs": 5, "pipeline": 6, "cli": 7, "__main__": 8, "__init__": 8}
 MAX_LEVELS = 7          # packages on the longest chain: cli → pipeline → outputs → recommend →
                         # analysis → train → store (errors, imported by all, and __main__ excluded)
 MAX_DEPTH = 10          # modules on the longest chain, __main__ excluded (12 in the flat package)

@@ -11,7 +11,7 @@ import warnings
 
 import click
 
-from rankscope.cli import read, study
+from rankscope.cli import export, read, study
 from rankscope.cli.edge import OneLineGroup
 
 
@@ -25,5 +25,5 @@ def main():
 
 
 for _command in (read.analyze, study.sweep, study.compare, study.truncate, read.recommend,
-                 read.report, study.run_cmd, read.figures, read.plot):
+                 read.report, study.run_cmd, read.figures, read.plot, export.export):
     main.add_command(_command)
