@@ -35,9 +35,11 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (RankscopeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-                NotADirectoryError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except (RankscopeError, ValueError, OSError) as e:
+            if isinstance(e, OSError) and e.filename and e.strerror:
+                msg = f"{e.filename}: {e.strerror}"     # an OS error outside the write helpers
+            else:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             click.echo(f"rankscope: error: {msg}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,7 +22,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())     # mkstemp's 0600 would hide reports from others
@@ -29,10 +33,26 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise write_error(path, e) from None
         raise
+
+
+# the errors of a write that the user fixes outside rankscope: space, quota, permissions, media
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def write_error(path: Path, e: OSError) -> InputError:
+    """One line for a failed write: the path, the OS's reason, the fix, and that nothing of
+    the previous state was touched."""
+    fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (quota)",
+           errno.EROFS: "use a writable folder", errno.EIO: "check the disk"}.get(
+        e.errno, "make it writable")
+    return InputError(f"cannot write {path}: {e.strerror or e}; {fix} and rerun "
+                      f"(what was there before is unchanged)")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -96,7 +116,11 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create output folder {out.absolute().parent}: {e.strerror}") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp",
+                                    dir=out.absolute().parent))
+    except OSError as e:
+        raise write_error(out, e) from None
     make_public(tmp)
     try:
         yield tmp
@@ -108,6 +132,8 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise write_error(out, e) from None
         raise

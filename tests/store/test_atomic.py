@@ -1,0 +1,93 @@
+"""Writes that fail for reasons outside rankscope (a full disk, a read-only folder) end in one
+line naming the path and the fix, and leave the previous file or folder as it was."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from clichecks import assert_one_line_error
+
+from rankscope.cli import main
+from rankscope.errors import InputError
+from rankscope.store import atomic
+from rankscope.store.atomic import atomic_dir, atomic_file, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fail(code):
+    """A stand-in for an OS call that fails with ``code`` (as the real one would)."""
+    def raise_(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return raise_
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_disk_that_fills_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("old")
+    with pytest.raises(InputError, match=rf"^cannot write {path}: No space left on device; free "
+                                         r"space and rerun \(what was there before is unchanged\)$"):
+        with atomic_file(path) as tmp:
+            tmp.write_text("half")
+            _fail(errno.ENOSPC)()
+    assert path.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "use a writable folder"),
+                                       (errno.EACCES, "make it writable"),
+                                       (errno.EDQUOT, "free space (quota)")])
+def test_a_folder_that_refuses_new_files_is_one_line(tmp_path, monkeypatch, code, fix):
+    path = tmp_path / "report.md"
+    path.write_text("old")
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", _fail(code))
+    with pytest.raises(InputError, match=rf"cannot write {path}: .*; {re.escape(fix)} and rerun"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+
+
+def test_a_folder_write_that_fails_keeps_the_previous_folder_whole(tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with pytest.raises(InputError, match="No space left on device; free space"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+            _fail(errno.ENOSPC)()
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and (out / "a.txt").read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_another_os_error_is_not_dressed_as_a_write_failure(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with atomic_file(tmp_path / "x") as _:
+            open(tmp_path / "missing-input")
+
+
+def test_a_full_disk_under_a_cli_verb_is_one_line_and_the_old_output_stays(tmp_path, monkeypatch):
+    """``rankscope plot`` redraws a committed figure; the disk fills at the write's fsync."""
+    csv = tmp_path / "fig.csv"
+    shutil.copy(ROOT / "figures" / "controls" / "planted_loss_vs_rank.csv", csv)
+    png = tmp_path / "fig.png"
+    assert CliRunner().invoke(main, ["plot", str(csv), "--out", str(png)]).exit_code == 0
+    before = png.read_bytes()
+    monkeypatch.setattr(atomic.os, "fsync", _fail(errno.ENOSPC))
+    res = CliRunner().invoke(main, ["plot", str(csv), "--out", str(png)])
+    assert_one_line_error(res, f"cannot write {png}: No space left on device; free space")
+    assert png.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_an_os_error_outside_the_write_helpers_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    csv = tmp_path / "fig.csv"
+    shutil.copy(ROOT / "figures" / "controls" / "planted_loss_vs_rank.csv", csv)
+    monkeypatch.setattr("pandas.read_csv", _fail(errno.EIO))
+    res = CliRunner().invoke(main, ["plot", str(csv), "--out", str(tmp_path / "x.png")])
+    assert_one_line_error(res, "Input/output error")
