@@ -136,6 +136,7 @@ _FLOATS = ("alpha", "lr_full", "lr_lora", "weight_decay", "warmup", "clip", "eva
            "planted_scale")
 _STRS = ("model", "task", "data", "task_kind", "alpha_policy", "schedule", "device", "profile",
          "full_scope")
+_NULLABLE = {"task", "data", "task_kind", "profile", "max_train_examples", "max_eval_examples"}
 
 
 def _check_types(cfg) -> None:
@@ -152,7 +153,7 @@ def _check_types(cfg) -> None:
 
     for name in _INTS:
         v = getattr(cfg, name)
-        if v is not None and not is_int(v):
+        if (v is not None or name not in _NULLABLE) and not is_int(v):
             bad(name, v, "an integer")
     for name in _FLOATS:
         v = getattr(cfg, name)
@@ -160,10 +161,13 @@ def _check_types(cfg) -> None:
             bad(name, v, "a number")
     for name in _STRS:
         v = getattr(cfg, name)
-        if v is not None and not isinstance(v, str):
+        if (v is not None or name not in _NULLABLE) and not isinstance(v, str):
             bad(name, v, "a string")
     if not isinstance(cfg.lr_search, bool):
         bad("lr_search", cfg.lr_search, "true or false")
+    for f in fields(cfg):                       # the list fields (a YAML null is no list)
+        if isinstance(f.default, tuple) and not isinstance(getattr(cfg, f.name), tuple):
+            bad(f.name, getattr(cfg, f.name), "a list")
     for name in ("lr_grid_full", "lr_grid_lora"):
         grid = getattr(cfg, name)
         if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -254,6 +258,10 @@ def build_sweep(*, profile: str | None = None, yaml_path: str | Path | None = No
     from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: flag not given
     values: dict = dict(from_yaml)
+    for key in ("profile", "task"):                     # names looked up before the checks
+        for v in (values.get(key), flags.get(key)):
+            if v is not None and not isinstance(v, str):
+                raise InputError(f"{key}: expected a name, got {v!r}")
     base = values.get("profile") or profile            # sizes the YAML and flags refine
     for name in (base, flags.get("profile")):
         if name is not None and name not in PROFILES:
