@@ -288,7 +288,12 @@ def from_run(run_dir: str | Path) -> DeltaSet:
         meta = tensors.metadata
         if meta.get("method") not in (None, method):
             raise InputError(f"run {run_dir}: updates are {meta.get('method')}, manifest says {method}")
-        yield from _run_deltas(tensors, method, run_dir)
+        for d in _run_deltas(tensors, method, run_dir):
+            if method == "lora" and manifest.get("rank") not in (None, d.rank):
+                raise InputError(f"run {run_dir}: its manifest says rank {manifest.get('rank')!r}, "
+                                 f"its factors of {d.name} have rank {d.rank}; the manifest was "
+                                 "edited or belongs to another run: remove the folder and rerun")
+            yield d
 
     return DeltaSet(run_dir.name, method, manifest.get("rank"), manifest.get("seed"),
                     manifest, load, manifest.get("n_modules"))

@@ -347,6 +347,26 @@ def test_run_folder_lora_with_a_at_initialisation(chosen_factors, make_run, tmp_
         list(from_run(run))
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"rank": 8}, r"manifest says rank 8, its factors of .* have rank 4; the manifest was edited"),
+    ({"rank": "4"}, r"manifest says rank '4'"),
+    ({"method": "full"}, r"updates are lora, manifest says full"),
+    ({"method": "dora"}, r"unknown method 'dora' in its manifest"),
+    ({"format": "x"}, r"is not a rankscope run manifest \(format 'x'\)"),
+])
+def test_a_manifest_edited_by_hand_to_disagree_with_its_run_is_one_line(
+        chosen_factors, make_run, tmp_path, edit, message):
+    import json
+
+    run = make_run(tmp_path / "lora-r4-s0", _lora_tensors(chosen_factors, NAMES[:2]),
+                   method="lora", rank=4, seed=0)
+    path = run / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(InputError, match=message) as e:
+        list(from_run(run))
+    assert "\n" not in str(e.value)
+
+
 def test_run_folder_full_and_sweep(chosen_factors, make_run, tmp_path):
     dense = {f"{n}.delta": torch.randn(8, 6, generator=torch.Generator().manual_seed(i))
              for i, n in enumerate(NAMES)}
