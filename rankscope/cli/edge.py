@@ -71,7 +71,11 @@ def check_ranks(ranks):
 def planted_rank(text):
     """``--planted-rank``: an integer (``4``) or module kinds with ranks (``query=2,value=8``)."""
     if text is None or "=" not in text:
-        return ints(text, "--planted-rank")[0] if text and text.strip() else None
+        values = ints(text, "--planted-rank") if text and text.strip() else None
+        if values is not None and len(values) != 1:      # 4,8 is no rank: say so, not take 4
+            raise ValueError(f"--planted-rank: expected one integer or kind=rank pairs such as "
+                             f"query=2,value=8, got {text!r}")
+        return values[0] if values else None
     out = {}
     for item in text.split(","):
         name, _, value = item.partition("=")

@@ -129,6 +129,8 @@ BAD = {
     "planted rank per module not a number": (
         lambda s, f: ["--task", "planted", "--planted-rank", "q_proj=2,v_proj=x"],
         r"--planted-rank: expected an integer or kind=rank pairs"),
+    "planted rank a list": (lambda s, f: ["--task", "planted", "--planted-rank", "4,8"],
+                            r"--planted-rank: expected one integer or kind=rank pairs .* got '4,8'"),
     "planted rank 0": (lambda s, f: ["--task", "planted", "--planted-rank", "q_proj=0"],
                        r"planted_rank: expected a positive integer"),
     "planted scale 0": (lambda s, f: ["--task", "planted", "--planted-scale", "0"],
