@@ -177,16 +177,16 @@ def _check_config_numbers(cfg: dict, path: Path) -> None:
 
     number(cfg.get("r", 8), "r")
     number(cfg.get("lora_alpha", 8), "lora_alpha")
-    for field in ("rank_pattern", "alpha_pattern"):
-        pattern = cfg.get(field) or {}
+    for entry in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(entry) or {}
         if not isinstance(pattern, dict):
-            raise InputError(f"adapter config {path}: {field} must be an object")
+            raise InputError(f"adapter config {path}: {entry} must be an object")
         for key, value in pattern.items():
-            number(value, f"{field}[{key!r}]")
+            number(value, f"{entry}[{key!r}]")
             try:
                 re.compile(key)
             except re.error as e:
-                raise InputError(f"adapter config {path}: {field} key {key!r} is no regex ({e})") from None
+                raise InputError(f"adapter config {path}: {entry} key {key!r} is no regex ({e})") from None
 
 
 def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
