@@ -14,7 +14,7 @@ from rankscope.analysis.deltas import DeltaSet, ModuleDelta
 from rankscope.analysis.tables import add_module_rows, spectra_frames
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import svd_device
-from rankscope.store.atomic import atomic_dir, atomic_write_json
+from rankscope.store.atomic import atomic_dir, atomic_write_json, check_out_apart
 from rankscope.store.provenance import provenance
 from rankscope.store.runs import MANIFEST
 
@@ -101,7 +101,7 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
         from rankscope.store.atomic import check_out_dir
 
         check_out_dir(out, overwrite=overwrite)     # refuse before any work is done
-        _check_out_apart(out, (runs, base, adapter, finetuned))
+        check_out_apart(out, (runs, base, adapter, finetuned))
     device = svd_device(device)
     sets = resolve_sources(runs, base=base, adapter=adapter, finetuned=finetuned)
     dtype = torch.float64 if float64 else torch.float32
@@ -120,13 +120,3 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
     return spectra, modules
 
 
-def _check_out_apart(out: str | Path, inputs: tuple) -> None:
-    """Refuse an output folder that is or holds an input: replacing it would delete the input."""
-    target = Path(out).expanduser().resolve()
-    for given in inputs:
-        path = Path(str(given)).expanduser() if given is not None else None
-        if path is not None and path.exists():
-            path = path.resolve()
-            if path == target or target in path.parents:
-                raise InputError(f"output folder {out} is or holds the input {given}; "
-                                 "choose another --out")

@@ -29,7 +29,7 @@ from rankscope.export.ranks import RankRule, balanced_factors, lora_params, plan
     retained_energy
 from rankscope.export.sources import PREFIX, Source, load_host
 from rankscope.linalg.spectra import check_finite, rank_at_energy, svd_device
-from rankscope.store.atomic import atomic_dir, atomic_write_json, check_out_dir
+from rankscope.store.atomic import atomic_dir, atomic_write_json, check_out_apart, check_out_dir
 from rankscope.store.provenance import provenance
 from rankscope.train.models import find_linear_modules, match_name
 
@@ -64,7 +64,7 @@ def export_adapter(source: Source, *, rule: RankRule, out: str | Path, overwrite
     """
     _check_options(source, save_changed)
     check_out_dir(out, overwrite=overwrite)
-    _check_out_apart(out, [source.describe.get(k) for k in ("run", "adapter", "base", "finetuned")]
+    check_out_apart(out, [source.describe.get(k) for k in ("run", "adapter", "base", "finetuned")]
                      + [rule.config_path])
     device = svd_device(device)
     host = load_host(source)
@@ -93,17 +93,6 @@ def _check_options(source: Source, save_changed: bool) -> None:
         raise InputError(f"{source.describe.get('run')} trained a new classification head, which "
                          "only modules_to_save can carry: add --save-changed-modules")
 
-
-def _check_out_apart(out: str | Path, inputs: list) -> None:
-    """Refuse an output folder that is or holds an input: replacing it would delete the input."""
-    target = Path(out).expanduser().resolve()
-    for given in inputs:
-        path = Path(str(given)).expanduser() if given is not None else None
-        if path is not None and path.exists():
-            path = path.resolve()
-            if path == target or target in path.parents:
-                raise InputError(f"output folder {out} is or holds the input {given}; "
-                                 "choose another --out")
 
 
 def truncated_factors(source: Source, host: nn.Module, rule: RankRule, *,

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,16 +24,21 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
+    fault_point(path, "before")
+    remove_stale(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(path, e) from None
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp's 0600 would hide reports from others
         yield Path(tmp)
+        # after the writer, not before: mkstemp's 0600 would hide reports from others, and a
+        # writer may create the file anew (safetensors' save_file leaves it 0600 too)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point(path, "renaming")
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -39,6 +46,28 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
             raise write_error(path, e) from None
         raise
+
+
+# The fault suite's kill points (tests/faults): every write passes through the two helpers
+# above, so a process killed at their n-th point is a process killed at any moment that
+# matters to what is on disk. Unset (always, outside that suite) they cost one dict lookup.
+FAULT_LOG_ENV = "RANKSCOPE_FAULT_LOG"       # append "<n> <phase> <path>" for each point reached
+FAULT_KILL_ENV = "RANKSCOPE_FAULT_KILL_AT"  # SIGKILL this process at point n (1-based)
+_fault_points = 0
+
+
+def fault_point(path: Path, phase: str) -> None:
+    """Count a kill point; log it, or SIGKILL the process there, when the fault suite asks."""
+    global _fault_points
+    log, kill = os.environ.get(FAULT_LOG_ENV), os.environ.get(FAULT_KILL_ENV)
+    if not (log or kill):
+        return
+    _fault_points += 1
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{_fault_points} {phase} {path}\n")
+    if kill and int(kill) == _fault_points:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # the errors of a write that the user fixes outside rankscope: space, quota, permissions, media
@@ -53,6 +82,46 @@ def write_error(path: Path, e: OSError) -> InputError:
         e.errno, "make it writable")
     return InputError(f"cannot write {path}: {e.strerror or e}; {fix} and rerun "
                       f"(what was there before is unchanged)")
+
+
+def _prefix(path: Path) -> str:
+    """A temporary's name starts with its target's and its writer's pid: ``remove_stale`` can
+    tell a dead writer's leftover from a live one's work in progress."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                 # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> None:
+    """Undo what a writer of ``path`` killed mid-write left beside it.
+
+    A temporary (file or folder) of a process that no longer runs is removed. A folder set aside
+    by ``atomic_dir`` (``.<name>.old``) while its replacement was renamed in is put back when the
+    kill came between the two renames (``path`` is missing), else removed. A live process's
+    temporary is left alone.
+    """
+    path = Path(path)
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        return
+    for p in parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    aside = parent / f".{path.name}.old"
+    if aside.is_dir():
+        if not path.exists():
+            os.replace(aside, path)         # the previous folder, whole: the state before
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -105,29 +174,50 @@ def check_out_dir(out: str | Path, *, overwrite: bool) -> Path:
     return out
 
 
+def check_out_apart(out: str | Path, inputs) -> None:
+    """Refuse an output folder that is or holds one of ``inputs`` (paths or None): replacing it
+    would delete the input.
+
+    Raises:
+        InputError: naming the output folder and the input.
+    """
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        path = Path(str(given)).expanduser() if given is not None else None
+        if path is not None and path.exists():
+            path = path.resolve()
+            if path == target or target in path.parents:
+                raise InputError(f"output folder {out} is or holds the input {given}; "
+                                 "choose another --out")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
 
     On any exception the temporary folder is removed and ``out`` is left as it was.
     """
+    out = Path(out)
+    remove_stale(out)                       # first: a killed rename may have set ``out`` aside
     out = check_out_dir(out, overwrite=overwrite)
+    fault_point(out, "before")
     try:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create output folder {out.absolute().parent}: {e.strerror}") from None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp",
-                                    dir=out.absolute().parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".tmp", dir=out.absolute().parent))
     except OSError as e:
         raise write_error(out, e) from None
     make_public(tmp)
     try:
         yield tmp
+        fault_point(out, "renaming")
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
+            fault_point(out, "between renames")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -91,3 +91,72 @@ def test_an_os_error_outside_the_write_helpers_is_one_line_not_a_traceback(tmp_p
     monkeypatch.setattr("pandas.read_csv", _fail(errno.EIO))
     res = CliRunner().invoke(main, ["plot", str(csv), "--out", str(tmp_path / "x.png")])
     assert_one_line_error(res, "Input/output error")
+
+
+KILLED_WRITE = """
+import sys
+from pathlib import Path
+from rankscope.store.atomic import atomic_dir, atomic_write_text
+target = Path(sys.argv[1])
+if sys.argv[2] == "file":
+    atomic_write_text(target, "new")
+else:
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("kind, point, phase", [("file", 1, "before"), ("file", 2, "renaming"),
+                                                ("folder", 2, "renaming"),
+                                                ("folder", 3, "between renames")])
+def test_a_write_killed_at_each_point_is_undone_by_the_next_write(tmp_path, kind, point, phase):
+    """SIGKILL at each kill point of the helpers; the next write of the same target finds the
+    previous state whole (put back from its set-aside copy when needed) and leaves nothing."""
+    import subprocess
+    import sys
+
+    from rankscope.store.atomic import FAULT_KILL_ENV, FAULT_LOG_ENV
+
+    target = tmp_path / ("t.txt" if kind == "file" else "t")
+    if kind == "file":
+        target.write_text("old")
+    else:
+        target.mkdir()
+        (target / "a.txt").write_text("old")
+    log = tmp_path / "points.log"
+    env = {**os.environ, FAULT_KILL_ENV: str(point), FAULT_LOG_ENV: str(log)}
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target), kind], env=env)
+    assert done.returncode == -9 and log.read_text().splitlines()[-1].split(" ", 1)[1].startswith(phase)
+    old = (target if kind == "file" else target / "a.txt")
+    if phase == "between renames":
+        assert not target.exists()                       # set aside, the new one not yet in
+        atomic.remove_stale(target)
+        assert (target / "a.txt").read_text() == "old"  # the previous folder, back whole
+    else:
+        assert old.read_text() == "old"
+    if kind == "file":
+        atomic_write_text(target, "next")
+    else:
+        with atomic_dir(target, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("next")
+    assert old.read_text() == "next" and _leftovers(tmp_path) == []
+
+
+def test_a_live_writers_temporary_is_left_alone(tmp_path):
+    live = tmp_path / f".t.txt.{os.getpid()}.abc.tmp"
+    live.write_text("in progress")
+    atomic_write_text(tmp_path / "t.txt", "x")
+    assert live.exists()
+
+
+def test_a_file_written_anew_by_its_writer_gets_the_usual_permissions(tmp_path):
+    """safetensors' save_file recreates its path 0600; the published file is 0666 & ~umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "u.safetensors"
+    with atomic_file(path) as tmp:
+        save_file({"a": torch.zeros(2)}, tmp)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
