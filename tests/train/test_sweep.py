@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from rankscope.cli import main
 from rankscope.train import run as run_module
+from rankscope.store.lock import LOCK_FILE
 from rankscope.train.config import build_sweep
 from rankscope.train.data import prepare
 from rankscope.train.loop import lr_lambda
@@ -76,7 +77,7 @@ def test_a_sweep_writes_one_folder_per_run_and_logs_each(news_sweep):
     out = news_sweep.out
     assert [m["run"] for m in news_sweep.manifests] == ["full-s0", "lora-r2-s0"]
     assert {p.name for p in out.iterdir()} == {"sweep.yaml", "base_eval.json", "full-s0",
-                                               "lora-r2-s0"}
+                                               "lora-r2-s0", LOCK_FILE}
     assert build_sweep(yaml_path=out / "sweep.yaml") == news_sweep.cfg
     assert [line.split()[0] for line in news_sweep.log] == ["full-s0", "lora-r2-s0"]
     for run in (news_sweep.full, news_sweep.lora):
@@ -217,7 +218,9 @@ def test_every_run_sees_the_same_data_split_and_base_evaluation(news_sweep):
 
 @pytest.mark.slow
 def test_a_rerun_skips_finished_runs(news_sweep, news_yaml):
-    stamps = {p: p.stat().st_mtime_ns for p in news_sweep.out.rglob("*") if p.is_file()}
+    # every file but the lock, which names its latest holder
+    stamps = {p: p.stat().st_mtime_ns for p in news_sweep.out.rglob("*")
+              if p.is_file() and p.name != LOCK_FILE}
     result = _cli(news_yaml, "--out", news_sweep.out)
     assert result.exit_code == 0, result.output
     for run in ("full-s0", "lora-r2-s0"):
