@@ -8,11 +8,12 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 from study_fixtures import SECTIONS, images
 
+from rankscope.errors import InputError
 from rankscope.outputs.report import Section
 from rankscope.pipeline.stages import report_stage
 from rankscope.outputs.report_render import md_to_html, write_html, write_markdown
@@ -69,7 +70,7 @@ def test_a_failed_markdown_write_leaves_the_previous_report_and_its_figures(tmp_
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", fail_on_two)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="No space left on device; free space and rerun"):
         write_markdown(path, "T", [section(b"new")])
     files = tmp_path / "report_files"
     assert {p.name: p.read_bytes() for p in files.iterdir()} == {"one.png": b"old", "two.png": b"old"}
