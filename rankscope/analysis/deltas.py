@@ -11,7 +11,6 @@ LoRA updates stay factored: their spectra never need the dense d_out × d_in mat
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ import torch
 from rankscope.errors import InputError
 from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name, model_type, \
     parse_names
-from rankscope.store.runs import UPDATES, TensorFile, find_runs, read_manifest, read_tensors
+from rankscope.store.runs import UPDATES, TensorFile, find_runs, read_json_object, read_manifest, \
+    read_tensors
 from rankscope.linalg.spectra import check_finite
 
 
@@ -154,12 +154,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise InputError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"corrupt adapter config {path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"corrupt adapter config {path}: not a JSON object")
+    cfg = read_json_object(path, "adapter config")
     method = str(cfg.get("peft_type", "")).upper()
     if method != "LORA":
         raise InputError(f"adapter {adapter_dir} is of method {cfg.get('peft_type')!r}, not LoRA")

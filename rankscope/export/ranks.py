@@ -5,7 +5,6 @@ aside, which only reads a JSON file).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from rankscope.analysis.deltas import pattern_value
 from rankscope.errors import InputError
+from rankscope.store.runs import read_json_object
 from rankscope.train.models import is_target
 
 
@@ -70,12 +70,7 @@ def read_recommendation(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"missing recommendation {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"corrupt recommendation {path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"corrupt recommendation {path}: not a JSON object")
+    cfg = read_json_object(path, "recommendation")
 
     def whole(value, what):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -160,6 +160,22 @@ class TensorFile(Mapping):
         return len(self._keys)
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from an existing file; ``what`` names the file in the error.
+
+    Raises:
+        InputError: "corrupt <what> <path>: …" for invalid JSON or UTF-8, or a document that
+            is not an object.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt {what} {path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"corrupt {what} {path}: not a JSON object")
+    return doc
+
+
 def read_manifest(run_dir: str | Path) -> dict:
     """The manifest of a finished run.
 
@@ -169,10 +185,7 @@ def read_manifest(run_dir: str | Path) -> dict:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise InputError(f"{run_dir} is not a finished run (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"corrupt manifest {path}: {e}") from None
+    manifest = read_json_object(path, "manifest")
     if manifest.get("format") != RUN_FORMAT:
         raise InputError(f"{path} is not a rankscope run manifest (format {manifest.get('format')!r})")
     return manifest
