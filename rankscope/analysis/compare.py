@@ -30,7 +30,9 @@ def _median(values) -> float | None:
 def training_evidence(manifest: dict) -> dict:
     """What a run's manifest says about its training (docs/science.md, "Training evidence").
 
-    late_gain_share: the share of the held-out gain made in the last fifth of training;
+    late_gain_share: the share of the held-out gain made in the last fifth of the learning-rate
+    schedule (None for a manifest without ``late_step``: it split at 80% of the *steps*, which
+    under a cosine schedule passes any run);
     a_moved_min / a_moved_median: over LoRA modules, ‖A − A₀‖_F/‖A₀‖_F (below ~0.5, A's row
     space is still mostly its initialisation); delta_fro_median: the median ‖ΔW‖_F over
     modules; full_scope: which parameters full fine-tuning trained ("all", "linear" or
@@ -38,7 +40,8 @@ def training_evidence(manifest: dict) -> dict:
     Each is None when the manifest lacks it (runs older than these fields).
     """
     moved = (manifest.get("a_moved") or {}).values()
-    return {"late_gain_share": manifest.get("late_gain_share"),
+    late = manifest.get("late_gain_share") if "late_step" in manifest else None
+    return {"late_gain_share": late,
             "a_moved_min": min((float(v) for v in moved if v is not None), default=None),
             "a_moved_median": _median(moved),
             "delta_fro_median": _median((manifest.get("delta_fro") or {}).values()),

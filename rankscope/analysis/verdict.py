@@ -4,8 +4,9 @@ Built only from a sweep's tables, by tests declared here before any number is se
 (docs/science.md, "A verdict that can fail"). Each test has a value, a threshold and the gate
 it needs; a failed gate makes its test inconclusive, never a pass:
 
-* **gates** — full fine-tuning gained over the base model and plateaued (its last fifth of
-  training made at most ``PLATEAU_MAX`` of its gain); the LoRA runs a test reads gained.
+* **gates** — full fine-tuning gained over the base model and plateaued (the last fifth of its
+  learning-rate schedule made at most ``PLATEAU_MAX`` of its gain); the LoRA runs a test reads
+  gained.
 * **equivalence** — the smallest LoRA rank whose metric lies within a margin of full
   fine-tuning's *in both directions*; the margin is the larger of ``MARGIN_MIN`` of the full
   gain and 2 pooled standard deviations of the seeds, so it needs ≥ 2 seeds of each. A rank
@@ -32,7 +33,8 @@ import math
 
 import pandas as pd
 
-PLATEAU_MAX = 0.15      # share of full fine-tuning's gain allowed in its last fifth of training
+PLATEAU_MAX = 0.15      # share of full fine-tuning's gain allowed in the last fifth of its
+                        # learning-rate schedule (rankscope.train.evidence.late_step)
 MARGIN_MIN = 0.05       # smallest equivalence margin, as a share of full fine-tuning's gain
 LOW_RANK = 16           # the largest r that counts as "a small r" for equivalence
 LOW_SHARE = 1 / 8       # functional k₉₀ at most this share of min(d_out, d_in) is "low" …
@@ -79,12 +81,13 @@ def gates(metrics: pd.DataFrame) -> list[dict]:
         late = metrics.loc[full, "late_gain_share"] if "late_gain_share" in metrics else None
         if late is None or late.isna().all():
             rows.append(_row("full plateaued", "inconclusive", None, PLATEAU_MAX,
-                             note="the runs record no held-out metric at 80% of training"))
+                             note="the runs record no held-out metric at 80% of the "
+                                  "learning-rate schedule"))
         else:
             worst = float(late.max())
             rows.append(_row("full plateaued", "pass" if worst <= PLATEAU_MAX else "fail", worst,
-                             PLATEAU_MAX, note=f"full fine-tuning's last fifth made {worst:.0%} "
-                                               "of its gain"))
+                             PLATEAU_MAX, note=f"full fine-tuning's last fifth (of its learning-"
+                                               f"rate schedule) made {worst:.0%} of its gain"))
     if lora.any():
         bad = metrics.loc[lora & (gain <= 0), "run"].tolist()
         rows.append(_row("LoRA gained", "fail" if bad else "pass", len(bad), 0,

@@ -19,7 +19,7 @@ NEXT = {   # (test, status) → what to run next
     ("full plateaued", "fail"): "full fine-tuning was still improving: run more steps (or the "
                                 "paper profile) until its last fifth adds little",
     ("full plateaued", "inconclusive"): "re-run the sweep with this version, which records the "
-                                        "held-out metric at 80% of training",
+                                        "held-out metric at 80% of the learning-rate schedule",
     ("LoRA gained", "fail"): "some LoRA runs did not improve: run more steps or raise the LoRA "
                              "learning rate",
     ("equivalence", "inconclusive"): "run at least two seeds (--seeds 0,1) so the margin has a "

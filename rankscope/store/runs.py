@@ -16,9 +16,10 @@ A run folder ``<sweep>/<method>-r<rank>-s<seed>/`` (``full-s<seed>`` for full fi
     manifest.json         written last, atomically: a folder without it is not a finished run
 
 Besides its setup and provenance, a manifest holds the training evidence:
-``"eval_history"`` [{"step", <metric>: value, …}] (step 0 = the base model, the step nearest 80%
-of the run, any ``eval_every`` steps, the last), ``"late_gain_share"`` (the share of the held-out
-gain made after that 80% step, null without a gain), ``"delta_fro"`` {module: ‖ΔW‖_F},
+``"eval_history"`` [{"step", <metric>: value, …}] (step 0 = the base model, ``"late_step"`` —
+the step by which the schedule applied 80% of its learning-rate mass —, any ``eval_every``
+steps, the last), ``"late_gain_share"`` (the share of the held-out gain made after that step,
+null without a gain), ``"delta_fro"`` {module: ‖ΔW‖_F},
 ``"a_moved"`` {module: ‖A − A₀‖_F / ‖A₀‖_F} (LoRA; null for full) and ``"full_scope"``. A run of
 the planted task names its teacher by ``"planted_hash"`` (``tensor_hash`` of the sweep folder's
 ``planted.safetensors``: ΔW* in the LoRA layout, scaling 1, method "planted").

@@ -2,6 +2,9 @@
 
 Its manifest records the held-out curve (``eval_history``), the share of the held-out gain made
 in the last fifth of training (``late_gain_share``: a converged run makes little of it there),
+where the "last fifth" is of the learning-rate schedule's mass, not of its steps: the last fifth
+of a cosine schedule's steps applies ~1% of its rate (0.5·(0.2 − sin(0.8π)/π) ≈ 0.006 of 0.5),
+so a gate on those steps would pass any run, trained or not,
 how far each LoRA A moved from its initialisation (``a_moved``: below ~0.5, A's row space is
 still mostly its random start) and ‖ΔW‖_F of each module (``delta_fro``).
 """
@@ -11,12 +14,27 @@ import math
 
 import torch
 
+from rankscope.train.loop import lr_lambda
+
 LATE = 0.8              # the held-out evaluation that splits off the last fifth of training
 
 
-def late_step(steps: int) -> int:
-    """The step nearest 80% of ``steps`` (halves round up), in [1, steps]."""
-    return min(max(math.floor(LATE * steps + 0.5), 1), steps)
+def late_step(steps: int, *, warmup: float = 0.0, schedule: str = "constant") -> int:
+    """The step by which the schedule has applied the share ``LATE`` of its learning-rate mass.
+
+    The mass after step s is the sum of the rate multipliers of steps 1 … s (``lr_lambda``); the
+    step returned is the one whose mass is nearest 80% of the run's (a tie goes to the later).
+    A constant rate gives the step nearest 80% of ``steps`` (halves round up); 200 steps of
+    warm-up 0.1 + cosine give step 103, not 160.
+
+    Returns:
+        A step in [1, steps].
+    """
+    mass = [0.0]
+    for i in range(steps):
+        mass.append(mass[-1] + lr_lambda(i, total=steps, warmup=warmup, schedule=schedule))
+    target = LATE * mass[-1]
+    return min(range(1, steps + 1), key=lambda s: (abs(mass[s] - target), -s))
 
 
 def eval_history(before: dict[str, float], rows: list[dict]) -> list[dict]:
@@ -36,19 +54,20 @@ def eval_history(before: dict[str, float], rows: list[dict]) -> list[dict]:
     return [history[s] for s in sorted(history)]
 
 
-def late_gain_share(history: list[dict], *, steps: int) -> float | None:
+def late_gain_share(history: list[dict], *, steps: int, warmup: float = 0.0,
+                    schedule: str = "constant") -> float | None:
     """(m_80 → m_end) / (m_0 → m_end), in the direction of improvement.
 
     m is accuracy when the evaluations have it (higher is better), else loss (lower is
-    better); m_80 is the evaluation at ``late_step(steps)``. 0 means no gain was made in the
-    last fifth, 1 all of it; a value below 0 says the last fifth lost some of the gain.
+    better); m_80 is the evaluation at ``late_step`` of the run's schedule. 0 means no gain was
+    made in the last fifth, 1 all of it; a value below 0 says the last fifth lost some of the gain.
 
     Returns:
         The share, or None: no gain (m_end no better than m_0), or no evaluation at step 0,
         at the 80% step or at the last.
     """
     by_step = {h["step"]: h for h in history}
-    late = late_step(steps)
+    late = late_step(steps, warmup=warmup, schedule=schedule)
     if not {0, late, steps} <= set(by_step):
         return None
     metric = "accuracy" if "accuracy" in by_step[steps] else "loss"

@@ -85,8 +85,9 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
 def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[dict]]:
     """The run's steps from its checkpoint on: log, evaluate and checkpoint between them.
 
-    Held-out evaluations: at the step nearest 80% of the run (``late_step``: the split of
-    ``late_gain_share``), every ``eval_every`` steps, and (the caller's) at the last step.
+    Held-out evaluations: at the step by which the schedule has applied 80% of its rate
+    (``late_step``: the split of ``late_gain_share``), every ``eval_every`` steps, and (the
+    caller's) at the last step.
 
     Returns:
         (tokens per second over the steps taken here, None if none were; the metric rows).
@@ -101,6 +102,7 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
         torch.manual_seed(plan.run.seed)        # dropout stream, identical for every method
     order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
                         per_step=cfg.batch_size * cfg.grad_accum, seed=plan.run.seed)
+    late = late_step(cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule)
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=plan.run_dir.name, unit="step", leave=False,
                disable=not (progress and dist.main), file=sys.stderr)
@@ -112,7 +114,7 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
         tok_s = tokens / max(time.perf_counter() - t_loop, 1e-9)
         metrics.append({"step": s.step, "kind": "train", "loss": s.loss, "lr": s.lr,
                         "tokens_per_s": tok_s})
-        due = s.step == late_step(cfg.steps) or cfg.eval_every and s.step % cfg.eval_every == 0
+        due = s.step == late or cfg.eval_every and s.step % cfg.eval_every == 0
         if due and s.step < cfg.steps:
             ev = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
             metrics.append({"step": s.step, "kind": "eval", **ev})
@@ -158,7 +160,10 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "peak_memory_mb": round(peak_memory_mb(dist.device), 1),
         "trainable_params": trainable_params,
         "eval_before": measured["eval_before"], "eval_after": measured["eval_after"],
-        "eval_history": history, "late_gain_share": late_gain_share(history, steps=cfg.steps),
+        "eval_history": history, "late_step": late_step(cfg.steps, warmup=cfg.warmup,
+                                                         schedule=cfg.schedule),
+        "late_gain_share": late_gain_share(history, steps=cfg.steps, warmup=cfg.warmup,
+                                           schedule=cfg.schedule),
         "delta_fro": delta_fro(updates), "a_moved": a_moved(updates) if lora else None,
         **planted, **provenance(),
     }

@@ -40,7 +40,7 @@ def sweep(smollm2_slice, make_run, tmp_path_factory):
         full = {f"{_name(layer, k)}.delta": 1e-3 * torch.randn(*shape, generator=gen)
                 for layer in (0, 1) for k, shape in KINDS.items()}
         # seed 0 records the training evidence of issue 9; seed 1 is a run from before it
-        evidence = dict(late_gain_share=0.05, full_scope="all", delta_fro={
+        evidence = dict(late_step=3, late_gain_share=0.05, full_scope="all", delta_fro={
             n[:-len(".delta")]: float(t.norm()) for n, t in full.items()}) if seed == 0 else {}
         make_run(out / f"full-s{seed}", full, run=f"full-s{seed}", method="full", rank=None,
                  seed=seed, eval_after={"loss": 2.0}, **evidence, **common)

@@ -34,6 +34,23 @@ def test_the_late_evaluation_is_at_the_step_nearest_80_percent(steps, late):
     assert late_step(steps) == late                   # 0.8·24 = 19.2 → 19, 0.8·4 = 3.2 → 3
 
 
+@pytest.mark.parametrize("steps, schedule, late", [(200, "cosine", 103), (400, "cosine", 206),
+                                                   (100, "linear", 58), (4, "cosine", 2)])
+def test_the_late_evaluation_splits_off_the_last_fifth_of_the_learning_rate_mass(
+        steps, schedule, late):
+    # the same split from the multipliers the optimizer applies, summed by a second route
+    from rankscope.train.loop import lr_lambda
+
+    mult = [lr_lambda(i, total=steps, warmup=0.1, schedule=schedule) for i in range(steps)]
+    mass = [sum(mult[:s]) for s in range(steps + 1)]
+    assert late_step(steps, warmup=0.1, schedule=schedule) == late
+    assert abs(mass[late] - 0.8 * mass[-1]) <= min(abs(mass[s] - 0.8 * mass[-1])
+                                                   for s in range(1, steps + 1))
+    # a cosine schedule's last fifth of *steps* applies ~1% of its rate: useless as a gate
+    if schedule == "cosine" and steps >= 200:
+        assert 1 - mass[round(0.8 * steps)] / mass[-1] < 0.02
+
+
 def test_the_history_starts_at_the_base_model_and_keeps_every_evaluation_in_step_order():
     rows = [{"step": 1, "kind": "train", "loss": 9.0, "lr": 0.1},
             {"step": 8, "kind": "eval", "loss": 1.5, "perplexity": 4.5},
@@ -100,17 +117,18 @@ def test_delta_fro_of_full_deltas_and_of_lora_factors(chosen_factors):
 
 @pytest.mark.slow
 def test_the_manifest_carries_the_training_evidence(news_sweep):
-    cfg = news_sweep.cfg                                            # 4 steps: 80% is step 3
+    cfg = news_sweep.cfg            # 4 cosine steps: 80% of the rate's mass is spent by step 2
     for run in (news_sweep.full, news_sweep.lora):
         m = json.loads((run / "manifest.json").read_text())
         df = pd.read_json(run / "metrics.jsonl", lines=True)
         evals = df[df["kind"] == "eval"]
-        assert evals["step"].tolist() == [3, 4]
-        assert [h["step"] for h in m["eval_history"]] == [0, 3, 4]
+        assert evals["step"].tolist() == [2, 4] and m["late_step"] == 2
+        assert [h["step"] for h in m["eval_history"]] == [0, 2, 4]
         assert m["eval_history"][0] == {"step": 0, **m["eval_before"]}
         assert m["eval_history"][-1] == {"step": 4, **m["eval_after"]}
         assert m["eval_history"][1]["loss"] == pytest.approx(float(evals["loss"].iloc[0]))
-        assert m["late_gain_share"] == late_gain_share(m["eval_history"], steps=cfg.steps)
+        assert m["late_gain_share"] == late_gain_share(m["eval_history"], steps=cfg.steps,
+                                                       warmup=cfg.warmup, schedule=cfg.schedule)
         assert m["full_scope"] == "all"
         ups = load_file(run / "updates.safetensors")
         assert m["delta_fro"] == pytest.approx(delta_fro(ups))
