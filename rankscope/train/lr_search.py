@@ -13,8 +13,11 @@ weights it trains: ``rankscope.train.planted``). The rule, fixed before any swee
   for LoRA at the sweep's middle rank (``search_rank``), each for the sweep's own steps,
   schedule, batches and first seed.
 * **choice** — the lowest validation loss (the highest accuracy for classification); a
-  candidate whose loss is not finite is out. A choice at either end of its grid is flagged:
-  the best rate may lie beyond it.
+  candidate whose loss is not finite is out.
+* **beyond the grid** — a choice at either end of the rates tried so far is followed by one
+  more candidate past that end, one grid step further (the ratio of the grid's two outermost
+  rates at that end), up to ``EXTEND_MAX`` times per method; a choice still at an end after
+  that is flagged: the best rate may lie beyond it.
 
 The grid, every candidate's validation metric and the choice are written to
 ``<sweep>/lr_search.json`` (one candidate at a time, so a cut search resumes); the sweep's
@@ -38,6 +41,9 @@ from rankscope.train.data import TaskData
 from rankscope.train.evaluation import evaluate
 from rankscope.train.loop import train_in_process
 from rankscope.train.model_setup import build_model
+
+
+EXTEND_MAX = 2          # candidates tried past an end of a method's grid, at most
 
 
 def search_rank(ranks: tuple[int, ...]) -> int:
@@ -76,8 +82,22 @@ def _score(result: dict) -> float:
     return -result["accuracy"] if "accuracy" in result else result["loss"]
 
 
+def beyond(grid: tuple[float, ...], tried: list[float], lr: float) -> float | None:
+    """The next rate to try past the end of ``tried`` where ``lr`` sits, one grid step further;
+    None when ``lr`` is inside, the grid has one rate, or ``EXTEND_MAX`` rates were added."""
+    g = sorted(grid)
+    if len(g) < 2 or len(set(tried)) - len(set(g)) >= EXTEND_MAX:
+        return None
+    if lr == max(tried):
+        return max(tried) * g[-1] / g[-2]
+    if lr == min(tried):
+        return min(tried) * g[0] / g[1]
+    return None
+
+
 def choose(rows: list[dict], grid: tuple[float, ...]) -> dict:
-    """The best finite candidate of one method, and whether it sits at an end of the grid."""
+    """The best finite candidate of one method, and whether it sits at an end of the rates
+    in ``grid`` (the rates tried)."""
     ok = [r for r in rows if math.isfinite(r["score"])]
     if not ok:
         raise InputError(f"the learning-rate search for {rows[0]['method']}: every candidate "
@@ -105,29 +125,45 @@ def search(cfg, task: TaskData, out: Path, *, device: torch.device, bf16: bool,
     grids = {"full": cfg.lr_grid_full, "lora": cfg.lr_grid_lora}
     choices = {}
     for method in cfg.methods:
-        for lr in grids[method]:
-            if any(r["method"] == method and r["lr"] == lr for r in rows):
-                continue
-            c = replace(cfg, **{f"lr_{method}": lr})
-            run = RunId(method, rank if method == "lora" else None, seed)
-            model = build_model(c, val, run).to(device)
-            losses = train_in_process(model, val, cfg=c, method=method, seed=seed, device=device,
-                                      bf16=bf16, desc=f"lr {method} {lr:g}")
-            result = evaluate(model, val.eval, kind=val.kind, device=device, bf16=bf16)
-            score = _score(result) if math.isfinite(losses[-1]) else math.inf
-            rows.append({"method": method, "rank": run.rank, "lr": lr, "validation": result,
-                         "last_train_loss": losses[-1], "score": score})
-            log(f"lr search: {method:<4} lr {lr:<8g} validation {_fmt(result)}")
-            if main:
-                _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed,
-                       rank=rank)
-        choices[method] = choose([r for r in rows if r["method"] == method], grids[method])
+        todo = list(grids[method])
+        while todo:
+            lr = todo.pop(0)
+            if not any(r["method"] == method and r["lr"] == lr for r in rows):
+                _try(cfg, val, rows, method=method, lr=lr, seed=seed, rank=rank,
+                     device=device, bf16=bf16, log=log)
+                if main:
+                    _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed,
+                           rank=rank)
+            if not todo:                                   # the grid is done: past its end?
+                tried = [r["lr"] for r in rows if r["method"] == method]
+                best = choose([r for r in rows if r["method"] == method], tuple(tried))["lr"]
+                nxt = beyond(grids[method], tried, best)
+                if nxt is not None:
+                    log(f"lr search: {method} best at the end of its rates, trying {nxt:g}")
+                    todo.append(nxt)
+        tried = tuple(r["lr"] for r in rows if r["method"] == method)
+        choices[method] = choose([r for r in rows if r["method"] == method], tried)
     if main:
         _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed, rank=rank)
     for method, ch in choices.items():
-        edge = " (at the edge of its grid)" if ch["at_edge"] else ""
+        edge = " (at the edge of the rates tried)" if ch["at_edge"] else ""
         log(f"lr search: {method} chooses {ch['lr']:g}{edge}")
     return replace(cfg, **{f"lr_{m}": ch["lr"] for m, ch in choices.items()})
+
+
+def _try(cfg, val: TaskData, rows: list[dict], *, method: str, lr: float, seed: int, rank: int,
+         device: torch.device, bf16: bool, log: Callable[[str], None]) -> None:
+    """Train one candidate on the validation split's training side and append its row."""
+    c = replace(cfg, **{f"lr_{method}": lr})
+    run = RunId(method, rank if method == "lora" else None, seed)
+    model = build_model(c, val, run).to(device)
+    losses = train_in_process(model, val, cfg=c, method=method, seed=seed, device=device,
+                              bf16=bf16, desc=f"lr {method} {lr:g}")
+    result = evaluate(model, val.eval, kind=val.kind, device=device, bf16=bf16)
+    score = _score(result) if math.isfinite(losses[-1]) else math.inf
+    rows.append({"method": method, "rank": run.rank, "lr": lr, "validation": result,
+                 "last_train_loss": losses[-1], "score": score})
+    log(f"lr search: {method:<4} lr {lr:<8g} validation {_fmt(result)}")
 
 
 def _fmt(result: dict) -> str:
@@ -140,4 +176,5 @@ def _write(path: Path, cfg, rows, choices, *, n_val: int, seed: int, rank: int) 
                 "of the training split; the sweep's steps, schedule and first seed",
         "validation_examples": n_val, "seed": seed, "lora_rank": rank,
         "grid": {"full": list(cfg.lr_grid_full), "lora": list(cfg.lr_grid_lora)},
+        "extend_max": EXTEND_MAX,
         "candidates": rows, "chosen": choices})

@@ -12,7 +12,9 @@ import yaml
 from rankscope.errors import InputError
 from rankscope.train.config import build_sweep
 from rankscope.train.data import TaskData
-from rankscope.train.lr_search import choose, search_rank, validation_split
+from rankscope.train import lr_search
+from rankscope.train.lr_search import EXTEND_MAX, beyond, choose, search, search_rank, \
+    validation_split
 from rankscope.train.planted import DistillSplit
 from rankscope.train.sweep import run_sweep
 
@@ -73,6 +75,46 @@ def test_the_choice_is_the_lowest_finite_score_and_says_when_it_sits_at_the_grid
         choose(_rows({1e-4: math.inf, 3e-4: math.inf}), grid)
 
 
+def test_past_an_end_of_the_grid_is_one_grid_step_further_at_most_twice():
+    grid = (1e-4, 3e-4, 1e-3)
+    assert beyond(grid, list(grid), 1e-3) == pytest.approx(1e-3 * 10 / 3)
+    assert beyond(grid, list(grid), 1e-4) == pytest.approx(1e-4 * 1 / 3)
+    assert beyond(grid, list(grid), 3e-4) is None                 # inside: nothing to extend
+    assert beyond((1e-3,), [1e-3], 1e-3) is None                   # one rate has no step
+    two_more = [*grid, 1e-3 * 10 / 3, 1e-3 * 100 / 9]
+    assert EXTEND_MAX == 2 and beyond(grid, two_more, two_more[-1]) is None
+
+
+def test_the_search_follows_the_best_rate_past_its_grid_and_flags_it_when_capped(
+        tmp_path, monkeypatch):
+    # a fake candidate whose validation loss is |log10(lr) − log10(best)|: the search's rule
+    # alone decides what is tried (no training), and what it tries is known by construction
+    best = {"full": 3e-3, "lora": 1.0}
+    tried: list[tuple[str, float]] = []
+
+    def fake_try(cfg, val, rows, *, method, lr, **_):
+        tried.append((method, lr))
+        loss = abs(math.log10(lr) - math.log10(best[method]))
+        rows.append({"method": method, "rank": None, "lr": lr, "validation": {"loss": loss},
+                     "last_train_loss": loss, "score": loss})
+
+    monkeypatch.setattr(lr_search, "_try", fake_try)
+    monkeypatch.setattr(lr_search, "validation_split", lambda task, **_: task)
+    cfg = build_sweep(overrides=dict(task="news", lr_search=True, ranks=(4,),
+                                     lr_grid_full=(1e-4, 3e-4, 1e-3),
+                                     lr_grid_lora=(1e-4, 1e-3)))
+    out = search(cfg, _task(32), tmp_path, device=torch.device("cpu"), bf16=False,
+                 log=lambda line: None)
+    full = [lr for m, lr in tried if m == "full"]        # 3.3e-3 wins, 1.1e-2 is worse: stop
+    assert full == pytest.approx([1e-4, 3e-4, 1e-3, 1e-3 * 10 / 3, 1e-3 * 100 / 9])
+    assert out.lr_full == pytest.approx(1e-3 * 10 / 3)
+    lora = [lr for m, lr in tried if m == "lora"]          # best far above: capped after two
+    assert lora == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1]) and out.lr_lora == pytest.approx(0.1)
+    record = json.loads((tmp_path / "lr_search.json").read_text())
+    assert record["chosen"]["lora"]["at_edge"] is True and record["extend_max"] == EXTEND_MAX
+    assert record["chosen"]["full"]["at_edge"] is False
+
+
 @pytest.mark.slow
 def test_a_sweep_with_the_search_trains_at_the_chosen_rates_and_resumes_it(minilm_slice,
                                                                            tmp_path):
@@ -84,18 +126,18 @@ def test_a_sweep_with_the_search_trains_at_the_chosen_rates_and_resumes_it(minil
     run_sweep(cfg, tmp_path / "out", progress=False, log=lines.append)
     record = json.loads((tmp_path / "out" / "lr_search.json").read_text())
     assert record["lora_rank"] == 4 and record["validation_examples"] == 8
-    assert {(r["method"], r["lr"]) for r in record["candidates"]} == {
-        ("full", 1e-5), ("full", 1e-3), ("lora", 1e-4), ("lora", 3e-3)}
+    tried = {(r["method"], r["lr"]) for r in record["candidates"]}
+    assert {("full", 1e-5), ("full", 1e-3), ("lora", 1e-4), ("lora", 3e-3)} <= tried
+    assert len(tried) <= 4 + 2 * EXTEND_MAX       # past an end of a 2-rate grid, at most twice
     for method in ("full", "lora"):
         rows = [r for r in record["candidates"] if r["method"] == method]
         best = min(rows, key=lambda r: -r["validation"]["accuracy"])["score"]
         chosen = record["chosen"][method]["lr"]
         assert [r["score"] for r in rows if r["lr"] == chosen] == [best]
-        assert record["chosen"][method]["at_edge"] is True       # a 2-rate grid has only edges
         run = "full-s0" if method == "full" else "lora-r1-s0"
         run_cfg = yaml.safe_load((tmp_path / "out" / run / "config.yaml").read_text())
         assert run_cfg[f"lr_{method}"] == chosen
-    assert sum("validation" in line for line in lines) == 4
+    assert sum("validation" in line for line in lines) == len(tried)
 
     again: list[str] = []                                       # resumed: nothing retrained
     run_sweep(cfg, tmp_path / "out", progress=False, log=again.append)
