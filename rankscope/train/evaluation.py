@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from rankscope.store.atomic import atomic_write_json
 from rankscope.train.corpora import DISTILL
 from rankscope.train.device import autocast
-from rankscope.train.objective import loss_sum
+from rankscope.train.objective import loss_sum, trim_padding
 
 BASE_EVAL = "base_eval.json"        # in the sweep folder: {"split_hash", "metrics"}
 
@@ -35,7 +35,7 @@ def evaluate(model, data: dict[str, torch.Tensor], *, kind: str, device: torch.d
     total, count, correct = 0.0, 0, 0
     n = data["input_ids"].shape[0]
     for i in range(0, n, batch_size):
-        batch = {k: v[i:i + batch_size].to(device) for k, v in data.items()}
+        batch = trim_padding({k: v[i:i + batch_size].to(device) for k, v in data.items()})
         with autocast(device, bf16):
             if kind == "cls":           # one forward pass for both the loss and the accuracy
                 logits = model(input_ids=batch["input_ids"],

@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from rankscope.train.device import Dist, autocast
-from rankscope.train.objective import loss_sum, n_targets
+from rankscope.train.objective import loss_sum, n_targets, trim_padding
 
 
 class Step(NamedTuple):
@@ -105,7 +105,7 @@ def _gradients(model, task, idx: torch.Tensor, *, cfg, dist: Dist, bf16: bool) -
     micro = idx.view(cfg.grad_accum, cfg.batch_size)
     for a, mb in enumerate(micro):
         shard = mb[dist.rank::dist.world]
-        batch = {k: v[shard].to(dist.device) for k, v in task.train.items()}
+        batch = trim_padding({k: v[shard].to(dist.device) for k, v in task.train.items()})
         sync = nullcontext() if dist.world == 1 or a == cfg.grad_accum - 1 else model.no_sync()
         with sync, autocast(dist.device, bf16):
             loss, _ = loss_sum(model, batch, kind=task.kind, teacher=getattr(task.train, "teacher", None))
