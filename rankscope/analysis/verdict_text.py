@@ -61,8 +61,10 @@ def markdown(outcome: str, table: pd.DataFrame) -> str:
         threshold = "" if pd.isna(r.threshold) else f" (threshold {_fmt(r.threshold)})"
         gate = f"; needs {r.gate}" if r.gate else ""
         lines.append(f"- **{r.test}**: {r.status}{value}{threshold}{gate}. {r.note}".rstrip())
+    # a test made inconclusive by a failed gate gets no advice of its own: the gate's says
+    # what to run (its own would name causes the runs may not have, e.g. one seed)
     keys = [(r.test, "beaten" if NOT_BEST_LEARNER in str(r.note) else r.status)
-            for r in table.itertuples()]
+            for r in table.itertuples() if not str(r.note).startswith("gate failed")]
     todo = [NEXT[k] for k in keys if k in NEXT]
     if outcome != "holds" and todo:
         lines += ["", "What to run next: " + "; ".join(dict.fromkeys(todo)) + "."]

@@ -60,6 +60,9 @@ def test_a_full_run_still_improving_fails_its_gate_and_names_it():
     assert status(table, "equivalence") == "inconclusive"            # it needs that gate
     text, ev = verdict(frames(metrics(late=0.4)))
     assert "learning-rate schedule) made 40% of its gain" in text and ev["outcome"] == "inconclusive"
+    advice = text.split("What to run next: ")[1].split("\n")[0]
+    assert advice.startswith("full fine-tuning was still improving")   # the gate's advice only:
+    assert "seeds" not in advice and "full_scope" not in advice        # not causes it lacks
 
 
 def test_lora_far_better_than_full_at_a_hand_set_rate_is_no_match_and_no_refutation():
