@@ -38,11 +38,24 @@ def now() -> str:
 
 
 def machine() -> dict[str, str | int]:
-    """The host: processor, platform and logical CPU count."""
+    """The host: processor (its model name where /proc/cpuinfo gives one), platform and
+    logical CPU count."""
     import os
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(),
+            "processor": _cpu_model() or platform.processor() or platform.machine(),
             "cpus": os.cpu_count() or 0}
+
+
+def _cpu_model() -> str | None:
+    """The first "model name" of /proc/cpuinfo (Linux), else None."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name") and ":" in line:
+                return " ".join(line.split(":", 1)[1].split()) or None
+    except OSError:
+        return None
+    return None
 
 
 def machine_heading() -> str:
