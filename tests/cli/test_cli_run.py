@@ -18,8 +18,11 @@ from click.testing import CliRunner
 
 from rankscope.cli import main
 
+# every field the quick profile (the job's base on a CPU) sets is pinned: one seed, no rate
+# search, full fine-tuning of every parameter, no evaluation but the 80% one
 TINY = dict(task="news", ranks=[2, 4], steps=2, batch_size=2, max_len=32, max_eval_examples=4,
-            max_train_examples=8, checkpoint_every=2, bf16=False)
+            max_train_examples=8, checkpoint_every=2, bf16=False, seeds=[0], lr_search=False,
+            full_scope="all", eval_every=0)
 STAGE_NAMES = ["sweep", "compare", "truncate", "recommend", "report"]
 OUTPUTS = ["report.html", "report.md", "lora_config.json", "recommendation.csv", "rationale.md",
            "verdict.md", "metrics.csv", "truncation_summary.csv"]
