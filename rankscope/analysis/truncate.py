@@ -20,9 +20,8 @@ from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import from_run
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import truncate
-from rankscope.store.runs import (OTHERS, SWEEP_FILE, find_runs, read_manifest, read_tensors,
-                                  sweep_root)
-from rankscope.train.config import build_sweep
+from rankscope.store.runs import OTHERS, SWEEP_FILE, find_runs, read_manifest, read_tensors
+from rankscope.train.config import read_sweep_config
 from rankscope.train.data import prepare
 from rankscope.train.device import setup_dist, use_bf16
 from rankscope.train.evaluation import evaluate
@@ -33,14 +32,6 @@ SHARES = (0.9, 0.95)
 # A share is a ratio of metric differences: a curve built to reach 90% exactly can land at
 # 0.8999999999999999, so "keeps the share" allows this much rounding below it.
 SHARE_TOL = 1e-9
-
-
-def _sweep_config(sweep_dir: Path):
-    path = sweep_dir / SWEEP_FILE
-    if not path.is_file():
-        raise InputError(f"{sweep_dir} has no {SWEEP_FILE}: the truncation test needs the sweep's "
-                         "data settings to rebuild its held-out split")
-    return build_sweep(yaml_path=path)
 
 
 def _fine_tuned_model(cfg, run_dir: Path, manifest: dict, task, names: list[str]):
@@ -220,7 +211,7 @@ def truncate_sweep(path: str | Path, *, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 3
     if not chosen:
         lora = "" if lora_min_rank is None else f" (or LoRA run of rank ≥ {lora_min_rank})"
         raise InputError(f"no full run{lora} in {path} to truncate")
-    cfg = _sweep_config(sweep_root(path))
+    cfg = read_sweep_config(path, needed_by="the truncation test")
     task = prepare(cfg)
     dist = setup_dist(device)
     for r in chosen:

@@ -24,14 +24,17 @@ from rankscope.cli.edge import one_line_errors
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that has other content.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where dense SVDs run; auto is CUDA when present.")
+@click.option("--no-eval", is_flag=True, help="RUN: skip the held-out evaluation of the "
+                                              "exported adapter beside the run's own metric.")
 @one_line_errors
 def export(run, adapter, base, finetuned, rank, energy, from_, save_changed_modules, out,
-           overwrite, device):
+           overwrite, device, no_eval):
     """Write a PEFT LoRA adapter from RUN (a run folder), --adapter, or --base with --finetuned.
 
     A full update is cut to its rank-k SVD, a LoRA update resized by the exact SVD of s·B·A;
     OUT gets adapter_config.json, adapter_model.safetensors and export.json (each module's
-    rank and the share of its update's energy kept).
+    rank and the share of its update's energy kept). From a sweep's run, the adapter is also
+    loaded by peft and evaluated on the run's held-out split, beside the run's own metric.
     """
     from rankscope.export.adapters import export_adapter
     from rankscope.export.ranks import RankRule, read_recommendation
@@ -43,7 +46,8 @@ def export(run, adapter, base, finetuned, rank, energy, from_, save_changed_modu
     check_out_dir(out, overwrite=overwrite)           # refuse before any model is loaded
     source = resolve_source(run, adapter=adapter, base=base, finetuned=finetuned)
     record = export_adapter(source, rule=rule, out=out, overwrite=overwrite,
-                            save_changed=save_changed_modules, device=device)
+                            save_changed=save_changed_modules, device=device,
+                            evaluate=not no_eval)
     on = [m for m in record["modules"] if m["rank"] > 0]
     ranks = sorted({m["rank"] for m in on})
     kept = [m["retained_energy"] for m in on]
@@ -57,4 +61,19 @@ def export(run, adapter, base, finetuned, rank, energy, from_, save_changed_modu
         left = record["changed_not_saved"]
         click.echo(f"note: {len(left)} other changed parameters not exported ({left[0]}, …); "
                    "--save-changed-modules adds them", err=True)
+    h = record.get("heldout") or {}
+    if "skipped" in h:
+        click.echo(f"note: no held-out evaluation of the adapter: {h['skipped']}", err=True)
+    elif h:
+        for key in h["exported"]:
+            if key == "perplexity":
+                continue
+            click.echo(f"held-out {key} ({h['n_examples']} examples): exported "
+                       f"{h['exported'][key]:.4g}, source run {_get(h['source'], key)}, "
+                       f"base model {_get(h['base'], key)}")
     click.echo(f"wrote {out}: adapter_config.json, adapter_model.safetensors, export.json")
+
+
+def _get(metrics: dict | None, key: str) -> str:
+    value = (metrics or {}).get(key)
+    return "n/a" if value is None else f"{value:.4g}"

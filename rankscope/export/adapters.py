@@ -25,6 +25,7 @@ from torch import nn
 
 from rankscope.analysis.decompose import decompose
 from rankscope.errors import InputError
+from rankscope.export.heldout import heldout_metrics
 from rankscope.export.ranks import RankRule, balanced_factors, lora_params, planned_rank, \
     retained_energy
 from rankscope.export.sources import PREFIX, Source, load_host
@@ -38,7 +39,8 @@ EXPORT_FORMAT = "rankscope.export/1"
 
 
 def export_adapter(source: Source, *, rule: RankRule, out: str | Path, overwrite: bool = False,
-                   save_changed: bool = False, device: str | None = "auto") -> dict:
+                   save_changed: bool = False, device: str | None = "auto",
+                   evaluate: bool = True) -> dict:
     """Write ``out`` as a PEFT LoRA adapter folder holding ``source``'s updates at ``rule``'s ranks.
 
     ``out`` gets ``adapter_config.json``, ``adapter_model.safetensors`` (and peft's README.md)
@@ -55,6 +57,8 @@ def export_adapter(source: Source, *, rule: RankRule, out: str | Path, overwrite
         overwrite: replace an ``out`` folder that has other content.
         save_changed: put the full source's changed non-ΔW parameters into modules_to_save.
         device: where dense SVDs run: "auto" (CUDA when present), "cpu" or "cuda".
+        evaluate: when the source is a sweep run, evaluate the written adapter on the run's
+            held-out split (``heldout.heldout_metrics``) into export.json's ``heldout``.
     Returns:
         The record written to export.json.
     Raises:
@@ -81,6 +85,8 @@ def export_adapter(source: Source, *, rule: RankRule, out: str | Path, overwrite
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_adapter(host, tmp, factors=factors, extras=extras, modules_to_save=saved,
                       task_type=source.task_type, base=source.base)
+        if evaluate and source.describe.get("kind") == "run":      # the folder as peft loads it
+            record["heldout"] = heldout_metrics(source.describe["run"], tmp)
         atomic_write_json(tmp / EXPORT_FILE, record)
     return record
 

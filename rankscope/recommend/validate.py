@@ -19,25 +19,12 @@ import torch
 
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_dir, atomic_write_json
-from rankscope.store.runs import SWEEP_FILE, sweep_root
+from rankscope.store.runs import sweep_root
+from rankscope.train.config import read_sweep_config
 from rankscope.train.device import setup_dist, use_bf16
 from rankscope.train.evaluation import base_evaluation, evaluate
 from rankscope.train.loop import train_in_process
 from rankscope.train.model_setup import load_task_model
-
-
-def sweep_config(runs: str | Path):
-    """The SweepConfig a sweep was trained with (its ``sweep.yaml``).
-
-    Raises:
-        InputError: the sweep folder has no sweep.yaml.
-    """
-    from rankscope.train.config import build_sweep
-
-    path = sweep_root(runs) / SWEEP_FILE
-    if not path.is_file():
-        raise InputError(f"--validate needs the sweep's settings, and {path} is missing")
-    return build_sweep(yaml_path=path)
 
 
 def build_lora(cfg, task, config: dict, *, seed: int):
@@ -77,7 +64,7 @@ def validate(runs: str | Path, configs: dict[str, dict], *, sets: list, out: str
     from rankscope.store.results import VALIDATED, save_tables
     from rankscope.train.data import prepare
 
-    cfg = sweep_config(runs)
+    cfg = read_sweep_config(runs, needed_by="--validate")
     task = prepare(cfg)
     if any(s.meta.get("split_hash") not in (None, task.split_hash) for s in sets):
         raise InputError(f"{runs} was evaluated on another held-out split than its sweep.yaml gives")

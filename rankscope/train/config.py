@@ -306,6 +306,22 @@ def _task_defaults(values: dict) -> None:
         values.setdefault("targets", spec.default_targets)
 
 
+def read_sweep_config(runs: str | Path, *, needed_by: str) -> SweepConfig:
+    """The SweepConfig a sweep trained with: its ``sweep.yaml`` (``runs`` is the sweep folder
+    or a run folder inside it).
+
+    Raises:
+        InputError: no sweep.yaml there (``needed_by`` names what needs it), or an invalid one.
+    """
+    from rankscope.store.runs import SWEEP_FILE, sweep_root
+
+    root = sweep_root(runs)
+    if not (root / SWEEP_FILE).is_file():
+        raise InputError(f"{root} has no {SWEEP_FILE}: {needed_by} needs the sweep's settings "
+                         "to rebuild its held-out split")
+    return build_sweep(yaml_path=root / SWEEP_FILE)
+
+
 def load_yaml(path: str | Path) -> dict:
     """A YAML mapping from a file.
 

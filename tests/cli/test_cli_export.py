@@ -140,3 +140,31 @@ def test_a_corrupt_recommendation_and_an_occupied_or_input_out(pair, tiny_llama,
     res = invoke("--adapter", adapter, "--rank", 1, "--out", adapter, "--overwrite")
     assert_one_line_error(res, "is or holds the input")
     assert (adapter / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_export_is_evaluated_beside_the_run(news_sweep, tmp_path):
+    """A real LoRA run of the news sweep, resized at its own rank: the adapter peft loads from
+    the export gives back the run's own held-out loss (known by construction: the resize is
+    exact), and the CLI prints both; a run moved out of its sweep exports without it."""
+    manifest = json.loads((news_sweep.lora / "manifest.json").read_text())
+    res = invoke(news_sweep.lora, "--rank", manifest["rank"], "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    held = json.loads((tmp_path / "a" / "export.json").read_text())["heldout"]
+    assert held["source"] == manifest["eval_after"] and held["base"] == manifest["eval_before"]
+    assert held["exported"]["loss"] == pytest.approx(manifest["eval_after"]["loss"], rel=1e-4)
+    assert held["n_examples"] == manifest["n_eval_examples"] and held["precision"] == "float32"
+    assert f"held-out loss ({held['n_examples']} examples): exported" in res.output
+    cut = invoke(news_sweep.full, "--rank", 1, "--out", tmp_path / "b")      # rank 1 of a full
+    held = json.loads((tmp_path / "b" / "export.json").read_text())["heldout"]
+    assert cut.exit_code == 0 and held["exported"]["loss"] != held["source"]["loss"]
+
+    import shutil
+
+    alone = shutil.copytree(news_sweep.lora, tmp_path / "alone" / news_sweep.lora.name)
+    res = invoke(alone, "--rank", 1, "--out", tmp_path / "c")
+    assert res.exit_code == 0 and "no held-out evaluation" in res.output
+    assert "skipped" in json.loads((tmp_path / "c" / "export.json").read_text())["heldout"]
+    skip = invoke(news_sweep.lora, "--rank", 1, "--no-eval", "--out", tmp_path / "d")
+    assert skip.exit_code == 0
+    assert "heldout" not in json.loads((tmp_path / "d" / "export.json").read_text())

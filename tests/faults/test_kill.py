@@ -4,7 +4,8 @@ uninterrupted run's, and no temporary or half-written file is left.
 Every file rankscope writes goes through ``rankscope.store.atomic`` (``atomic_file`` and
 ``atomic_dir``), whose kill points lie before each write and between its temporary copy and the
 rename(s) that publish it; ``RANKSCOPE_FAULT_KILL_AT=n`` SIGKILLs the process at its n-th point.
-For each stage (``sweep``, ``compare``, ``truncate``, ``recommend``, ``report``, ``export``) an
+For each stage (``sweep``, ``compare``, ``truncate``, ``recommend``, ``report``, ``export``,
+``figures``: an experiment's own sweep, analysis and figure files) an
 uninterrupted reference run counts the stage's points; then, from a copy of the state before
 the stage, a run is killed at a point and the same command rerun.
 
@@ -15,6 +16,8 @@ sweep's tensors and the export's adapter: each tensor's bytes and the file's met
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -26,18 +29,31 @@ from pathlib import Path
 import pytest
 
 from rankscope.store.atomic import FAULT_KILL_ENV, FAULT_LOG_ENV
+from rankscope.pipeline.stages import STAMPS
 from rankscope.store.lock import LOCK_FILE
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 ALL = os.environ.get("RANKSCOPE_FAULTS_ALL") == "1"
-ORDER = ["sweep", "compare", "truncate", "recommend", "report", "export"]
+ORDER = ["sweep", "compare", "truncate", "recommend", "report", "export", "figures"]
+
+
+def _experiment(news_yaml: Path) -> Path:
+    """A figure experiment on the news sweep (``rankscope figures``): its own sweep, analysis,
+    PNG, CSV and caption JSON."""
+    path = news_yaml.with_name("metric_rank.yaml")
+    if not path.exists():
+        path.write_text(f"result: kill test\nfigure: metric_rank\nsweep: {news_yaml}\n"
+                        "variants:\n  quick: {}\n")
+    return path
 
 
 def _command(stage: str, root: Path, news_yaml: Path) -> list[str]:
     runs, results = root / "runs", root / "results"
     args = {"sweep": ["sweep", str(news_yaml), "--out", str(runs)],
-            "export": ["export", str(runs / "full-s0"), "--rank", "2", "--out", str(root / "adapter")]
+            "export": ["export", str(runs / "full-s0"), "--rank", "2", "--out", str(root / "adapter")],
+            "figures": ["figures", str(_experiment(news_yaml)), "--variant", "quick",
+                        "--out", str(root / "figures"), "--runs-root", str(root / "figure-runs")],
             }.get(stage, [stage, str(runs), "--out", str(results)])
     quiet = [] if stage == "export" else ["--quiet"]
     return [sys.executable, "-m", "rankscope", *args, *quiet]
@@ -56,10 +72,19 @@ MASKS = [(re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:
          (re.compile(r'"git": "[^"]*"'), '"git": <revision>')]     # a commit during a long run
 
 
+TIMINGS = {"wall_time_s", "tokens_per_s", "peak_memory_mb"}   # differ between two equal runs
+
+
 def _text(path: Path, root: Path) -> str:
     text = path.read_text(errors="replace").replace(str(root), "<root>")     # a snapshot's copy
     for pattern, sub in MASKS:
         text = pattern.sub(sub, text)
+    if path.name == STAMPS:      # stamps hash the runs' manifests, timings included: which
+        return json.dumps(sorted(json.loads(text)))     # stages are done is what must agree
+    if path.suffix == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        keep = [i for i, name in enumerate(rows[0] if rows else []) if name not in TIMINGS]
+        return "\n".join(",".join(r[i] for i in keep if i < len(r)) for r in rows)
     if path.suffix == ".json":
         try:
             doc = json.loads(text)
