@@ -11,7 +11,10 @@ steps, 64 tokens, 2 seeds) was set by the gates: full fine-tuning must plateau (
 did, r = 16). Measured on 2 cores (AVX2, float32), ~12 min for this sweep: full fine-tuning
 at its searched rate 1e-3 reaches a held-out loss of 5.4e-5, LoRA r = 4 1.3e-6 (r = 2 2.6e-4);
 the knee, k₉₀ and the recommendation are all 4; φ(4, 4) between r = 8 and 16 is 0.995 (query)
-and 0.999 (value), φ(8, 8) 0.55 and 0.61.
+and 0.999 (value), φ(8, 8) 0.55 and 0.61. Those numbers predate the search's step past its
+grid and the plateau gate on the rate's mass (2026-12-02); under both, LoRA's rate is 9e-3 (it
+tried 2.7e-2 too), full's last fifth made 12% of its gain, LoRA r = 4 reached 1.4e-7 and
+k₉₀ = 4 for both seeds.
 """
 from __future__ import annotations
 
