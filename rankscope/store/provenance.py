@@ -50,9 +50,10 @@ def machine() -> dict[str, str | int]:
 def _cpu_model() -> str | None:
     """The first "model name" of /proc/cpuinfo (Linux), else None."""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            if line.startswith("model name") and ":" in line:
-                return " ".join(line.split(":", 1)[1].split()) or None
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    return " ".join(line.split(":", 1)[1].split()) or None
     except OSError:
         return None
     return None

@@ -54,12 +54,11 @@ def eval_history(before: dict[str, float], rows: list[dict]) -> list[dict]:
     return [history[s] for s in sorted(history)]
 
 
-def late_gain_share(history: list[dict], *, steps: int, warmup: float = 0.0,
-                    schedule: str = "constant") -> float | None:
+def late_gain_share(history: list[dict], *, late: int, steps: int) -> float | None:
     """(m_80 → m_end) / (m_0 → m_end), in the direction of improvement.
 
     m is accuracy when the evaluations have it (higher is better), else loss (lower is
-    better); m_80 is the evaluation at ``late_step`` of the run's schedule. 0 means no gain was
+    better); m_80 is the evaluation at step ``late`` (the run's ``late_step``). 0 means no gain was
     made in the last fifth, 1 all of it; a value below 0 says the last fifth lost some of the gain.
 
     Returns:
@@ -67,7 +66,6 @@ def late_gain_share(history: list[dict], *, steps: int, warmup: float = 0.0,
         at the 80% step or at the last.
     """
     by_step = {h["step"]: h for h in history}
-    late = late_step(steps, warmup=warmup, schedule=schedule)
     if not {0, late, steps} <= set(by_step):
         return None
     metric = "accuracy" if "accuracy" in by_step[steps] else "loss"

@@ -126,23 +126,22 @@ def search(cfg, task: TaskData, out: Path, *, device: torch.device, bf16: bool,
     choices = {}
     for method in cfg.methods:
         todo = list(grids[method])
-        while todo:
-            lr = todo.pop(0)
-            if not any(r["method"] == method and r["lr"] == lr for r in rows):
-                _try(cfg, val, rows, method=method, lr=lr, seed=seed, rank=rank,
-                     device=device, bf16=bf16, log=log)
-                if main:
-                    _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed,
-                           rank=rank)
-            if not todo:                                   # the grid is done: past its end?
-                tried = [r["lr"] for r in rows if r["method"] == method]
-                best = choose([r for r in rows if r["method"] == method], tuple(tried))["lr"]
-                nxt = beyond(grids[method], tried, best)
-                if nxt is not None:
-                    log(f"lr search: {method} best at the end of its rates, trying {nxt:g}")
-                    todo.append(nxt)
-        tried = tuple(r["lr"] for r in rows if r["method"] == method)
-        choices[method] = choose([r for r in rows if r["method"] == method], tried)
+        while todo:                       # the grid, then one rate past its end at a time
+            for lr in todo:
+                if not any(r["method"] == method and r["lr"] == lr for r in rows):
+                    _try(cfg, val, rows, method=method, lr=lr, seed=seed, rank=rank,
+                         device=device, bf16=bf16, log=log)
+                    if main:
+                        _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed,
+                               rank=rank)
+            mine = [r for r in rows if r["method"] == method]
+            tried = [r["lr"] for r in mine]
+            best = choose(mine, tuple(tried))
+            nxt = beyond(grids[method], tried, best["lr"])
+            todo = [] if nxt is None else [nxt]
+            if todo:
+                log(f"lr search: {method} best at the end of its rates, trying {nxt:g}")
+        choices[method] = best
     if main:
         _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed, rank=rank)
     for method, ch in choices.items():

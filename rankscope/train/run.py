@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -41,6 +42,12 @@ class RunPlan:
     run_dir: Path
     dist: Dist
     bf16: bool
+
+    @cached_property
+    def late(self) -> int:
+        """The step of the held-out evaluation that splits off the last fifth of the rate's
+        mass (``evidence.late_step``)."""
+        return late_step(self.cfg.steps, warmup=self.cfg.warmup, schedule=self.cfg.schedule)
 
 
 def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, dist: Dist,
@@ -102,7 +109,6 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
         torch.manual_seed(plan.run.seed)        # dropout stream, identical for every method
     order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
                         per_step=cfg.batch_size * cfg.grad_accum, seed=plan.run.seed)
-    late = late_step(cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule)
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=plan.run_dir.name, unit="step", leave=False,
                disable=not (progress and dist.main), file=sys.stderr)
@@ -114,7 +120,7 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
         tok_s = tokens / max(time.perf_counter() - t_loop, 1e-9)
         metrics.append({"step": s.step, "kind": "train", "loss": s.loss, "lr": s.lr,
                         "tokens_per_s": tok_s})
-        due = s.step == late or cfg.eval_every and s.step % cfg.eval_every == 0
+        due = s.step == plan.late or cfg.eval_every and s.step % cfg.eval_every == 0
         if due and s.step < cfg.steps:
             ev = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
             metrics.append({"step": s.step, "kind": "eval", **ev})
@@ -160,10 +166,8 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "peak_memory_mb": round(peak_memory_mb(dist.device), 1),
         "trainable_params": trainable_params,
         "eval_before": measured["eval_before"], "eval_after": measured["eval_after"],
-        "eval_history": history, "late_step": late_step(cfg.steps, warmup=cfg.warmup,
-                                                         schedule=cfg.schedule),
-        "late_gain_share": late_gain_share(history, steps=cfg.steps, warmup=cfg.warmup,
-                                           schedule=cfg.schedule),
+        "eval_history": history, "late_step": plan.late,
+        "late_gain_share": late_gain_share(history, late=plan.late, steps=cfg.steps),
         "delta_fro": delta_fro(updates), "a_moved": a_moved(updates) if lora else None,
         **planted, **provenance(),
     }

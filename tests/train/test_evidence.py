@@ -72,14 +72,15 @@ def _history(m0, m80, m_end, *, key="loss", steps=10):
     (2.0, 2.0, 1.0, 1.0),           # all of it late: far from converged
 ])
 def test_the_late_share_of_a_loss_gain(m0, m80, m_end, share):
-    assert late_gain_share(_history(m0, m80, m_end), steps=10) == pytest.approx(share)
+    assert late_gain_share(_history(m0, m80, m_end), late=late_step(10), steps=10) \
+        == pytest.approx(share)
 
 
 def test_the_late_share_of_an_accuracy_gain_is_taken_upwards():
     hist = _history(0.5, 0.8, 0.9, key="accuracy")
     for h in hist:
         h["loss"] = 1.0                                   # accuracy wins when both are there
-    assert late_gain_share(hist, steps=10) == pytest.approx(0.25)
+    assert late_gain_share(hist, late=late_step(10), steps=10) == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("hist", [
@@ -88,7 +89,7 @@ def test_the_late_share_of_an_accuracy_gain_is_taken_upwards():
     _history(2.0, 1.2, 1.0)[::2],                             # no evaluation at 80%
 ])
 def test_no_gain_or_a_missing_evaluation_is_null(hist):
-    assert late_gain_share(hist, steps=10) is None
+    assert late_gain_share(hist, late=late_step(10), steps=10) is None
 
 
 # ---------------------------------------------------------------- A moved, ‖ΔW‖_F
@@ -127,8 +128,9 @@ def test_the_manifest_carries_the_training_evidence(news_sweep):
         assert m["eval_history"][0] == {"step": 0, **m["eval_before"]}
         assert m["eval_history"][-1] == {"step": 4, **m["eval_after"]}
         assert m["eval_history"][1]["loss"] == pytest.approx(float(evals["loss"].iloc[0]))
-        assert m["late_gain_share"] == late_gain_share(m["eval_history"], steps=cfg.steps,
-                                                       warmup=cfg.warmup, schedule=cfg.schedule)
+        assert m["late_step"] == late_step(cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule)
+        assert m["late_gain_share"] == late_gain_share(m["eval_history"], late=m["late_step"],
+                                                       steps=cfg.steps)
         assert m["full_scope"] == "all"
         ups = load_file(run / "updates.safetensors")
         assert m["delta_fro"] == pytest.approx(delta_fro(ups))
