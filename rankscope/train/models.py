@@ -149,6 +149,44 @@ def load_backbone(name: str | Path, *, dtype: torch.dtype = torch.float32) -> nn
     return load_pretrained(AutoModel, name, dtype=dtype)
 
 
+def read_config(name: str | Path):
+    """The transformers config (``AutoConfig``) of a resolved model, quietly.
+
+    Raises:
+        InputError: the folder's config.json is corrupt or names an architecture this
+            transformers does not know.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read the config of model {name}: {first}") from None
+
+
+def meta_backbone(name: str | Path) -> nn.Module:
+    """A model's backbone (``AutoModel``) built from its config on the meta device.
+
+    It has the architecture's module names and weight shapes but no weights and takes no
+    memory: what ``find_linear_modules`` needs when the weights are read from the checkpoint.
+
+    Raises:
+        InputError: see ``read_config``; transformers cannot build the architecture.
+    """
+    from transformers import AutoModel
+
+    config = read_config(name)
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            return AutoModel.from_config(config).eval()
+    except (ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot build model {name} from its config: {first}") from None
+
+
 def load_pretrained(auto_cls, name: str | Path, *, dtype: torch.dtype = torch.float32,
                     **kwargs) -> nn.Module:
     """``auto_cls.from_pretrained`` on a resolved model, quietly, with errors as one line.

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import rankscope.analysis.deltas as deltas_module
 from rankscope.analysis.analyze import analyze
 from rankscope.analysis.deltas import (
     ModuleDelta,
@@ -304,6 +305,201 @@ def test_model_pair_nan_weight(minilm_slice, make_finetuned, tmp_path):
     ft = make_finetuned(minilm_slice, tmp_path / "ft", {"encoder.layer.1.attention.self.value": bad})
     with pytest.raises(InputError, match="encoder.layer.1.attention.self.value of .*ft contains NaN"):
         list(from_model_pair(minilm_slice, ft))
+
+
+# ------------------------------------------------------- model pairs, streamed from safetensors
+
+def _tiny(arch: str):
+    """A tiny random model of ``arch``, as its checkpoints are saved (with or without a head)."""
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    if arch == "llama":                                    # keys carry a "model." prefix
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2))
+    if arch == "bert":                                     # keys as the backbone names them
+        return BertModel(BertConfig(hidden_size=32, intermediate_size=64, vocab_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=32))
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,   # Conv1D
+                                      n_positions=32))
+
+
+def _save(model, out, *, sharded: bool):
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model.save_pretrained(out, max_shard_size="20KB" if sharded else "50GB")
+    return out
+
+
+def _planted_pair(root, arch, chosen_factors, *, sharded=True, dtype=torch.float32, skip=1):
+    """Base and fine-tuned folders of a tiny model whose linear weights but the ``skip``-th get
+    W += P, P = U diag(1, 0.5) Vᵀ. Returns (base, ft, {name: P}, {name: ΔW as saved, float32})."""
+    from rankscope.train.models import find_linear_modules, linear_weight
+
+    model = _tiny(arch).to(dtype)
+    base = _save(model, root / "base", sharded=sharded)
+    backbone = model.base_model                             # the AutoModel part, its names
+    planted, saved = {}, {}
+    with torch.no_grad():
+        for i, info in enumerate(find_linear_modules(backbone)):
+            if i == skip:
+                continue
+            w = linear_weight(backbone.get_submodule(info.name))    # (d_out, d_in), a view
+            before = w.float().clone()
+            B, A = chosen_factors([1.0, 0.5], info.d_out, info.d_in, seed=i)
+            w.add_((B @ A).to(dtype))
+            planted[info.name], saved[info.name] = (B @ A).float(), w.float() - before
+    return base, _save(model, root / "ft", sharded=sharded), planted, saved
+
+
+def _whole_model_path(monkeypatch):
+    """Make ``from_model_pair`` take its whole-model path (as for a folder without safetensors)."""
+    monkeypatch.setattr(deltas_module, "has_safetensors", lambda folder: False)
+
+
+@pytest.fixture
+def no_whole_model_load(monkeypatch):
+    """Fail any whole-model load: a streamed pair must never call one."""
+    from transformers import AutoModel
+
+    import rankscope.train.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole model was loaded")
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", refuse)
+    monkeypatch.setattr(models, "load_pretrained", refuse)
+    monkeypatch.setattr(deltas_module, "load_backbone", refuse)
+
+
+@pytest.mark.parametrize("arch, sharded, dtype", [
+    ("llama", False, torch.float32), ("llama", True, torch.float32), ("llama", True, torch.bfloat16),
+    ("bert", True, torch.float32), ("gpt2", True, torch.float32), ("gpt2", False, torch.float16)])
+def test_streamed_pair_equals_the_whole_model_path_and_the_plant(
+        arch, sharded, dtype, chosen_factors, tmp_path, monkeypatch):
+    base, ft, planted, saved = _planted_pair(tmp_path, arch, chosen_factors, sharded=sharded,
+                                             dtype=dtype)
+    assert len(list(base.glob("*.safetensors"))) > (2 if sharded else 0)
+    with monkeypatch.context() as m:
+        _whole_model_path(m)
+        loaded = list(from_model_pair(base, ft))
+    streamed_set = from_model_pair(base, ft)
+    streamed = list(streamed_set)
+    assert streamed_set.n_modules == len(planted) + 1                  # the skipped one counted
+    assert [d.name for d in streamed] == [d.name for d in loaded] == list(planted)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-3              # the plant, rounded
+    for s, w in zip(streamed, loaded):
+        assert (s.layer, s.module, s.d_out, s.d_in) == (w.layer, w.module, w.d_out, w.d_in)
+        assert s.dense.dtype == w.dense.dtype == torch.float32
+        assert tuple(s.dense.shape) == (s.d_out, s.d_in)
+        assert torch.equal(s.dense, w.dense) and torch.equal(s.dense, saved[s.name])
+        torch.testing.assert_close(s.dense, planted[s.name], rtol=0, atol=tolerance)
+
+
+def test_a_safetensors_pair_is_streamed_not_loaded(chosen_factors, tmp_path, no_whole_model_load):
+    base, ft, planted, _ = _planted_pair(tmp_path, "llama", chosen_factors)
+    assert [d.name for d in from_model_pair(base, ft)] == list(planted)
+
+
+def test_registry_names_stream_and_unchanged_weights_are_skipped(no_whole_model_load):
+    ds = from_model_pair("minilm-l6", "minilm-l6")
+    assert ds.n_modules == 37 and list(ds) == []
+
+
+def test_a_folder_without_safetensors_falls_back_to_whole_models(chosen_factors, tmp_path,
+                                                                 monkeypatch):
+    from rankscope.train.models import load_backbone
+
+    base, ft, _, saved = _planted_pair(tmp_path, "llama", chosen_factors, sharded=False)
+    streamed = {d.name: d.dense for d in from_model_pair(base, ft)}
+    state = load_file(ft / "model.safetensors")
+    (ft / "model.safetensors").unlink()
+    torch.save(state, ft / "pytorch_model.bin")
+    calls = []
+    monkeypatch.setattr(deltas_module, "load_backbone",
+                        lambda name: calls.append(name) or load_backbone(name))
+    loaded = {d.name: d.dense for d in from_model_pair(base, ft)}
+    assert calls == [base, ft]
+    assert loaded.keys() == streamed.keys() == saved.keys()
+    assert all(torch.equal(loaded[n], streamed[n]) for n in saved)
+
+
+@pytest.mark.parametrize("model", ["llama", "bert", "gpt2", "minilm-l6"])
+def test_meta_backbone_has_the_loaded_backbones_modules(model, tmp_path):
+    from rankscope.train.models import find_linear_modules, load_backbone, meta_backbone
+
+    path = model if "-" in model else _save(_tiny(model), tmp_path / model, sharded=False)
+    meta = meta_backbone(path)
+    assert all(p.is_meta for p in meta.parameters())
+    assert find_linear_modules(meta) == find_linear_modules(load_backbone(path))
+
+
+def _one_line(match, base, ft):
+    with pytest.raises(InputError, match=match) as e:
+        list(from_model_pair(base, ft))
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def sharded_pair(chosen_factors, tmp_path):
+    base, ft, _, _ = _planted_pair(tmp_path, "llama", chosen_factors)
+    return base, ft, json.loads((ft / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_pair_with_a_missing_shard(sharded_pair):
+    base, ft, weight_map = sharded_pair
+    shard = ft / weight_map["model.layers.1.self_attn.v_proj.weight"]
+    shard.unlink()
+    _one_line(re.escape(f"missing shard {shard} named by {ft}"), base, ft)
+
+
+def test_pair_with_a_truncated_shard(sharded_pair):
+    base, ft, weight_map = sharded_pair
+    shard = ft / weight_map["model.layers.0.mlp.down_proj.weight"]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    _one_line(re.escape(f"corrupt or truncated safetensors file {shard}"), base, ft)
+
+
+def _drop_or_edit(folder, key, edit=None):
+    """Rewrite the single-file checkpoint of ``folder`` without ``key``, or with ``edit(t)``."""
+    tensors = load_file(folder / "model.safetensors")
+    if edit is None:
+        del tensors[key]
+    else:
+        tensors[key] = edit(tensors[key])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_pair_with_a_missing_tensor(chosen_factors, tmp_path):
+    base, ft, _, _ = _planted_pair(tmp_path, "llama", chosen_factors, sharded=False)
+    _drop_or_edit(ft, "model.layers.1.mlp.up_proj.weight")
+    _one_line(f"module layers.1.mlp.up_proj of {base} is missing from {ft}", base, ft)
+    _drop_or_edit(base, "model.layers.0.self_attn.k_proj.weight")
+    _one_line(f"module layers.0.self_attn.k_proj of {base} has no weight in its checkpoint",
+              base, ft)
+
+
+def test_pair_with_a_stored_shape_or_dtype_that_does_not_fit(chosen_factors, tmp_path):
+    base, ft, _, _ = _planted_pair(tmp_path, "gpt2", chosen_factors, sharded=False)
+    _drop_or_edit(ft, "transformer.h.0.attn.c_attn.weight", lambda t: t.T.contiguous())
+    _one_line(re.escape("shape mismatch at h.0.attn.c_attn: base (96, 32), finetuned (32, 96)"),
+              base, ft)
+    _drop_or_edit(base, "transformer.h.1.mlp.c_fc.weight", lambda t: t[:, :64].contiguous())
+    _one_line(re.escape(f"checkpoint of {base} stores transformer.h.1.mlp.c_fc.weight as "
+                        "(32, 64), but its config makes h.1.mlp.c_fc (128, 32)"), base, base)
+    _drop_or_edit(ft, "transformer.h.0.attn.c_attn.weight", lambda t: t.T.contiguous().to(torch.int8))
+    _one_line("h.0.attn.c_attn.weight of .* is stored as I8, not a float type", ft, ft)
+
+
+def test_streamed_pair_of_different_architectures(tmp_path):
+    llama = _save(_tiny("llama"), tmp_path / "llama", sharded=True)
+    gpt2 = _save(_tiny("gpt2"), tmp_path / "gpt2", sharded=True)
+    _one_line(f"different architectures: base {llama} is llama, finetuned {gpt2} is gpt2",
+              llama, gpt2)
 
 
 # ------------------------------------------------------------------------ run folders
