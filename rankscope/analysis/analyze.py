@@ -10,10 +10,12 @@ import torch
 
 from rankscope.analysis import deltas as _deltas
 from rankscope.analysis.decompose import update_svd
+from rankscope.analysis.dora import from_peft_adapter
 from rankscope.analysis.deltas import DeltaSet, ModuleDelta
 from rankscope.analysis.tables import add_module_rows, spectra_frames
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import svd_device
+from rankscope.linalg.topk import SvdChoice, parse_svd
 from rankscope.store.atomic import atomic_dir, atomic_write_json, check_out_apart
 from rankscope.store.provenance import provenance
 from rankscope.store.runs import MANIFEST
@@ -21,15 +23,18 @@ from rankscope.store.runs import MANIFEST
 
 def _ids(ds: DeltaSet, d: ModuleDelta) -> dict:
     return {"run": ds.run, "method": ds.method,
-            "rank": d.rank if ds.method == "lora" else None, "seed": ds.seed,
+            "rank": d.rank if ds.method == "lora" else ds.rank, "seed": ds.seed,   # DoRA: its r
             "layer": d.layer, "module": d.module, "name": d.name}
 
 
 def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float32,
-                   device: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   device: str | None = None, progress: bool = True,
+                   svd: SvdChoice = SvdChoice("auto")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Spectra and effective-rank measures of every module of every DeltaSet.
 
     Modules are streamed: each ΔW is decomposed once and dropped before the next is read.
+    ``svd`` says which dense updates take only their top-K singular values (with the exact
+    ‖ΔW‖_F beside them); LoRA factors are always decomposed exactly.
 
     Returns:
         ``(spectra, modules)``, see ``tables.spectra_frames``.
@@ -43,8 +48,10 @@ def analyze_deltas(sets: Iterable[DeltaSet], *, dtype: torch.dtype = torch.float
     try:
         for ds in sets:
             for d in ds:
-                s = update_svd(d, compute_uv=False, dtype=dtype, device=device)
-                add_module_rows(spectra, modules, _ids(ds, d), s, shape=(d.d_out, d.d_in))
+                k = None if d.factored else svd.topk_for((d.d_out, d.d_in))
+                s = update_svd(d, compute_uv=False, dtype=dtype, device=device, topk=k)
+                fro = None if k is None else float(torch.linalg.vector_norm(d.dense.double()))
+                add_module_rows(spectra, modules, _ids(ds, d), s, shape=(d.d_out, d.d_in), fro=fro)
                 bar.set_postfix_str(f"{ds.run}:{d.name}", refresh=False)
                 bar.update(1)
     except BaseException:
@@ -70,7 +77,7 @@ def resolve_sources(runs: str | Path | None = None, *, base: str | None = None,
     if adapter is not None and finetuned is not None:
         raise InputError("give --adapter or --finetuned, not both")
     if adapter is not None:
-        return [_deltas.from_adapter(adapter, base=base)]
+        return [from_peft_adapter(adapter, base=base)]
     if finetuned is not None:
         if base is None:
             raise InputError("--finetuned needs --base (the model it was fine-tuned from)")
@@ -81,7 +88,8 @@ def resolve_sources(runs: str | Path | None = None, *, base: str | None = None,
 def analyze(runs: str | Path | None = None, *, base: str | None = None,
             adapter: str | Path | None = None, finetuned: str | Path | None = None,
             out: str | Path | None = None, overwrite: bool = False, float64: bool = False,
-            device: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+            device: str | None = None, svd: str | None = "auto",
+            progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Analyze the spectra of weight updates; the Python form of ``rankscope analyze``.
 
     Args:
@@ -94,6 +102,9 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
         overwrite: replace an ``out`` folder that has other content.
         float64: dense SVDs in float64 instead of float32.
         device: where dense SVDs run: "auto" (CUDA when present, the default), "cpu", "cuda".
+        svd: "exact", "topk:K" (the top K singular values of each dense update, with the
+            exact ‖ΔW‖_F: energy ranks above K are "> K") or "auto" (exact when the smaller
+            side is at most ``topk.AUTO_TOPK_ABOVE``, else top-``topk.AUTO_TOPK_K``).
     Returns:
         ``(spectra, modules)`` DataFrames, see ``analyze_deltas``.
     """
@@ -103,15 +114,18 @@ def analyze(runs: str | Path | None = None, *, base: str | None = None,
         check_out_dir(out, overwrite=overwrite)     # refuse before any work is done
         check_out_apart(out, (runs, base, adapter, finetuned))
     device = svd_device(device)
+    choice = parse_svd(svd)
     sets = resolve_sources(runs, base=base, adapter=adapter, finetuned=finetuned)
     dtype = torch.float64 if float64 else torch.float32
-    spectra, modules = analyze_deltas(sets, dtype=dtype, device=device, progress=progress)
+    spectra, modules = analyze_deltas(sets, dtype=dtype, device=device, progress=progress,
+                                      svd=choice)
     if out is not None:
         inputs = {"runs": runs, "base": base, "adapter": adapter, "finetuned": finetuned}
         manifest = {"inputs": {k: str(v) for k, v in inputs.items() if v is not None},
                     "sources": [{"run": s.run, "method": s.method, "rank": s.rank, "seed": s.seed}
                                 for s in sets],
                     "svd_dtype": str(dtype).replace("torch.", ""), "device": device,
+                    "svd": str(choice),
                     **provenance()}
         with atomic_dir(out, overwrite=overwrite) as tmp:
             spectra.to_csv(tmp / "spectra.csv", index=False)

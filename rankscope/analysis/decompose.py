@@ -12,6 +12,7 @@ import torch
 from rankscope.analysis.deltas import DeltaSet, ModuleDelta, check_same_setup, from_runs
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import dense_svd, factorized_svd, factorized_svdvals, svd_device
+from rankscope.linalg.topk import topk_svdvals
 from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name
 
 @dataclass(frozen=True)
@@ -96,22 +97,25 @@ class RunDecomp:
 
 
 def update_svd(delta: ModuleDelta, *, compute_uv: bool = True, dtype: torch.dtype = torch.float32,
-               device: str | torch.device | None = None):
+               device: str | torch.device | None = None, topk: int | None = None):
     """The thin SVD of one update ΔW = U diag(S) Vh: the one place an update is decomposed.
 
     LoRA factors (ΔW = scale·B·A) take the exact factorized SVD in float64 (QR of B and Aᵀ,
     then the SVD of an r × r core: ``spectra.factorized_svd``); a dense ΔW takes
-    ``spectra.dense_svd`` in ``dtype`` on ``device``, never in its storage dtype.
+    ``spectra.dense_svd`` in ``dtype`` on ``device``, never in its storage dtype, or with
+    ``topk`` only its top K singular values (``topk.topk_svdvals``, randomized).
 
     Args:
         delta: the module's update.
         compute_uv: False returns only S (cheaper: no singular vectors).
         dtype: float32 or float64 for a dense update (LoRA factors always use float64).
         device: where a dense SVD runs (None: where ΔW is); results come back on the CPU.
+        topk: K, the top singular values of a dense update only (needs ``compute_uv`` False;
+            LoRA factors are always decomposed exactly).
 
     Returns:
         (U (d_out, m), S (m,) descending, Vh (m, d_in)), or S alone; m = min(d_out, d_in) for
-        a dense update, min(d_out, d_in, r) for LoRA.
+        a dense update (K with ``topk``), min(d_out, d_in, r) for LoRA.
 
     Raises:
         InputError: a dtype other than float32/float64, NaN/Inf, or factors that do not chain.
@@ -121,6 +125,10 @@ def update_svd(delta: ModuleDelta, *, compute_uv: bool = True, dtype: torch.dtyp
     if delta.factored:
         svd = factorized_svd if compute_uv else factorized_svdvals
         return svd(delta.B, delta.A, scale=delta.scale, dtype=torch.float64)
+    if topk is not None:
+        if compute_uv:
+            raise InputError("a top-k SVD of an update gives its singular values only")
+        return topk_svdvals(delta.dense.to(dtype), topk, device=device)
     return dense_svd(delta.dense, dtype=dtype, compute_uv=compute_uv, device=device)
 
 

@@ -229,11 +229,11 @@ def lora_scale(alpha: float, r: int, *, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def read_adapter_config(adapter_dir: Path) -> dict:
-    """The adapter's config, checked to be a plain LoRA adapter.
+def read_adapter_config(adapter_dir: Path, *, allow_dora: bool = False) -> dict:
+    """The adapter's config, checked to be a LoRA adapter (a DoRA one only with ``allow_dora``).
 
     Raises:
-        InputError: missing/corrupt config, a method other than LoRA, or DoRA.
+        InputError: missing/corrupt config, a method other than LoRA, or DoRA when not allowed.
     """
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
@@ -242,7 +242,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     method = str(cfg.get("peft_type", "")).upper()
     if method != "LORA":
         raise InputError(f"adapter {adapter_dir} is of method {cfg.get('peft_type')!r}, not LoRA")
-    if cfg.get("use_dora"):
+    if cfg.get("use_dora") and not allow_dora:
         raise InputError(f"adapter {adapter_dir} is DoRA, whose update is not s·B·A")
     _check_config_numbers(cfg, path)
     return cfg
@@ -268,7 +268,7 @@ def _check_config_numbers(cfg: dict, path: Path) -> None:
                 raise InputError(f"adapter config {path}: {entry} key {key!r} is no regex ({e})") from None
 
 
-def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     st = adapter_dir / "adapter_model.safetensors"
     if st.exists():
         return read_tensors(st)[0]
@@ -296,12 +296,15 @@ def _pair_factors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, di
     return pairs
 
 
-def from_adapter(adapter_dir: str | Path, *, base: str | Path | None = None) -> DeltaSet:
+def from_adapter(adapter_dir: str | Path, *, base: str | Path | None = None,
+                 allow_dora: bool = False) -> DeltaSet:
     """ΔW = s·B·A for every module of a PEFT LoRA adapter, kept factored.
 
     Args:
         adapter_dir: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         base: when given, the base model the adapter must fit (module names and shapes).
+        allow_dora: read a DoRA adapter's s·B·A too (``dora.from_dora_adapter`` makes its
+            update from them).
     Raises:
         InputError: see ``read_adapter_config``; corrupt weights; a factor whose rank differs
             from the config's; NaN/Inf; a module or shape the base model lacks.
@@ -309,8 +312,8 @@ def from_adapter(adapter_dir: str | Path, *, base: str | Path | None = None) -> 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise InputError(f"missing adapter folder {adapter_dir}")
-    cfg = read_adapter_config(adapter_dir)
-    pairs = _pair_factors(_adapter_tensors(adapter_dir), adapter_dir)
+    cfg = read_adapter_config(adapter_dir, allow_dora=allow_dora)
+    pairs = _pair_factors(adapter_tensors(adapter_dir), adapter_dir)
     parsed = parse_names(sorted(pairs))
     shapes = _base_shapes(base) if base is not None else None
     deltas = []

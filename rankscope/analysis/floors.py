@@ -9,20 +9,26 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from rankscope.linalg.spectra import dense_svd, gaussian_energy_rank, rank_at_energy, svd_device
+from rankscope.linalg.spectra import (dense_svd, gaussian_energy_rank, mp_energy_rank,
+                                      rank_at_energy, svd_device)
 
 NOISE_SEED = 0          # the Gaussian matrix of each shape is drawn from this seed
+DRAWN_UP_TO = 2048      # a smaller side above this takes the Marchenko–Pastur k₉₀, not a draw
 
 
 @lru_cache(maxsize=None)
 def _noise_rank_90(tall: int, wide: int) -> int:
+    if wide > DRAWN_UP_TO:      # a draw's SVD would cost more than the update's own top-k
+        return mp_energy_rank((tall, wide), tau=0.9)
     return gaussian_energy_rank((tall, wide), tau=0.9, seed=NOISE_SEED)
 
 
 def noise_rank_90(shape: tuple[int, int]) -> int:
     """k₉₀ of a seeded standard Gaussian matrix of ``shape`` (≈ 294 for 576×576, ≈ 410 for
     1536×576), cached per shape up to a transpose: one svdvals per distinct shape a process
-    sees."""
+    sees. Above ``DRAWN_UP_TO`` on the smaller side, the Marchenko–Pastur limit
+    (``spectra.mp_energy_rank``; 2089 for 4096², 3058 for 14336 × 4096), which equals the
+    draws wherever both were computed."""
     return _noise_rank_90(max(shape), min(shape))
 
 

@@ -19,14 +19,17 @@ from rankscope.cli.edge import one_line_errors, strs
 @click.option("--float64", is_flag=True, help="Dense SVDs in float64 (default float32).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where dense SVDs run; auto is CUDA when present.")
+@click.option("--svd", "svd", default="auto", show_default=True, metavar="exact|topk:K|auto",
+              help="Dense updates: the exact SVD, or only the top K singular values (energy ranks "
+                   "above K read '> K'); auto is exact up to 2048 on the smaller side, top-256 above.")
 @one_line_errors
-def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device):
+def analyze(runs, base, adapter, finetuned, out, overwrite, float64, device, svd):
     """SVD spectra and effective ranks of ΔW, from RUNS (run or sweep folder), an adapter or a model pair."""
     from rankscope.analysis.analyze import analyze as run_analysis
     from rankscope.analysis.tables import summary
 
     _, modules = run_analysis(runs, base=base, adapter=adapter, finetuned=finetuned, out=out,
-                              overwrite=overwrite, float64=float64, device=device)
+                              overwrite=overwrite, float64=float64, device=device, svd=svd)
     table = summary(modules)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     click.echo(f"{len(modules)} modules analysed; wrote {out}/spectra.csv, modules.csv, manifest.json")

@@ -185,30 +185,40 @@ def _energy_shares(s: np.ndarray) -> np.ndarray:
     return cum / cum[-1]
 
 
-def rank_at_energy(S, tau: float) -> int:
+def rank_at_energy(S, tau: float, *, fro: float | None = None) -> int | None:
     """Smallest k whose top-k singular values hold a share τ of the energy ‖ΔW‖_F².
 
-    k_τ = min{k : Σ_{i≤k} σ_i² / Σ_i σ_i² ≥ τ}. A share within n·ε₆₄ of τ counts as reaching
-    it, n·ε₆₄ being the rounding error of the cumulative sum (n = len(S)).
+    k_τ = min{k : Σ_{i≤k} σ_i² / ‖ΔW‖_F² ≥ τ}, ‖ΔW‖_F² = Σ_i σ_i² over the whole spectrum. A
+    share within n·ε₆₄ of τ counts as reaching it, n·ε₆₄ being the rounding error of the
+    cumulative sum (n = len(S)). Given ``fro``, S may be only the top values of a spectrum
+    (``topk.topk_svdvals``); when they hold less than τ·fro², k_τ > len(S) and None comes back.
 
     Args:
         S: (n,) singular values, ≥ 0 (sorted here if not descending).
         tau: the energy share, in (0, 1].
+        fro: ‖ΔW‖_F of the whole matrix, when S is not its whole spectrum.
 
     Returns:
-        k_τ in 1..n, or 0 for a zero matrix.
+        k_τ in 1..n, 0 for a zero matrix, or None (only with ``fro``) when k_τ > n.
 
     Raises:
-        InputError: τ outside (0, 1], or S not 1-D, negative, NaN or Inf.
+        InputError: τ outside (0, 1], fro negative or not finite, or S not 1-D, negative, NaN
+            or Inf.
     """
     if not 0.0 < tau <= 1.0:
         raise InputError(f"tau must be in (0, 1], got {tau}")
     s = _spectrum(S)
-    if s.size == 0 or s[0] == 0.0:
+    if fro is not None and not (math.isfinite(fro) and fro >= 0):
+        raise InputError(f"fro must be finite and >= 0, got {fro}")
+    if s.size == 0 or s[0] == 0.0 or fro == 0.0:
         return 0
-    shares = _energy_shares(s)
     slack = s.size * np.finfo(np.float64).eps
-    return int(np.argmax(shares >= tau - slack)) + 1
+    if fro is None:
+        shares = _energy_shares(s)
+    else:   # normalised by fro before squaring: no overflow/underflow in σ²
+        shares = np.cumsum((s / fro) ** 2)
+    hit = np.nonzero(shares >= tau - slack)[0]
+    return int(hit[0]) + 1 if hit.size else None
 
 
 def stable_rank(S) -> float:
@@ -276,31 +286,51 @@ def numerical_rank(S, *, shape: tuple[int, int], rtol: float | None = None) -> i
     return int(np.sum(s > s[0] * rtol))
 
 
-def spectrum_metrics(S, *, shape: tuple[int, int]) -> dict:
+def spectrum_metrics(S, *, shape: tuple[int, int], fro: float | None = None) -> dict:
     """All spectrum summaries of one ΔW at once.
+
+    With ``fro`` (‖ΔW‖_F) and fewer values than min(shape), S is the top of the spectrum
+    (``topk.topk_svdvals``): the measures it determines are exact functions of it, those it
+    does not are None — the entropy rank (it needs every σ), an energy rank above len(S),
+    and the numerical rank when the last value given is still above the tolerance.
 
     Args:
         S: (n,) singular values, ≥ 0.
         shape: (d_out, d_in) of the matrix.
+        fro: ‖ΔW‖_F, when S is only the top of the spectrum.
 
     Returns:
         {"fro_norm": ‖ΔW‖_F, "spectral_norm": σ_max, "stable_rank", "entropy_rank",
         "energy_rank_50", "energy_rank_90", "energy_rank_99", "numerical_rank"}: Python
-        floats and ints, all 0 for a zero matrix.
+        floats and ints (or None as above), all 0 for a zero matrix.
 
     Raises:
         InputError: as the individual metrics.
     """
     s = _spectrum(S)
+    if fro is None or s.size >= min(shape):
+        return {
+            "fro_norm": float(np.linalg.norm(s)),
+            "spectral_norm": float(s[0]) if s.size else 0.0,
+            "stable_rank": stable_rank(s),
+            "entropy_rank": entropy_rank(s),
+            "energy_rank_50": rank_at_energy(s, 0.5),
+            "energy_rank_90": rank_at_energy(s, 0.9),
+            "energy_rank_99": rank_at_energy(s, 0.99),
+            "numerical_rank": numerical_rank(s, shape=shape),
+        }
+    top = float(s[0]) if s.size else 0.0
+    numerical = numerical_rank(s, shape=shape) if s.size else 0
+    tol = top * max(shape) * float(np.finfo(np.float32).eps)
     return {
-        "fro_norm": float(np.linalg.norm(s)),
-        "spectral_norm": float(s[0]) if s.size else 0.0,
-        "stable_rank": stable_rank(s),
-        "entropy_rank": entropy_rank(s),
-        "energy_rank_50": rank_at_energy(s, 0.5),
-        "energy_rank_90": rank_at_energy(s, 0.9),
-        "energy_rank_99": rank_at_energy(s, 0.99),
-        "numerical_rank": numerical_rank(s, shape=shape),
+        "fro_norm": float(fro),
+        "spectral_norm": top,
+        "stable_rank": float((fro / top) ** 2) if top > 0 else 0.0,
+        "entropy_rank": None,
+        "energy_rank_50": rank_at_energy(s, 0.5, fro=fro),
+        "energy_rank_90": rank_at_energy(s, 0.9, fro=fro),
+        "energy_rank_99": rank_at_energy(s, 0.99, fro=fro),
+        "numerical_rank": numerical if top == 0 or s[-1] <= tol else None,
     }
 
 
@@ -377,6 +407,46 @@ def gaussian_energy_rank(shape: tuple[int, int], *, tau: float = 0.9, seed: int 
     gen = torch.Generator().manual_seed(seed)
     tall = (max(shape), min(shape))  # LAPACK's SVD of a tall matrix is the faster one
     return rank_at_energy(torch.linalg.svdvals(torch.randn(*tall, generator=gen)), tau)
+
+
+def mp_energy_rank(shape: tuple[int, int], *, tau: float = 0.9) -> int:
+    """k_τ of a Gaussian matrix of ``shape`` in the large-matrix limit: the Marchenko–Pastur law.
+
+    The eigenvalues of XᵀX/n (X n × m Gaussian, n ≥ m, β = m/n) have the density
+    f(x) = √((b − x)(x − a)) / (2πβx) on [a, b] = [(1 − √β)², (1 + √β)²]. The top share p of
+    them holds the energy E(p) = ∫_{x_p}^b x f(x) dx (the mean of f is 1); k_τ = ⌈m·p⌉ with
+    E(p) = τ. Integrated on x = a + (b − a)(1 − cos θ)/2, which removes the square-root edges.
+    It equals ``gaussian_energy_rank``'s draw at 64², 100 × 10, 576² and 1536 × 576
+    (tests/linalg/test_spectra.py), without an SVD of the matrix.
+
+    Args:
+        shape: (d_out, d_in), both ≥ 1.
+        tau: the energy share, in (0, 1].
+
+    Returns:
+        k_τ in 1..min(shape).
+
+    Raises:
+        InputError: a bad shape or τ outside (0, 1].
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be two positive ints, got {shape}")
+    if not 0.0 < tau <= 1.0:
+        raise InputError(f"tau must be in (0, 1], got {tau}")
+    n, m = max(shape), min(shape)
+    beta = m / n
+    a, b = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+    theta = np.linspace(math.pi, 0.0, 200_001)            # from the top edge x = b down to a
+    x = a + (b - a) * (1 - np.cos(theta)) / 2
+    mass = ((b - a) / 2) ** 2 * np.sin(theta) ** 2 / (2 * math.pi * beta * np.maximum(x, 1e-300))
+    step = math.pi / (theta.size - 1)
+
+    def cumulative(y):                                    # trapezoid rule, from the top
+        return np.concatenate([[0.0], np.cumsum((y[1:] + y[:-1]) / 2 * step)])
+
+    share, energy = cumulative(mass), cumulative(mass * x)
+    i = min(int(np.searchsorted(energy / energy[-1], tau)), theta.size - 1)
+    return min(m, max(1, math.ceil(m * share[i] / share[-1] - 1e-9)))
 
 
 def truncate(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> Tensor:

@@ -18,7 +18,7 @@ from rankscope import analyze as analyze
 from rankscope.analysis.analyze import resolve_sources
 from rankscope.analysis.decompose import update_svd
 from rankscope.analysis.deltas import ModuleDelta
-from rankscope.analysis.tables import FLOOR_COLS, ID_COLS, METRIC_COLS, summary
+from rankscope.analysis.tables import FLOOR_COLS, ID_COLS, METRIC_COLS, SVD_COL, summary
 from rankscope.errors import InputError
 
 
@@ -84,7 +84,7 @@ def test_adapter_with_chosen_spectrum(minilm_slice, make_adapter, chosen_factors
             progress=False)
     spectra, modules, manifest = read_out(tmp_path / "out")
     assert list(spectra.columns) == ID_COLS + ["index", "sigma"]
-    assert list(modules.columns) == ID_COLS + ["d_out", "d_in"] + METRIC_COLS + FLOOR_COLS
+    assert list(modules.columns) == ID_COLS + ["d_out", "d_in"] + METRIC_COLS + [SVD_COL] + FLOOR_COLS
     for name, s in ADAPTER_SPECTRA.items():
         check_module(spectra, modules, name, s, n_sigma=4)
     assert set(modules["run"]) == {"adapter"} and set(modules["method"]) == {"lora"}
@@ -303,3 +303,48 @@ def test_failed_analysis_writes_nothing(make_run, tmp_path):
 def test_resolve_sources_forms(kwargs, message):
     with pytest.raises(InputError, match=message):
         resolve_sources(**kwargs)
+
+
+# ------------------------------------------------------------------- top-k SVDs
+
+FLAT = [3.5] + [1.0] * 19         # k₅₀ = 5, k₉₀ = 17: beyond a top-8 SVD
+
+
+def test_topk_svd_gives_the_exact_ranks_it_reaches_and_no_others(make_run, chosen_factors,
+                                                                   tmp_path):
+    spectra_in = {**RUN_SPECTRA, "model.layers.2.self_attn.q_proj": FLAT}
+    run = _full_run(make_run, chosen_factors, tmp_path / "full-s0", spectra_in)
+    _, exact = analyze(run, svd="exact", progress=False)
+    analyze(run, svd="topk:8", out=tmp_path / "out", progress=False)
+    spectra, top, manifest = read_out(tmp_path / "out")
+    assert manifest["svd"] == "topk:8"
+    assert spectra.groupby("name").size().eq(8).all()                # the top 8 values only
+    assert top[SVD_COL].eq(8).all() and top["entropy_rank"].isna().all()
+    assert top["gd_rank"].isna().all()
+    exact, top = exact.set_index("name"), top.set_index("name")
+    for name in RUN_SPECTRA:                                         # ≤ 4 non-zero σ: reached
+        for col in ("fro_norm", "spectral_norm", "stable_rank"):
+            assert top.loc[name, col] == pytest.approx(exact.loc[name, col], rel=1e-4), col
+        for col in ("energy_rank_50", "energy_rank_90", "energy_rank_99", "energy_rank_90_noise"):
+            assert top.loc[name, col] == exact.loc[name, col], col
+    flat = top.loc["model.layers.2.self_attn.q_proj"]
+    assert flat["energy_rank_50"] == 5 and pd.isna(flat["energy_rank_90"])
+    assert exact.loc["model.layers.2.self_attn.q_proj", "energy_rank_90"] == 17
+    table = summary(top.reset_index()).set_index("module")          # layers 0, 1, 2 of q_proj
+    assert table.loc["q_proj", "energy_rank_90"] == 2.0              # 2, 2, "> 8": median 2
+    top.loc["model.layers.0.self_attn.q_proj", "energy_rank_90"] = pd.NA
+    table = summary(top.reset_index()).set_index("module")
+    assert table.loc["q_proj", "energy_rank_90"] == "> 8"            # 2 of 3 beyond 8
+
+
+def test_censored_median():
+    from rankscope.analysis.tables import censored_median
+
+    def med(values, bounds):
+        return censored_median(pd.Series(values, dtype="Float64"),
+                               pd.Series(bounds, dtype="Int64"))
+
+    assert med([3, 5, 9], [None, None, None]) == 5
+    assert med([3, None, 9, 4], [8, 8, 8, 8]) == pytest.approx((4 + 9) / 2)   # None is > 8
+    assert med([3, None, None, 4], [8, 8, 16, 8]) == "> 8"
+    assert med([None], [None]) is None

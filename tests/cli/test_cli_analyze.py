@@ -119,6 +119,23 @@ def test_model_pair_form(smollm2_slice, make_finetuned, tmp_path):
     assert "1 modules analysed" in result.stdout
 
 
+def test_topk_svd_prints_ranks_beyond_it(smollm2_slice, make_finetuned, tmp_path):
+    """A flat 40-direction update under ``--svd topk:16``: its k₉₀ (36) prints as "> 16"."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(192, 40, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(576, 40, generator=g, dtype=torch.float64))
+    ft = make_finetuned(smollm2_slice, tmp_path / "ft", {"layers.1.self_attn.k_proj": u @ v.T / 100})
+    result = invoke("--base", smollm2_slice, "--finetuned", ft, "--out", tmp_path / "out",
+                    "--svd", "topk:16")
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.strip().split("\n")[:2]
+    assert row.split()[:5] == ["ft", "k_proj", "1", "192", "576"]
+    # the k₉₀ column holds "> 16", the entropy rank (it needs every σ) is empty
+    at = header.index("energy_rank_90") + len("energy_rank_90")
+    assert row[:at].split()[-3:] == ["NaN", ">", "16"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["svd"] == "topk:16"
+
+
 def test_overwrite(sweep, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -215,6 +232,11 @@ def _adapter_edited_to_ia3(c):
     cfg = json.loads((a / "adapter_config.json").read_text()) | {"peft_type": "IA3"}
     (a / "adapter_config.json").write_text(json.dumps(cfg))
     return ["--adapter", a], ["method 'IA3', not LoRA"]
+
+
+def _dora_without_base(c):
+    c.make_adapter(c.minilm_slice, c.tmp / "dora", r=2, target_modules=["query"], use_dora=True)
+    return ["--adapter", c.tmp / "dora"], ["is DoRA: its update needs the base weights W0, give --base"]
 
 
 def _real_loha_adapter(c):
@@ -321,6 +343,10 @@ def _adapter_rank_pattern_bad_regex(c):
     return ["--adapter", a], ["rank_pattern key '(' is no regex"]
 
 
+def _svd_option_bad(c):
+    return [c.sweep, "--svd", "topk:0"], ["--svd: expected exact, auto or topk:K", "'topk:0'"]
+
+
 def _cuda_without_cuda(c):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -331,11 +357,12 @@ BAD = [_missing_runs, _runs_is_a_file, _no_finished_run, _missing_adapter, _not_
        _missing_base, _missing_finetuned, _base_without_config, _adapter_for_other_model_names,
        _adapter_for_other_model_shapes, _adapter_truncated, _adapter_garbage,
        _adapter_weights_a_folder, _adapter_config_garbage, _adapter_edited_to_ia3,
-       _real_loha_adapter, _adapter_nan, _finetuned_nan, _finetuned_truncated, _finetuned_garbage,
+       _real_loha_adapter, _dora_without_base, _adapter_nan, _finetuned_nan,
+       _finetuned_truncated, _finetuned_garbage,
        _run_update_inf, _run_updates_truncated, _run_manifest_corrupt, _different_architectures,
        _unknown_model_name, _hub_id_offline, _two_forms, _nothing, _finetuned_without_base,
        _adapter_config_a_list, _adapter_alpha_null, _adapter_rank_pattern_bad_regex,
-       _cuda_without_cuda]
+       _svd_option_bad, _cuda_without_cuda]
 
 
 @pytest.fixture

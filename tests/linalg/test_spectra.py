@@ -18,6 +18,7 @@ from rankscope.linalg.spectra import (
     gaussian_energy_rank,
     gavish_donoho_omega,
     gd_rank,
+    mp_energy_rank,
     numerical_rank,
     rank_at_energy,
     spectrum_metrics,
@@ -279,3 +280,48 @@ def test_the_gaussian_energy_rank_matches_the_documented_noise_floor(shape, want
     assert abs(k - want) <= 3
     assert gaussian_energy_rank(shape) == k                       # seeded: the same every time
     assert abs(gaussian_energy_rank(shape, seed=1) - want) <= 3   # and stable across seeds
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 10), (576, 576), (1536, 576), (300, 700)])
+def test_the_marchenko_pastur_rank_equals_a_gaussian_draw(shape):
+    """The large-matrix law and a seeded draw of the same shape give the same k₉₀ (to 1)."""
+    assert abs(mp_energy_rank(shape) - gaussian_energy_rank(shape)) <= 1
+    assert mp_energy_rank(shape) == mp_energy_rank(shape[::-1])
+
+
+def test_the_marchenko_pastur_rank_at_its_limits():
+    assert mp_energy_rank((4096, 4096)) == 2089 and mp_energy_rank((14336, 4096)) == 3058
+    assert mp_energy_rank((5, 1)) == 1 and mp_energy_rank((50, 50), tau=1.0) == 50
+    with pytest.raises(InputError, match="tau must be in"):
+        mp_energy_rank((5, 5), tau=0.0)
+    with pytest.raises(InputError, match="shape must be two positive ints"):
+        mp_energy_rank((0, 5))
+
+
+def test_energy_rank_of_the_top_of_a_spectrum():
+    """With ‖·‖_F given, the top values reach k_τ when they hold τ of the energy, else None."""
+    s = [4.0, 2.0, 1.0, 1.0, 1.0, 1.0]                  # energy 16, 4, 1, 1, 1, 1 of 24
+    fro = math.sqrt(24.0)
+    for tau in (0.5, 0.8, 0.9, 0.99):
+        assert rank_at_energy(s[:4], tau, fro=fro) == (
+            rank_at_energy(s, tau) if rank_at_energy(s, tau) <= 4 else None)
+    assert rank_at_energy(s[:2], 0.8, fro=fro) == 2 and rank_at_energy(s[:2], 0.9, fro=fro) is None
+    assert rank_at_energy(s[:2], 0.9, fro=0.0) == 0
+    with pytest.raises(InputError, match="fro must be finite"):
+        rank_at_energy(s, 0.9, fro=float("nan"))
+
+
+def test_spectrum_metrics_of_the_top_of_a_spectrum():
+    """Measures the top K values determine are those of the whole spectrum; the others None."""
+    s = np.array([4.0, 2.0, 1.0] + [0.1] * 37)                     # 40 values: shape (50, 40)
+    whole = spectrum_metrics(s, shape=(50, 40))
+    top = spectrum_metrics(s[:5], shape=(50, 40), fro=whole["fro_norm"])
+    for key in ("fro_norm", "spectral_norm", "stable_rank", "energy_rank_50", "energy_rank_90"):
+        assert top[key] == pytest.approx(whole[key]), key
+    assert whole["energy_rank_99"] > 5 and top["energy_rank_99"] is None
+    assert top["entropy_rank"] is None and top["numerical_rank"] is None
+    # a rank-2 matrix's top 5 reach the tolerance: its numerical rank is known
+    low = spectrum_metrics([3.0, 1.0, 0.0, 0.0, 0.0], shape=(50, 40), fro=math.sqrt(10.0))
+    assert low["numerical_rank"] == 2 and low["energy_rank_99"] == 2
+    # the whole spectrum given with fro is read as the whole spectrum
+    assert spectrum_metrics(s, shape=(50, 40), fro=whole["fro_norm"]) == whole
