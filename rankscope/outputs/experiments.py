@@ -8,6 +8,7 @@ An experiment file (``experiments/paper/*.yaml``) holds:
     sweeps:    {label: path, or {file: path, <SweepConfig field>: value, …}} for several
     settings:  keyword options of the builder
     truncate:  {ks: [...], lora_min_rank: r} when the figure needs the truncation test
+    in_shape:  the published shape as numbered checks on the figure data (``in_shape``)
     variants:  {quick|cpu|gpu: {sweep: {field: value}, sweeps: {label: {field: value}},
                                 settings: {...}, truncate: {...}}}
 
@@ -32,8 +33,9 @@ from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_file, atomic_write_json, atomic_write_text
 from rankscope.outputs.plots import DPI
 from rankscope.outputs.figure_data import BUILDERS, draw_figure
+from rankscope.outputs.in_shape import check_criteria
 
-KEYS = ("result", "figure", "sweep", "sweeps", "settings", "truncate", "variants")
+KEYS = ("result", "figure", "sweep", "sweeps", "settings", "truncate", "in_shape", "variants")
 VARIANTS = ("quick", "cpu", "gpu")
 VARIANT_KEYS = ("sweep", "sweeps", "settings", "truncate")
 TRUNCATE_KEYS = ("ks", "lora_min_rank")
@@ -51,6 +53,7 @@ class Experiment:
     settings: dict
     truncate: dict | None
     variants: dict
+    in_shape: tuple = ()          # the checks of ``in_shape.check_criteria``
 
 
 def _mapping(value, where: str, allowed=None) -> dict:
@@ -104,7 +107,8 @@ def load_experiment(path: str | Path) -> Experiment:
         _mapping(spec.get("truncate"), f"{where}: variant {v}: truncate", TRUNCATE_KEYS)
     exp = Experiment(name=path.stem, path=path, result=str(doc["result"]), figure=doc["figure"],
                      sweeps=sweeps, settings=dict(doc.get("settings") or {}),
-                     truncate=doc.get("truncate"), variants=variants)
+                     truncate=doc.get("truncate"), variants=variants,
+                     in_shape=tuple(check_criteria(doc.get("in_shape"), where)))
     for v in variants:
         resolve(exp, v)
     return exp

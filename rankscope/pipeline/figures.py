@@ -14,6 +14,7 @@ from typing import Callable
 
 from rankscope.outputs.experiments import caption, load_experiment, resolve, write_figure
 from rankscope.outputs.figure_data import BUILDERS
+from rankscope.outputs.in_shape import caption_note, evaluate, figure_gates, reproduced
 from rankscope.pipeline.stages import analyses
 from rankscope.train.config import SweepConfig, to_dict
 
@@ -63,8 +64,12 @@ def run_experiment(path: str | Path, *, variant: str, out: str | Path,
                              else None, log=log, progress=progress)
         results[label], sweeps[label] = res, str(folder)
     df = BUILDERS[exp.figure](results, **settings)
+    checks, gate_rows = evaluate(df, list(exp.in_shape)), figure_gates(results)
+    status = reproduced(checks)
     meta = {"format": "rankscope.figure/1", "experiment": str(exp.path), "result": exp.result,
-            "variant": variant, "caption": caption(exp, variant, cfgs), "sweeps": sweeps,
+            "variant": variant,
+            "caption": f"{caption(exp, variant, cfgs)} {caption_note(status, checks, gate_rows)}",
+            "reproduced": status, "in_shape": checks, "gates": gate_rows, "sweeps": sweeps,
             "settings": settings, "configs": {k: to_dict(c) for k, c in cfgs.items()}}
     png = write_figure(df, Path(out), exp.name, meta=meta)
     log(f"wrote {png} and {png.with_suffix('.csv')}")

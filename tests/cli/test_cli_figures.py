@@ -38,6 +38,11 @@ def test_quick_variant_runs_end_to_end_and_redraws(path, runs_root, tmp_path):
     assert meta["variant"] == "quick"
     assert "quick profile: smollm2-135m@2l, task news, 3 steps" in meta["caption"]
     assert meta["caption"].startswith(load_experiment(path).result)
+    # reproduced or not, by the experiment's own checks, beside its runs' training gates
+    assert meta["reproduced"] in ("yes", "partly", "no", "untested")
+    assert len(meta["in_shape"]) == len(load_experiment(path).in_shape) >= 1
+    assert {g["gate"] for g in meta["gates"]} >= {"full gained", "full plateaued"}
+    assert f"Reproduced in shape: {meta['reproduced']}" in meta["caption"]
     (tmp_path / f"{name}.json").unlink()                  # the CSV alone suffices
     res = CliRunner().invoke(main, ["plot", str(tmp_path / f"{name}.csv"),
                                     "--out", str(tmp_path / "again.png")])
@@ -58,8 +63,10 @@ def test_figures_cli_runs_a_folder_with_all(runs_root, tmp_path):
                                     "--out", str(out), "--runs-root", str(runs_root), "--quiet"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{n}.{ext}" for n in ("table18_loss_vs_rank", "energy_rank_biderman")
-        for ext in ("csv", "json", "png"))
+        [f"{n}.{ext}" for n in ("table18_loss_vs_rank", "energy_rank_biderman")
+         for ext in ("csv", "json", "png")] + ["README.md"])
+    table = (out / "README.md").read_text()             # one row per figure: reproduced or not
+    assert "| `energy_rank_biderman` | quick |" in table and "| `table18_loss_vs_rank` |" in table
     res = CliRunner().invoke(main, ["figures", str(folder), "--variant", "quick"])
     assert res.exit_code == 2 and "pass --all" in res.output
 
@@ -70,7 +77,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [
         f"rankscope: error: experiment {path}: unknown key 'colour'; known: "
-        "result, figure, sweep, sweeps, settings, truncate, variants"]
+        "result, figure, sweep, sweeps, settings, truncate, in_shape, variants"]
     res = CliRunner().invoke(main, ["figures", str(_write(tmp_path, {}, "ok.yaml")), "--variant", "gpu"])
     assert res.exit_code == 2 and "has no variant 'gpu'" in res.output
     res = CliRunner().invoke(main, ["plot", str(tmp_path / "none.csv")])
