@@ -14,6 +14,12 @@ An experiment YAML's ``in_shape`` lists the published shape as checks on the fig
         value: value
         over: rel_spread               # reduce the rows first: max, min, median, spread
         below: 0.01                    # (max − min) or rel_spread ((max − min)/|median|)
+      - what: r = 1's loss above the plateau
+        rows: "method == 'lora' and rank == 1"
+        value: value
+        over: min
+        above: {rows: "method == 'lora' and rank >= 16", over: max}   # other rows, reduced
+                                       # (times: f scales it; value: another column)
 
 A figure is reproduced ``yes`` when every check holds, ``partly`` when some do, ``no`` when
 none does, and ``untested`` when no check found rows to read. Beside it stand the gates of the
@@ -74,14 +80,37 @@ def check_criteria(doc, where: str) -> list[dict]:
             values = c.get(side, [])
             values = values if isinstance(values, list) else [values]
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (
+                if isinstance(v, dict) and over:
+                    _check_reference(v, f"{at}: {side}")
+                elif isinstance(v, bool) or not isinstance(v, (int, float, str)) or (
                         over and isinstance(v, str)):
-                    kinds = "numbers" if over else "numbers or column names"
+                    kinds = "numbers or {rows, over} mappings" if over else \
+                        "numbers or column names"
                     raise InputError(f"{at}: {side} takes {kinds}, got {v!r}")
             bounds[side] = values
         out.append({"what": c["what"], "rows": c.get("rows"), "value": c["value"],
                     **bounds, "holds": c.get("holds", "all"), "over": over})
     return out
+
+
+def _check_reference(ref: dict, at: str) -> None:
+    bad = sorted(set(ref) - {"rows", "over", "value", "times"})
+    if bad or not isinstance(ref.get("rows"), str) or ref.get("over") not in OVER:
+        raise InputError(f"{at}: a bound from other rows needs 'rows' (a query) and 'over' "
+                         f"({', '.join(OVER)}), optionally 'value' and 'times'; got {ref!r}")
+    if isinstance(ref.get("times", 1), bool) or not isinstance(ref.get("times", 1), (int, float)):
+        raise InputError(f"{at}: times must be a number, got {ref['times']!r}")
+
+
+def _reference(df: pd.DataFrame, ref: dict, value: str) -> float:
+    """A bound made of other rows: ``over`` of their ``value`` column, times ``times``."""
+    try:
+        rows = df.query(ref["rows"], engine="python")
+    except Exception:  # noqa: BLE001 - a query on columns this figure lacks
+        return math.nan
+    col = ref.get("value", value)
+    v = pd.to_numeric(rows[col], errors="coerce").dropna() if col in rows else pd.Series([])
+    return float(OVER[ref["over"]](v)) * float(ref.get("times", 1)) if len(v) else math.nan
 
 
 def _bound(df: pd.DataFrame, b) -> pd.Series:
@@ -121,10 +150,20 @@ def evaluate(df: pd.DataFrame, criteria: list[dict]) -> list[dict]:
                 out.append({**_head(c), "status": "no data", "note": "no numbers"})
                 continue
             got = float(OVER[c["over"]](value.dropna()))
-            held = all(got > b for b in c["above"]) and all(got < b for b in c["below"])
+            above = [_reference(df, b, c["value"]) if isinstance(b, dict) else float(b)
+                     for b in c["above"]]
+            below = [_reference(df, b, c["value"]) if isinstance(b, dict) else float(b)
+                     for b in c["below"]]
+            if any(math.isnan(b) for b in above + below):
+                out.append({**_head(c), "status": "no data", "note": "no rows for a bound"})
+                continue
+            held = all(got > b for b in above) and all(got < b for b in below)
+            measured = {c["over"]: _num(got), "n": int(value.notna().sum())}
+            measured |= {f"bound {i + 1}": _num(b) for i, b in enumerate(above + below)
+                         if len(above + below) and any(isinstance(x, dict)
+                                                       for x in c["above"] + c["below"])}
             out.append({**_head(c), "status": "yes" if held else "no", "passed": int(held),
-                        "rows": int(len(rows)),
-                        "measured": {c["over"]: _num(got), "n": int(value.notna().sum())}})
+                        "rows": int(len(rows)), "measured": measured})
             continue
         ok = value.notna()
         for b in c["above"]:
@@ -155,7 +194,7 @@ def _measured(rows: pd.DataFrame, value: pd.Series) -> dict:
 
 
 def _num(v) -> float | None:
-    return None if pd.isna(v) else round(float(v), 4)
+    return None if pd.isna(v) else float(f"{float(v):.4g}")      # 4 significant digits
 
 
 def reproduced(checks: list[dict]) -> str:

@@ -43,8 +43,28 @@ def test_a_reduced_check():
     every = check_criteria([{"what": "all", "value": "value", "over": "rel_spread",
                              "below": 0.01}], "exp")
     got = evaluate(df, flat + every)
-    assert got[0]["status"] == "yes" and got[0]["measured"] == {"rel_spread": 0.0067, "n": 4}
+    assert got[0]["status"] == "yes" and got[0]["measured"] == {"rel_spread": 0.006656, "n": 4}
     assert got[1]["status"] == "no" and got[1]["measured"]["rel_spread"] == pytest.approx(0.30 / 3.01, abs=1e-4)
+
+
+def test_a_bound_made_of_other_rows():
+    """The known answer of the planted control: every r ≥ 4 below a tenth of the best r < 4."""
+    df = pd.DataFrame({"method": "lora", "rank": [1, 2, 4, 8, 16],
+                       "value": [4.3e-4, 3.9e-4, 1.6e-5, 1.2e-5, 2.0e-5]})
+    knee = check_criteria([{"what": "knee", "rows": "rank >= 4", "value": "value", "over": "max",
+                            "below": {"rows": "rank < 4", "over": "min", "times": 0.1}}], "e")
+    got = evaluate(df, knee)[0]
+    assert got["status"] == "yes" and got["measured"] == {"max": 2.0e-5, "n": 3, "bound 1": 3.9e-5}
+    late = check_criteria([{"what": "k", "rows": "rank >= 4", "value": "value", "over": "max",
+                            "below": {"rows": "rank < 4", "over": "min", "times": 0.01}}], "e")
+    assert evaluate(df, late)[0]["status"] == "no"
+    gone = check_criteria([{"what": "k", "value": "value", "over": "max",
+                            "below": {"rows": "rank > 99", "over": "min"}}], "e")
+    assert evaluate(df, gone)[0]["status"] == "no data"
+    with pytest.raises(InputError, match="a bound from other rows needs 'rows'"):
+        check_criteria([{"what": "k", "value": "value", "over": "max", "below": {"rows": "x"}}], "e")
+    with pytest.raises(InputError, match="above takes numbers or column names"):
+        check_criteria([{"what": "k", "value": "value", "above": {"rows": "x", "over": "max"}}], "e")
 
 
 def test_missing_rows_or_columns_are_no_data_not_no():
@@ -58,7 +78,8 @@ def test_missing_rows_or_columns_are_no_data_not_no():
 @pytest.mark.parametrize("doc, message", [
     ({"what": "w", "value": "phi"}, "give 'above' or 'below'"),
     ({"what": "w", "value": "phi", "above": 1, "holds": "most"}, "holds must be 'all' or 'any'"),
-    ({"what": "w", "value": "phi", "above": "null_q99", "over": "max"}, "above takes numbers, got"),
+    ({"what": "w", "value": "phi", "above": "null_q99", "over": "max"},
+     r"above takes numbers or \{rows, over\} mappings, got 'null_q99'"),
     ({"what": "w", "value": "phi", "above": 1, "over": "mean"}, "over must be one of"),
     ({"what": "w", "value": "phi", "above": [True]}, "numbers or column names"),
     ({"value": "phi", "above": 1}, "'what' must be a non-empty text"),
