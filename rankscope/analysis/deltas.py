@@ -343,7 +343,8 @@ def _natural_key(name: str):
 
 
 def _base_shapes(base: str | Path) -> dict[str, tuple[int, int]]:
-    return {i.name: (i.d_out, i.d_in) for i in find_linear_modules(load_backbone(base))}
+    """The base model's linear modules and shapes, from its config alone (no weights read)."""
+    return {i.name: (i.d_out, i.d_in) for i in find_linear_modules(meta_backbone(base))}
 
 
 def _check_against_base(name: str, shape: tuple[int, int], shapes: dict, base) -> None:

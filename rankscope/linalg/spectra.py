@@ -30,6 +30,11 @@ def check_finite(t: Tensor, *, what: str) -> None:
         raise InputError(f"{what} contains NaN or Inf")
 
 
+def _check_shape(shape) -> None:
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be two positive ints, got {shape}")
+
+
 def _check_svd_dtype(dtype: torch.dtype) -> None:
     if dtype not in _SVD_DTYPES:
         raise InputError(f"SVD dtype must be float32 or float64, got {dtype}")
@@ -274,8 +279,7 @@ def numerical_rank(S, *, shape: tuple[int, int], rtol: float | None = None) -> i
     Raises:
         InputError: a bad shape, a negative rtol, or S not 1-D, negative, NaN or Inf.
     """
-    if len(shape) != 2 or min(shape) < 1:
-        raise InputError(f"shape must be two positive ints, got {shape}")
+    _check_shape(shape)
     if rtol is None:
         rtol = max(shape) * float(np.finfo(np.float32).eps)
     if rtol < 0:
@@ -372,8 +376,7 @@ def gd_rank(S, *, shape: tuple[int, int]) -> int:
     Raises:
         InputError: a bad shape, more values than min(shape), or S not 1-D, negative, NaN, Inf.
     """
-    if len(shape) != 2 or min(shape) < 1:
-        raise InputError(f"shape must be two positive ints, got {shape}")
+    _check_shape(shape)
     s = _spectrum(S)
     m = min(shape)
     if s.size > m:
@@ -402,8 +405,7 @@ def gaussian_energy_rank(shape: tuple[int, int], *, tau: float = 0.9, seed: int 
     Raises:
         InputError: a bad shape or τ outside (0, 1].
     """
-    if len(shape) != 2 or min(shape) < 1:
-        raise InputError(f"shape must be two positive ints, got {shape}")
+    _check_shape(shape)
     gen = torch.Generator().manual_seed(seed)
     tall = (max(shape), min(shape))  # LAPACK's SVD of a tall matrix is the faster one
     return rank_at_energy(torch.linalg.svdvals(torch.randn(*tall, generator=gen)), tau)
@@ -429,8 +431,7 @@ def mp_energy_rank(shape: tuple[int, int], *, tau: float = 0.9) -> int:
     Raises:
         InputError: a bad shape or τ outside (0, 1].
     """
-    if len(shape) != 2 or min(shape) < 1:
-        raise InputError(f"shape must be two positive ints, got {shape}")
+    _check_shape(shape)
     if not 0.0 < tau <= 1.0:
         raise InputError(f"tau must be in (0, 1], got {tau}")
     n, m = max(shape), min(shape)
