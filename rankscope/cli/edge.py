@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from rankscope.errors import RankscopeError
+from rankscope.errors import InputError, RankscopeError
 
 
 class OneLineGroup(click.Group):
@@ -87,10 +87,27 @@ def planted_rank(text):
     return out
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard I/N`` as (I, N), None when not given.
+
+    Raises:
+        InputError: not two integers with 1 ≤ I ≤ N.
+    """
+    if text is None:
+        return None
+    parts = text.strip().split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--shard: expected I/N (e.g. 1/4), got {text!r}")
+    i, n = int(parts[0]), int(parts[1])
+    if not 1 <= i <= n:
+        raise InputError(f"--shard: expected I/N with 1 <= I <= N, got {text!r}")
+    return i, n
+
+
 def sweep_options(fn):
     """The options ``sweep`` and ``run`` share: the task, its known-answer control, what full
     fine-tuning trains and how the learning rates are chosen."""
-    from rankscope.train.config import FULL_SCOPES
+    from rankscope.train.config import FULL_SCOPES, STRATEGIES
     from rankscope.train.corpora import TASKS
 
     for decorator in reversed((
@@ -104,6 +121,9 @@ def sweep_options(fn):
                           "the LoRA targets' weights."),
         click.option("--lr-search/--no-lr-search", default=None,
                      help="Choose each method's learning rate on a validation split first."),
+        click.option("--strategy", type=click.Choice(STRATEGIES),
+                     help="Full fine-tuning under torchrun: ddp (whole model per process) or "
+                          "fsdp (sharded parameters, gradients and optimizer state)."),
     )):
         fn = decorator(fn)
     return fn

@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from rankscope.cli.edge import check_ranks, ints, one_line_errors, planted_rank, strs, sweep_options
+from rankscope.cli.edge import check_ranks, ints, one_line_errors, parse_shard, planted_rank, strs, \
+    sweep_options
 
 
 @click.command()
@@ -34,8 +35,10 @@ from rankscope.cli.edge import check_ranks, ints, one_line_errors, planted_rank,
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (weights stay float32).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--shard", metavar="I/N", help="Train only the I-th of N slices of the grid "
+              "(runs I, I+N, …) into the shared OUT: one per GPU, node or job-array task.")
 @one_line_errors
-def sweep(config, out, quiet, **flags):
+def sweep(config, out, quiet, shard, **flags):
     """Fine-tune full and LoRA runs over ranks and seeds into OUT (resumable)."""
     from rankscope.train.config import build_sweep
     from rankscope.train.sweep import grid_table, run_sweep
@@ -45,7 +48,8 @@ def sweep(config, out, quiet, **flags):
     flags["methods"], flags["targets"] = strs(flags["methods"]), strs(flags["targets"])
     flags["planted_rank"] = planted_rank(flags["planted_rank"])
     cfg = build_sweep(yaml_path=config, overrides=flags)
-    manifests = run_sweep(cfg, out, progress=not quiet, log=click.echo)
+    manifests = run_sweep(cfg, out, shard=parse_shard(shard), progress=not quiet,
+                          log=click.echo)
     table = grid_table(manifests)
     if len(table):
         click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -21,7 +21,7 @@ from rankscope.train.config import SweepConfig, to_dict
 
 def sweep_folder(cfg: SweepConfig, file: Path, variant: str, runs_root: Path) -> Path:
     """``<runs_root>/<file stem>-<variant>-<hash of the config>``: equal configs share it."""
-    view = {k: v for k, v in to_dict(cfg).items() if k != "device"}
+    view = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "strategy")}  # how, not what
     digest = hashlib.sha1(json.dumps(view, sort_keys=True).encode()).hexdigest()[:8]
     return runs_root / f"{file.stem}-{variant}-{digest}"
 

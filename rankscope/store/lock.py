@@ -27,8 +27,9 @@ LOCK_FILE = ".rankscope.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, *, what: str = "sweep") -> Iterator[None]:
-    """Hold ``folder``'s lock for the body; the folder must exist.
+def folder_lock(folder: str | Path, *, what: str = "sweep", wait: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock for the body; the folder must exist. With ``wait``, wait for
+    another holder to release it instead of refusing (shards of one sweep share its set-up).
 
     Raises:
         InputError: another live process holds the lock (its pid and host are named), or the
@@ -41,7 +42,7 @@ def folder_lock(folder: str | Path, *, what: str = "sweep") -> Iterator[None]:
         raise InputError(f"cannot create the lock {path}: {e.strerror}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise InputError(f"{what} folder {Path(folder)} is in use by {_holder(path)}; wait for "
                              "it to finish or stop it, then rerun (finished runs are kept)") from None
@@ -51,6 +52,26 @@ def folder_lock(folder: str | Path, *, what: str = "sweep") -> Iterator[None]:
         yield
     finally:
         os.close(fd)                        # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold a run folder's own lock (a flock on the folder itself: no file is added to it), so
+    that two processes sharing a sweep folder (its shards) never train one run.
+
+    Raises:
+        InputError: another live process is training this run.
+    """
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"run {Path(run_dir)} is being trained by another process (two "
+                             "shards given the same slice?); wait for it, then rerun") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _holder(path: Path) -> str:

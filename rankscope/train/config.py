@@ -18,6 +18,7 @@ from rankscope.store.runs import RunId
 
 METHODS = ("full", "lora")
 FULL_SCOPES = ("all", "linear", "targets")
+STRATEGIES = ("ddp", "fsdp")        # how full fine-tuning spreads over torchrun's processes
 # ‖ΔW*‖_F = 0.2·‖W₀‖_F: the smallest share whose planted signal stands above Adam's own drift,
 # so that 400 CPU steps of full fine-tuning remove > 90% of the distillation loss (measured:
 # rankscope.train.planted's docstring); near a real update's size (Hu et al. Table 7, r = 4:
@@ -80,6 +81,9 @@ class SweepConfig:
     bf16: bool | None = _f(None, "bf16 autocast (weights stay float32); default (null): on "
                                  "for CUDA and for CPUs with native bf16 (AMX, AVX-512 BF16)")
     device: str = _f("auto", "auto, cpu or cuda")
+    strategy: str = _f("ddp", "full fine-tuning under torchrun: ddp (every process holds the whole "
+                              "model and optimizer) or fsdp (parameters, gradients and AdamW "
+                              "state sharded over the processes: torch's fully_shard)")
     profile: str | None = _f(None, "the profile these values started from (quick, paper)")
 
     def __post_init__(self):
@@ -88,6 +92,7 @@ class SweepConfig:
         _check_choice("alpha_policy", (self.alpha_policy,), ALPHA_POLICIES)
         _check_choice("schedule", (self.schedule,), SCHEDULES)
         _check_choice("full_scope", (self.full_scope,), FULL_SCOPES)
+        _check_choice("strategy", (self.strategy,), STRATEGIES)
         _check_planted(self)
         if not self.methods:
             raise InputError("methods: give at least one of full, lora")

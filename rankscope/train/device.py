@@ -80,6 +80,47 @@ def wrap_ddp(model, dist: Dist):
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def shard_fsdp(model, dist: Dist, *, bf16: bool):
+    """``model`` sharded in place over the processes with torch's FSDP2 ``fully_shard``.
+
+    Each repeated block (every element of the model's longest ``nn.ModuleList``) is one unit,
+    the root another, so one block's full parameters exist at a time. Parameters stay float32
+    (the master weights AdamW updates); with ``bf16`` they are gathered in bf16 for compute,
+    and gradients are reduced in float32. Gradients are averaged over processes, as DDP does.
+
+    Returns:
+        The same module, now an FSDP module whose parameters are DTensor shards.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    for block in max(lists, key=len, default=[]):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def micro_batch_sync(model, dist: Dist, *, last: bool):
+    """The context of one micro-batch's forward: gradients are reduced over the processes only
+    after the last micro-batch of a step (DDP's ``no_sync``; FSDP's gradient-sync flag)."""
+    if hasattr(model, "set_requires_gradient_sync"):       # FSDP: read by the backward
+        model.set_requires_gradient_sync(last or dist.world == 1)
+        return nullcontext()
+    return nullcontext() if dist.world == 1 or last else model.no_sync()
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with every FSDP shard gathered into its full tensor (a collective:
+    every process calls it), on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in model.state_dict().items()}
+
+
 def use_bf16(setting: bool | None, device: torch.device) -> bool:
     """Whether to train under bf16 autocast: as set, else on CUDA and on CPUs with native bf16.
 

@@ -7,12 +7,11 @@ learning-rate search and ``benchmarks/train.py`` step through the same ``train_s
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Iterator, NamedTuple
 
 import torch
 
-from rankscope.train.device import Dist, autocast
+from rankscope.train.device import Dist, autocast, micro_batch_sync
 from rankscope.train.objective import loss_sum, n_targets, trim_padding
 
 
@@ -75,7 +74,8 @@ def train_steps(model, task, order: torch.Tensor, *, cfg, dist: Dist, bf16: bool
     The caller does what it needs between steps (log, evaluate, checkpoint, time).
 
     Args:
-        model: the model, or its DDP wrapper when ``dist.world`` > 1; in train mode.
+        model: the model, its DDP wrapper or the model sharded by FSDP when ``dist.world``
+            > 1; in train mode.
         task: the TaskData; its training tensors (``task.train``, with the planted task's
             teacher) and ``task.kind``.
         order: (steps, batch_size · grad_accum) example indices (``batch_order``).
@@ -106,7 +106,7 @@ def _gradients(model, task, idx: torch.Tensor, *, cfg, dist: Dist, bf16: bool) -
     for a, mb in enumerate(micro):
         shard = mb[dist.rank::dist.world]
         batch = trim_padding({k: v[shard].to(dist.device) for k, v in task.train.items()})
-        sync = nullcontext() if dist.world == 1 or a == cfg.grad_accum - 1 else model.no_sync()
+        sync = micro_batch_sync(model, dist, last=a == cfg.grad_accum - 1)
         with sync, autocast(dist.device, bf16):
             loss, _ = loss_sum(model, batch, kind=task.kind, teacher=getattr(task.train, "teacher", None))
         # DDP averages gradients over processes: scale by world so the sum is global.

@@ -2,8 +2,10 @@
 
 Under ``torchrun`` the global batch is split across processes (DDP; gloo on CPU, nccl on
 CUDA) and the loss is normalised by the global target count, so N processes compute the update
-of one. A run resumes from its folder's checkpoint, and a resumed run ends bit-identical to an
-uninterrupted one.
+of one. With ``strategy: fsdp`` a full run's parameters, gradients and AdamW state are sharded
+over the processes instead (FSDP2), and gathered into the whole model to save ΔW. A run
+resumes from its folder's checkpoint, and a resumed run ends bit-identical to an uninterrupted
+one; a sharded run keeps no checkpoint and restarts from its first step.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from rankscope.store.provenance import provenance
 from rankscope.store.runs import OTHERS, UPDATES, RunId, write_manifest, write_updates
 from rankscope.train.config import SweepConfig
 from rankscope.train.data import TaskData
-from rankscope.train.device import Dist, peak_memory_mb, use_bf16, wrap_ddp
+from rankscope.train.device import Dist, full_state, peak_memory_mb, shard_fsdp, use_bf16, \
+    wrap_ddp
 from rankscope.train.evaluation import evaluate
 from rankscope.train.evidence import a_moved, delta_fro, eval_history, late_gain_share, late_step
 from rankscope.train.loop import batch_order, make_optimizer, train_steps
@@ -42,6 +45,12 @@ class RunPlan:
     run_dir: Path
     dist: Dist
     bf16: bool
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this run trains sharded by FSDP: a full run, ``strategy: fsdp``, ≥ 2
+        processes (LoRA's few trainable parameters stay with DDP)."""
+        return self.cfg.strategy == "fsdp" and self.dist.world > 1 and self.run.method == "full"
 
     @cached_property
     def late(self) -> int:
@@ -74,6 +83,11 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
     tokens_per_s, metrics = _train(plan, model, progress=progress)
     after = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
     metrics.append({"step": cfg.steps, "kind": "eval", **after})
+    if plan.sharded:            # every process gathers; the main one saves the whole model
+        state = full_state(model)
+        model = build_model(cfg, task, run) if dist.main else None
+        if model is not None:
+            model.load_state_dict(state)
     if not dist.main:
         return {}
     updates = save_outputs(run_dir, model, run, base_name=cfg.model, metrics=metrics,
@@ -102,9 +116,11 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
     from tqdm.auto import tqdm
 
     cfg, task, dist = plan.cfg, plan.task, plan.dist
+    # shard (or wrap) first: FSDP replaces the parameters the optimizer must hold
+    net = shard_fsdp(model, dist, bf16=plan.bf16) if plan.sharded else wrap_ddp(model, dist)
     params = dict(trainable(model))
     opt, sched = make_optimizer(list(params.values()), cfg, method=plan.run.method)
-    start, metrics = load_checkpoint(plan.run_dir, params, opt, sched)
+    start, metrics = (0, []) if plan.sharded else load_checkpoint(plan.run_dir, params, opt, sched)
     if start == 0:
         torch.manual_seed(plan.run.seed)        # dropout stream, identical for every method
     order = batch_order(task.train["input_ids"].shape[0], steps=cfg.steps,
@@ -113,8 +129,8 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
     bar = tqdm(total=cfg.steps, initial=start, desc=plan.run_dir.name, unit="step", leave=False,
                disable=not (progress and dist.main), file=sys.stderr)
     tokens, t_loop, tok_s = 0, time.perf_counter(), None
-    steps = train_steps(wrap_ddp(model, dist), task, order, cfg=cfg, dist=dist, bf16=plan.bf16,
-                        opt=opt, sched=sched, start=start)
+    steps = train_steps(net, task, order, cfg=cfg, dist=dist, bf16=plan.bf16, opt=opt,
+                        sched=sched, start=start)
     for s in steps:
         tokens += tokens_in(task.train, order[s.step - 1], kind=task.kind)
         tok_s = tokens / max(time.perf_counter() - t_loop, 1e-9)
@@ -126,7 +142,8 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
             metrics.append({"step": s.step, "kind": "eval", **ev})
         bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
-        if dist.main and s.step % cfg.checkpoint_every == 0 and s.step < cfg.steps:
+        if dist.main and not plan.sharded and s.step % cfg.checkpoint_every == 0 \
+                and s.step < cfg.steps:
             save_checkpoint(plan.run_dir, s.step, params, opt, sched, metrics)
     bar.close()
     return tok_s, metrics
@@ -162,6 +179,7 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "n_train_examples": task.n_train_examples, "n_eval_examples": task.n_eval_examples,
         "steps": cfg.steps, "tokens_per_step": cfg.batch_size * cfg.grad_accum * cfg.max_len,
         "device": str(dist.device), "world_size": dist.world, "bf16_autocast": plan.bf16,
+        "strategy": "fsdp" if plan.sharded else "ddp" if dist.world > 1 else None,
         "wall_time_s": measured["wall_time_s"], "tokens_per_s": measured["tokens_per_s"],
         "peak_memory_mb": round(peak_memory_mb(dist.device), 1),
         "trainable_params": trainable_params,

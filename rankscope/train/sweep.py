@@ -12,7 +12,7 @@ import yaml
 
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_text
-from rankscope.store.lock import folder_lock
+from rankscope.store.lock import folder_lock, run_lock
 from rankscope.store.runs import PLANTED, SWEEP_FILE, finished_manifest, read_tensors, \
     tensor_hash, write_updates
 from rankscope.train.config import SweepConfig, changed_fields, dump_yaml, to_dict
@@ -96,53 +96,92 @@ def summary_line(m: dict) -> str:
             f"{m['wall_time_s']:.0f}s  {tps}  peak {m['peak_memory_mb']:.0f} MB")
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, *, progress: bool = True,
-              log: Callable[[str], None] = print) -> list[dict]:
-    """Train every run of the grid into ``out/<run>``; finished runs are skipped.
+def run_sweep(cfg: SweepConfig, out: str | Path, *, shard: tuple[int, int] | None = None,
+              progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Train every run of the grid (or of its ``shard``) into ``out/<run>``; finished runs
+    are skipped.
+
+    A shard (i, n) trains the runs i, i + n, i + 2n, … of the grid (1-based): n processes or
+    jobs given 1/n … n/n cover it into one folder. They share the set-up (the base model's
+    evaluation, the teacher, the learning-rate search) under the folder's lock, each waiting
+    for the one doing it, and train each run under that run's own lock.
 
     Returns:
-        The manifests of all runs of the grid, in grid order (``{}`` for each run on
+        The manifests of the runs trained or found, in grid order (``{}`` for each run on
         processes other than the main one).
     Raises:
-        InputError: bad inputs (data, model, targets, ranks, output folder), found before
-            anything is written; another process training into ``out``.
+        InputError: bad inputs (data, model, targets, ranks, output folder, shard), found
+            before anything is written; another process training into ``out`` (without
+            ``shard``) or training one of this shard's runs.
     """
     out = Path(out)
+    runs = shard_runs(cfg.runs(), shard)
     dist = setup_dist(cfg.device)
     task = prepare(cfg)
     base = load_checked_model(cfg, task, world=dist.world)
     claim_sweep_dir(out, cfg)           # only once the inputs are good: nothing half-written
-    # one process trains a folder's runs (a torchrun's ranks are one sweep: its main holds it)
-    with folder_lock(out) if dist.main else contextlib.nullcontext():
-        return _train_grid(cfg, task, base, out, dist=dist, progress=progress, log=log)
+    main = dist.main                    # a torchrun's ranks are one sweep: its main holds locks
+    if shard is None:                   # one process trains the folder's runs
+        with folder_lock(out) if main else contextlib.nullcontext():
+            cfg, base_eval = _setup(cfg, task, base, out, dist=dist, log=log)
+            del base
+            return _train_runs(cfg, task, out, runs, base_eval, dist=dist, progress=progress,
+                               log=log)
+    with folder_lock(out, wait=True) if main else contextlib.nullcontext():
+        cfg, base_eval = _setup(cfg, task, base, out, dist=dist, log=log)
+    del base
+    return _train_runs(cfg, task, out, runs, base_eval, dist=dist, progress=progress, log=log)
 
 
-def _train_grid(cfg: SweepConfig, task: TaskData, base, out: Path, *, dist, progress: bool,
-                log: Callable[[str], None]) -> list[dict]:
-    from tqdm.auto import tqdm
+def shard_runs(runs: list, shard: tuple[int, int] | None) -> list:
+    """The runs of shard (i, n): the grid's i-th, (i + n)-th, … (all of them without a shard).
 
+    Raises:
+        InputError: not 1 ≤ i ≤ n.
+    """
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    if not 1 <= i <= n:
+        raise InputError(f"--shard: expected i/n with 1 <= i <= n, got {i}/{n}")
+    return list(runs)[i - 1::n]
+
+
+def _setup(cfg: SweepConfig, task: TaskData, base, out: Path, *, dist, log):
+    """What every run of the folder shares: the teacher, the base model's held-out metrics, the
+    learning rates (searched once, then read back). Returns (the config at those rates, the
+    base evaluation)."""
     if dist.main:
         record_teacher(out, task)
     base_eval = base_evaluation(base, task, out, device=dist.device,
                                 bf16=use_bf16(cfg.bf16, dist.device), write=dist.main)
-    del base
     if cfg.lr_search:
         from rankscope.train.lr_search import search
 
         cfg = search(cfg, task, out, device=dist.device, bf16=use_bf16(cfg.bf16, dist.device),
                      main=dist.main, log=log if dist.main else lambda s: None)
+    return cfg, base_eval
+
+
+def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_eval: dict, *,
+                dist, progress: bool, log: Callable[[str], None]) -> list[dict]:
+    from tqdm.auto import tqdm
+
     manifests = []
-    bar = tqdm(cfg.runs(), desc="sweep", unit="run", disable=not (progress and dist.main),
+    bar = tqdm(runs, desc="sweep", unit="run", disable=not (progress and dist.main),
                file=sys.stderr)
     for run in bar:
         run_dir = out / run.name
         done = finished_manifest(run_dir)
         if done is None:
-            claim_run_dir(run_dir, run_config_text(cfg, run))
-            done = train_run(cfg, task, run_dir, run, dist=dist, base_eval=base_eval,
-                             progress=progress)
-            if dist.main:
-                log(summary_line(done))
+            claim_run_dir(run_dir, run_config_text(cfg, run))    # made, or the same config
+            with run_lock(run_dir) if dist.main else contextlib.nullcontext():
+                done = finished_manifest(run_dir)     # another process may have finished it
+                if done is None:
+                    done = train_run(cfg, task, run_dir, run, dist=dist, base_eval=base_eval,
+                                     progress=progress)
+                    if dist.main:
+                        log(summary_line(done))
         elif dist.main:
             log(f"{run.name:<14} finished earlier, skipped")
         manifests.append(done)

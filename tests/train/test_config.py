@@ -77,6 +77,7 @@ def test_an_unknown_field_is_named(tmp_path, doc, field):
     ({"data": "x.jsonl", "task_kind": "seq2seq"}, "task_kind"),
     ({"data": "x.jsonl", "task": "news", "task_kind": "lm"}, "task/data"),
     ({"full_scope": "head"}, "full_scope"),
+    ({"strategy": "zero3"}, "strategy"),
     ({"planted_rank": 0}, "planted_rank"),
     ({"planted_scale": -1.0}, "planted_scale"),
     ({"planted_seed": "zero"}, "planted_seed"),
@@ -195,7 +196,7 @@ def test_a_folder_written_before_a_field_existed_still_resumes(tmp_path):
     from rankscope.train.run_folder import claim_run_dir, run_config_text
     from rankscope.train.sweep import claim_sweep_dir
 
-    new = ("full_scope", "planted_rank", "planted_scale", "planted_seed")
+    new = ("full_scope", "planted_rank", "planted_scale", "planted_seed", "strategy")
     cfg = SweepConfig(steps=3)
     out = tmp_path / "sweep"
     out.mkdir()

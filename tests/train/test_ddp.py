@@ -27,10 +27,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _torchrun(config: Path, out: Path) -> subprocess.CompletedProcess:
+def _torchrun(config: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rankscope", "sweep", str(config), "--out", str(out), "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "-m", "rankscope", "sweep", str(config), "--out", str(out), "--quiet", *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=540)
 
 
@@ -108,3 +109,23 @@ def test_two_gloo_processes_give_the_lora_update_of_one_on_padded_sft(smollm2_sl
     record_property("max_rel_diff_sft_lora", _max_rel(one, two))
     print(f"\nDDP qa: max|Δ|/max|x| LoRA factors {_max_rel(one, two):.2e} "
           f"(norm {_fro_rel(one, two):.2e})")
+
+
+def test_two_gloo_processes_sharded_by_fsdp_give_the_full_update_of_one(news_sweep, news_yaml,
+                                                                        tmp_path, record_property):
+    """``--strategy fsdp``: full fine-tuning's parameters, gradients and AdamW state sharded
+    over 2 processes (FSDP2), gathered to save ΔW: the update of one process, within DDP's
+    tolerances (the same global-batch normalisation; only the summation order differs)."""
+    done = _torchrun(news_yaml, tmp_path / "fsdp", "--strategy", "fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    full1, m1 = _load(news_sweep.full)
+    full2, m2 = _load(tmp_path / "fsdp" / "full-s0")
+    _check_manifests(m1, m2)
+    assert m2["strategy"] == "fsdp" and m1["strategy"] is None
+    assert not (tmp_path / "fsdp" / "full-s0" / "checkpoint").exists()
+    _check_close(full1, full2, share=5e-2)
+    _, l2 = _load(tmp_path / "fsdp" / "lora-r2-s0")
+    assert l2["strategy"] == "ddp"                        # LoRA's few parameters stay with DDP
+    record_property("max_rel_diff_fsdp_full", _max_rel(full1, full2))
+    print(f"\nFSDP news: max|Δ|/max|x| full ΔW {_max_rel(full1, full2):.2e} "
+          f"(norm {_fro_rel(full1, full2):.2e})")
