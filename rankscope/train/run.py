@@ -35,6 +35,17 @@ from rankscope.train.run_folder import clear_checkpoint, load_checkpoint, save_c
 from rankscope.train.updates import full_updates, lora_a, lora_updates
 
 
+LABELS = "labels.json"      # beside a classification run's adapter: its head's labels
+
+
+def label_file(names) -> dict:
+    """A classification head's labels as transformers' config takes them: ``num_labels``,
+    ``id2label``, ``label2id`` (the names in the head's order)."""
+    names = [str(n) for n in names]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
 @dataclass(frozen=True, eq=False)
 class RunPlan:
     """Everything fixed about one run while it trains: what, on which data, where, how."""
@@ -91,7 +102,7 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
     if not dist.main:
         return {}
     updates = save_outputs(run_dir, model, run, base_name=cfg.model, metrics=metrics,
-                           initial_a=initial_a)
+                           initial_a=initial_a, labels=task.label_names)
     manifest = run_manifest(plan, updates=updates,
                             trainable_params=sum(p.numel() for _, p in trainable(model)),
                             measured={"eval_before": base_eval, "eval_after": after,
@@ -174,6 +185,7 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "full_scope": cfg.full_scope,
         "lr": cfg.lr_lora if lora else cfg.lr_full, "lr_searched": cfg.lr_search,
         "model": cfg.model, "model_path": str(resolve_model(cfg.model)),
+        **(label_file(task.label_names) if task.label_names else {}),
         "task": cfg.task, "data": cfg.data, "task_kind": task.kind,
         "data_hash": task.data_hash, "split_hash": task.split_hash,
         "n_train_examples": task.n_train_examples, "n_eval_examples": task.n_eval_examples,
@@ -192,7 +204,8 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
 
 
 def save_outputs(run_dir: Path, model, run: RunId, *, base_name: str, metrics: list[dict],
-                 initial_a: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 initial_a: dict[str, torch.Tensor] | None = None,
+                 labels: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """Write a trained run's updates (and others, or its peft adapter) and its metrics.
 
     Args:
@@ -200,6 +213,8 @@ def save_outputs(run_dir: Path, model, run: RunId, *, base_name: str, metrics: l
         base_name: the model it was fine-tuned from (full runs subtract its W_0).
         metrics: the rows of ``metrics.jsonl``.
         initial_a: LoRA only, {module: A₀}, saved as "<module>.lora_A0".
+        labels: a classification task's label names, in the head's order: a LoRA run's
+            adapter folder gets ``labels.json`` (its head cannot be loaded without their count).
     Returns:
         The tensors written to ``updates.safetensors``.
     """
@@ -211,6 +226,8 @@ def save_outputs(run_dir: Path, model, run: RunId, *, base_name: str, metrics: l
         updates = lora_updates(model, initial_a=initial_a)
         with atomic_dir(run_dir / "adapter", overwrite=True) as tmp:
             model.save_pretrained(tmp)
+            if labels:
+                atomic_write_text(tmp / LABELS, json.dumps(label_file(labels), indent=2) + "\n")
     write_updates(run_dir / UPDATES, updates, method=run.method)
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     return updates

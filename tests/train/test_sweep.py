@@ -386,8 +386,18 @@ def test_classification_heads_train_in_every_method_but_are_not_part_of_delta_w(
         (weight,) = [w for n, w in seen[run].head.items() if n.endswith("weight")]
         assert weight.shape == start.shape and not torch.equal(weight, start), run
 
-    # the adapter (LoRA factors and the saved head) reproduces the trained model's logits
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_slice, num_labels=n_labels)
+    # the labels are recorded: in both manifests and beside the adapter, in the head's order
+    labels = json.loads((out / "lora-r2-s0" / "adapter" / "labels.json").read_text())
+    names = list(prepare(cfg).label_names)
+    assert labels["num_labels"] == n_labels == len(names)
+    assert list(labels["id2label"].values()) == names == list(full["id2label"].values())
+    assert not (out / "full-s0" / "adapter").exists() and full["num_labels"] == n_labels
+
+    # the adapter (LoRA factors and the saved head) reproduces the trained model's logits,
+    # loaded as the README shows: the base with the recorded labels, then the adapter
+    base = AutoModelForSequenceClassification.from_pretrained(
+        minilm_slice, num_labels=labels["num_labels"],
+        id2label={int(k): v for k, v in labels["id2label"].items()}, label2id=labels["label2id"])
     loaded = PeftModel.from_pretrained(base, out / "lora-r2-s0" / "adapter").eval()
     with torch.no_grad():
         got = loaded(input_ids=ev["input_ids"], attention_mask=ev["attention_mask"]).logits
