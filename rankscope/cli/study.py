@@ -13,7 +13,7 @@ from rankscope.cli.edge import check_ranks, ints, one_line_errors, parse_shard, 
 @click.command()
 @click.argument("config", required=False, type=click.Path(path_type=str))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Sweep folder.")
-@click.option("--profile", type=click.Choice(["quick", "paper"]), help="Sizing preset.")
+@click.option("--profile", type=click.Choice(["quick", "cpu-paper", "paper"]), help="Sizing preset.")
 @click.option("--model", help="Registry name, local folder or hub id.")
 @sweep_options
 @click.option("--data", type=click.Path(path_type=str), help="Your own JSONL/CSV/text file.")
@@ -108,7 +108,7 @@ def truncate(runs, out, ks, lora_min_rank, device, quiet):
 @click.argument("config", required=False, type=click.Path(path_type=str))
 @click.option("--out", default="rankscope-study", show_default=True,
               type=click.Path(path_type=str), help="Study folder: runs/ and results/ inside.")
-@click.option("--profile", type=click.Choice(["quick", "paper"]),
+@click.option("--profile", type=click.Choice(["quick", "cpu-paper", "paper"]),
               help="Sizing preset; default paper on a GPU, quick on a CPU.")
 @click.option("--model", help="Registry name, local folder or hub id (default smollm2-135m).")
 @sweep_options

@@ -169,9 +169,11 @@ def subspace_seeds(results, *, sides=("left", "right"), layer: int | None = None
     return _panels(rows)
 
 
-def _metric_rows(label: str, tables: dict) -> list[pd.DataFrame]:
+def _metric_rows(label: str, tables: dict, key: str) -> list[pd.DataFrame]:
     m = _table(tables, "metrics", "metric vs r")
-    key, _ = metric_name(m)
+    if f"after_{key}" not in m:
+        raise InputError(f"metric vs r: the runs have no held-out {key} (they have "
+                         f"{', '.join(c.removeprefix('after_') for c in m if c.startswith('after_'))})")
     ids = ["method", "rank", "seed"]
     lora = m[m["method"] == "lora"][ids].assign(series=label, value=m[f"after_{key}"])
     full = m[m["method"] == "full"][ids].assign(series="full fine-tuning", value=m[f"after_{key}"])
@@ -180,12 +182,17 @@ def _metric_rows(label: str, tables: dict) -> list[pd.DataFrame]:
     return [lora, full, base]
 
 
-def metric_rank(results, *, panel: str | None = None) -> pd.DataFrame:
-    """Hu et al. Tables 6 / 18: the held-out metric vs r for each sweep, full and base as lines."""
-    rows = [r for label, tables in results.items() for r in _metric_rows(label, tables)]
+def metric_rank(results, *, panel: str | None = None, metric: str | None = None) -> pd.DataFrame:
+    """Hu et al. Tables 6 / 18: the held-out metric vs r for each sweep, full and base as lines.
+
+    Args:
+        metric: the held-out quantity drawn: ``loss`` (every task has it), or by default the
+            task's own metric (accuracy for classification, loss otherwise).
+    """
+    key = metric or metric_name(_table(_one(results), "metrics", "metric vs r"))[0]
+    rows = [r for label, tables in results.items() for r in _metric_rows(label, tables, key)]
     df = pd.concat(rows, ignore_index=True)
     df = df.drop_duplicates(subset=["method", "series", "rank", "seed", "value"])
-    key, _ = metric_name(_table(_one(results), "metrics", "metric vs r"))
     title = panel or f"held-out {key} vs LoRA rank"
     return _panels([df.assign(plot="metric_vs_rank", panel=title, quantity=f"held-out {key}")])
 

@@ -13,6 +13,9 @@ A run folder ``<sweep>/<method>-r<rank>-s<seed>/`` (``full-s<seed>`` for full fi
                           weight of the pretrained backbone (norms, biases, embeddings, a new
                           head), so that W_0 + trunc_k(ΔW) can be rebuilt exactly
     adapter/              LoRA only: the standard PEFT folder (PeftModel.from_pretrained)
+    snapshots/            with ``snapshots`` set: ``updates-<step>.safetensors`` (step zero-padded
+                          to 6 digits), the update at that step in the layout of
+                          updates.safetensors (LoRA without lora_A0), header metadata "step"
     manifest.json         written last, atomically: a folder without it is not a finished run
 
 Besides its setup and provenance, a manifest holds the training evidence:
@@ -50,6 +53,7 @@ OTHERS = "others.safetensors"
 SWEEP_FILE = "sweep.yaml"          # a sweep folder's config, beside its run folders
 PLANTED = "planted.safetensors"    # a planted-task sweep's ΔW*, beside its run folders
 LR_SEARCH_FILE = "lr_search.json"  # a sweep's learning-rate search, beside its run folders
+SNAPSHOTS = "snapshots"            # a run's updates at shares of its steps (config ``snapshots``)
 
 
 def sweep_root(runs: str | Path) -> Path:
@@ -91,6 +95,22 @@ def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method:
     with atomic_file(path) as tmp:
         save_file(contiguous, tmp, metadata={**(metadata or {}), "format": UPDATES_FORMAT,
                                              "method": method})
+
+
+def snapshot_path(run_dir: str | Path, step: int) -> Path:
+    """Where a run keeps its update at ``step``: ``snapshots/updates-<step:06d>.safetensors``."""
+    return Path(run_dir) / SNAPSHOTS / f"updates-{step:06d}.safetensors"
+
+
+def snapshot_files(run_dir: str | Path) -> dict[int, Path]:
+    """{step: file} of a run's saved snapshots, in step order (empty without any)."""
+    folder = Path(run_dir) / SNAPSHOTS
+    found = {}
+    for f in sorted(folder.glob("updates-*.safetensors")) if folder.is_dir() else []:
+        digits = f.name.removeprefix("updates-").removesuffix(".safetensors")
+        if digits.isdigit():
+            found[int(digits)] = f
+    return dict(sorted(found.items()))
 
 
 def tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:

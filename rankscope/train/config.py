@@ -78,6 +78,9 @@ class SweepConfig:
     max_eval_examples: int | None = _f(64, "cap on held-out examples (blocks for lm)")
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after)")
     checkpoint_every: int = _f(10, "save a resumable checkpoint every N steps")
+    snapshots: tuple[float, ...] = _f((), "shares of the steps (each in (0, 1)) at which a run "
+                                      "also saves its update under snapshots/: the energy rank "
+                                      "against training tokens (Biderman et al.)")
     bf16: bool | None = _f(None, "bf16 autocast (weights stay float32); default (null): on "
                                  "for CUDA and for CPUs with native bf16 (AMX, AVX-512 BF16)")
     device: str = _f("auto", "auto, cpu or cuda")
@@ -114,6 +117,15 @@ class SweepConfig:
             raise InputError("warmup and eval_fraction: must lie in [0, 1) and (0, 1)")
         if not self.targets:
             raise InputError("targets: give module names or all-linear")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+                   for v in self.snapshots):
+            raise InputError(f"snapshots: expected shares of the steps in (0, 1), got "
+                             f"{list(self.snapshots)}")
+
+    def snapshot_steps(self) -> tuple[int, ...]:
+        """The steps at which a run saves its update beside the last: each share of
+        ``snapshots`` as a step (rounded, at least 1), below ``steps``, without repeats."""
+        return tuple(sorted({max(1, round(s * self.steps)) for s in self.snapshots} - {self.steps}))
 
     def runs(self) -> list[RunId]:
         """The grid: a RunId (method, rank, seed) for every run, full first, in a fixed order."""
@@ -227,12 +239,26 @@ def _check_choice(name: str, values, allowed) -> None:
 # double until full fine-tuning's plateau gate passes within the time budget. At 300 its last
 # fifth made 18% and 13% of its gain (seeds 0, 1; the gate allows 15%), so 600; measured in
 # README.md.
+# cpu-paper is what ``make figures`` trains without a GPU (the figures' ``cpu`` variant), at
+# most ~2 h on 2 cores. Its rule, fixed on 2026-12-02 before any of its runs was read: the
+# figures' runs get the training budget that passed the gates in quick (600 steps of 8 × 32 on
+# MiniLM's topic task, rates searched per method), with the paper's ranks 1–64 and two seeds
+# (Figure 4 needs two). SmolLM2-135M's news task cannot get that budget on 2 cores: measured
+# that day (benchmarks/train.py, batch 8 × 64, float32, AVX2) the whole model trains at 68–131
+# tokens/s (full) and ~200 (LoRA), so ~27 runs in 2 h get ~100 steps each, a sixth of the
+# budget that passed on MiniLM; its figures need the paper profile on a GPU. If a cpu-paper run
+# a figure uses fails a gate, the steps double once (1200) and that is reported, not tuned
+# further. ``snapshots`` keep ΔW at 10, 25 and 50% of training for the rank against tokens.
 # paper is for a GPU (3 seeds, ranks 1–64, 1000 steps a run).
 PROFILES = {
     "quick": dict(steps=600, batch_size=8, max_len=32, ranks=(1, 4, 16), seeds=(0, 1),
                   full_scope="linear",
                   max_eval_examples=128, eval_every=50, checkpoint_every=200, lr_search=True,
                   lr_grid_full=(3e-5, 1e-4, 3e-4), lr_grid_lora=(3e-4, 1e-3, 3e-3)),
+    "cpu-paper": dict(steps=600, batch_size=8, max_len=32, ranks=(1, 2, 4, 8, 16, 32, 64),
+                      seeds=(0, 1), full_scope="linear", max_eval_examples=128, eval_every=150,
+                      checkpoint_every=150, lr_search=True, lr_grid_full=(3e-5, 1e-4, 3e-4),
+                      lr_grid_lora=(3e-4, 1e-3, 3e-3), snapshots=(0.1, 0.25, 0.5)),
     # 1000 steps × 8 × 128 = 1.0M tokens a run, ~15 passes over the 67k-token news split: lower
     # peak rates than quick's, so that held-out loss is not lost to over-fitting by the end.
     "paper": dict(steps=1000, batch_size=8, max_len=128, ranks=(1, 2, 4, 8, 16, 32, 64),

@@ -20,7 +20,8 @@ import torch
 
 from rankscope.store.atomic import atomic_dir, atomic_write_text
 from rankscope.store.provenance import provenance
-from rankscope.store.runs import OTHERS, UPDATES, RunId, write_manifest, write_updates
+from rankscope.store.runs import OTHERS, UPDATES, RunId, snapshot_path, write_manifest, \
+    write_updates
 from rankscope.train.config import SweepConfig
 from rankscope.train.data import TaskData
 from rankscope.train.device import Dist, full_state, peak_memory_mb, shard_fsdp, use_bf16, \
@@ -62,6 +63,12 @@ class RunPlan:
         """Whether this run trains sharded by FSDP: a full run, ``strategy: fsdp``, ≥ 2
         processes (LoRA's few trainable parameters stay with DDP)."""
         return self.cfg.strategy == "fsdp" and self.dist.world > 1 and self.run.method == "full"
+
+    @cached_property
+    def snapshot_steps(self) -> frozenset[int]:
+        """The steps whose update this run saves under ``snapshots/`` (none when sharded:
+        only the gathered model has the whole ΔW)."""
+        return frozenset() if self.sharded else frozenset(self.cfg.snapshot_steps())
 
     @cached_property
     def late(self) -> int:
@@ -153,11 +160,29 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
             metrics.append({"step": s.step, "kind": "eval", **ev})
         bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
+        if dist.main and not plan.sharded and s.step in plan.snapshot_steps:
+            save_snapshot(plan, model, s.step)      # before the checkpoint that passes it
         if dist.main and not plan.sharded and s.step % cfg.checkpoint_every == 0 \
                 and s.step < cfg.steps:
             save_checkpoint(plan.run_dir, s.step, params, opt, sched, metrics)
     bar.close()
     return tok_s, metrics
+
+
+def save_snapshot(plan: RunPlan, model, step: int) -> None:
+    """Write the run's update at ``step`` to ``snapshots/`` (``store.runs.snapshot_path``).
+
+    Under ``fork_rng``: reloading W₀ for a full run must not draw from the stream the next
+    steps' dropout reads, so a run with snapshots trains exactly as one without.
+    """
+    with torch.random.fork_rng(devices=[]):
+        if plan.run.method == "full":
+            updates, _ = full_updates(model, plan.cfg.model)
+        else:
+            updates = lora_updates(model)
+    snap = snapshot_path(plan.run_dir, step)
+    snap.parent.mkdir(exist_ok=True)
+    write_updates(snap, updates, method=plan.run.method, metadata={"step": str(step)})
 
 
 def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_params: int,
@@ -198,6 +223,7 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "eval_before": measured["eval_before"], "eval_after": measured["eval_after"],
         "eval_history": history, "late_step": plan.late,
         "late_gain_share": late_gain_share(history, late=plan.late, steps=cfg.steps),
+        "snapshot_steps": sorted(plan.snapshot_steps),
         "delta_fro": delta_fro(updates), "a_moved": a_moved(updates) if lora else None,
         **planted, **provenance(),
     }

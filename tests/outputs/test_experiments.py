@@ -8,7 +8,7 @@ import pytest
 from study_fixtures import CONTROL_FIGURES, OTHER, PAPER, ROOT, runs_root  # noqa: F401
 from study_fixtures import write_experiment as _write
 
-from rankscope.train.config import SweepConfig, build_sweep, load_yaml
+from rankscope.train.config import PROFILES, SweepConfig, build_sweep, load_yaml
 from rankscope.errors import InputError
 from rankscope.outputs.experiments import VARIANTS, load_experiment, resolve
 from rankscope.pipeline.figures import sweep_folder
@@ -35,10 +35,11 @@ def test_experiment_loads_with_a_header_and_every_variant(path):
     quick, _, _ = resolve(exp, "quick")
     assert all(c.model.endswith("@2l") and c.steps <= 4 and c.max_len <= 32
                for c in quick.values())
-    cpu, _, _ = resolve(exp, "cpu")
-    assert all(c.model == "smollm2-135m" for c in cpu.values())
+    cpu, _, _ = resolve(exp, "cpu")         # the cpu-paper profile, on MiniLM's topic task
+    assert all(c.profile == "cpu-paper" and c.model == "minilm-l6" and c.task == "topic"
+               and c.steps == PROFILES["cpu-paper"]["steps"] and c.lr_search for c in cpu.values())
     first = next(iter(cpu.values()))         # the shared sweep: the seeds' spread comes from it
-    assert len(first.seeds) >= 2
+    assert len(first.seeds) >= 2 and first.ranks == PROFILES["cpu-paper"]["ranks"]
     gpu, _, _ = resolve(exp, "gpu")
     assert all(c.max_eval_examples is None and c.steps >= 1000 for c in gpu.values())
 
