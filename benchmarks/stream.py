@@ -1,11 +1,13 @@
 """Peak memory of reading a model pair's ΔW: streamed from safetensors vs both models loaded whole.
 
-Run: python benchmarks/stream.py [--model smollm2-135m] [--shard 100MB] [--no-write]
+Run: python benchmarks/stream.py [--model smollm2-135m] [--shard 100MB] [--layers N] [--no-write]
 
 The pair: the model (default SmolLM2-135M, float32) loaded once and saved as the base with
 ``max_shard_size=--shard`` (several shard files and an index), then every linear weight
 perturbed by a small seeded rank-4 update and saved the same way as the fine-tuned model,
-both in a temporary folder. Each measurement runs in a fresh process, so each peak is that
+both in a temporary folder. With ``--layers N`` the pair has the model's architecture with N
+blocks instead (its config, random weights from a fixed seed): SmolLM2's 30 blocks × 4 = 120
+make one model ~1.8 GB, to show how the ratio falls as the checkpoint grows. Each measurement runs in a fresh process, so each peak is that
 process's own ``ru_maxrss`` (resident pages, memory-mapped file pages included). Linux carries a
 parent's peak into the ``ru_maxrss`` of a child it starts, so the parent stays light: the pair
 is made in a subprocess too, and torch is imported here only after the measurements.
@@ -44,10 +46,12 @@ MODES = {"baseline": "a. baseline (imports only)", "code": "a′. baseline + met
 
 # -------------------------------------------------------------------------- the pair
 
-def make_pair(model: str, out: Path, *, shard: str, rank: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """Save ``model`` as ``out/base`` and a low-rank-perturbed copy as ``out/ft``, sharded."""
+def make_pair(model: str, out: Path, *, shard: str, layers: int | None = None, rank: int = 4,
+              seed: int = 0) -> tuple[Path, Path]:
+    """Save ``model`` (or its architecture with ``layers`` blocks, random weights) as
+    ``out/base`` and a low-rank-perturbed copy as ``out/ft``, sharded."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
 
     from rankscope.train.models import (find_linear_modules, is_causal_lm, linear_weight,
@@ -55,7 +59,14 @@ def make_pair(model: str, out: Path, *, shard: str, rank: int = 4, seed: int = 0
 
     logging.disable_progress_bar()
     path = resolve_model(model)
-    full = load_pretrained(AutoModelForCausalLM if is_causal_lm(path) else AutoModel, path)
+    auto = AutoModelForCausalLM if is_causal_lm(path) else AutoModel
+    if layers is None:
+        full = load_pretrained(auto, path)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        config.num_hidden_layers = layers
+        torch.manual_seed(seed)
+        full = auto.from_config(config)
     full.save_pretrained(out / "base", max_shard_size=shard)
     backbone, gen = full.base_model, torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -87,8 +98,10 @@ def worker(mode: str, base: str, ft: str) -> dict:
 
         n = len(find_linear_modules(meta_backbone(base)))
     elif mode != "baseline":
-        if mode == "whole":
-            deltas.has_safetensors = lambda folder: False         # take the whole-model path
+        if mode == "whole":                                     # take the whole-model path
+            import rankscope.train.models as models
+
+            models.has_safetensors = lambda folder: False
         for d in deltas.from_model_pair(base, ft):
             norm2 += float(d.dense.norm()) ** 2
             n += 1
@@ -139,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="registry name or model folder")
     parser.add_argument("--shard", default="100MB", help="max_shard_size of the saved pair")
+    parser.add_argument("--layers", type=int, help="the model's architecture with this many "
+                        "blocks (random weights) instead of the model itself")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--make-pair", type=Path, help=argparse.SUPPRESS)
@@ -147,10 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(*args.worker)))
         return
     if args.make_pair:
-        print(json.dumps([str(p) for p in make_pair(args.model, args.make_pair, shard=args.shard)]))
+        print(json.dumps([str(p) for p in make_pair(args.model, args.make_pair, shard=args.shard,
+                                                     layers=args.layers)]))
         return
     with tempfile.TemporaryDirectory(prefix="rankscope-stream-") as tmp:
-        base, ft = map(Path, _child("--make-pair", tmp, "--model", args.model, "--shard", args.shard))
+        more = ["--layers", str(args.layers)] if args.layers else []
+        base, ft = map(Path, _child("--make-pair", tmp, "--model", args.model, "--shard",
+                                    args.shard, *more))
         size, n_files = checkpoint_bytes(base), len(list(base.glob("*.safetensors")))
         rows = {mode: measure(mode, base, ft) for mode in MODES}
     from rankscope.store.provenance import machine_heading     # imports torch: only now
@@ -158,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     if streamed["n"] != whole["n"] or abs(streamed["norm"] - whole["norm"]) > 1e-6 * whole["norm"]:
         raise SystemExit(f"the two paths disagree: {streamed} vs {whole}")
     heading = machine_heading()
-    about = (f"{args.model}, one model's checkpoint {size / 2**20:.0f} MiB in {n_files} "
+    model = f"{args.model}'s architecture with {args.layers} blocks" if args.layers else args.model
+    about = (f"{model}, one model's checkpoint {size / 2**20:.0f} MiB in {n_files} "
              f"safetensors files (max_shard_size {args.shard}); both paths read "
              f"{streamed['n']} ΔW, ‖ΔW‖_F over all {streamed['norm']:.6g} in both")
     print(f"## benchmarks/stream.py — {heading}\n\n{about}\n\n{table(rows, size)}")
@@ -167,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
 
         command = " ".join(["python benchmarks/stream.py",
                             *(argv if argv is not None else sys.argv[1:])])
-        write_section(RESULTS, "stream.py", (
+        key = f"stream.py --layers {args.layers}" if args.layers else "stream.py"
+        write_section(RESULTS, key, (
             f"## benchmarks/stream.py — {heading}\n\n`{command}`: {about}. Each path in a "
             "fresh process; peak RSS is its `ru_maxrss` (memory-mapped pages included). "
             "a: the interpreter with torch, transformers and rankscope.analysis.deltas "

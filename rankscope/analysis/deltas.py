@@ -20,9 +20,8 @@ from typing import Callable, Iterator
 import torch
 
 from rankscope.errors import InputError
-from rankscope.train.models import LinearInfo, find_linear_modules, linear_weight, load_backbone, \
-    match_name, meta_backbone, model_type, parse_names, read_config, resolve_model
-from rankscope.store.checkpoint import Checkpoint, has_safetensors
+from rankscope.train.models import FLOATS, LinearInfo, WeightReader, find_linear_modules, \
+    match_name, meta_backbone, parse_names, read_config, resolve_model
 from rankscope.store.runs import UPDATES, TensorFile, find_runs, read_json_object, read_manifest, \
     read_tensors
 from rankscope.linalg.spectra import check_finite
@@ -86,15 +85,14 @@ class DeltaSet:
 def from_model_pair(base: str | Path, finetuned: str | Path) -> DeltaSet:
     """ΔW = W_ft − W_0 for every linear weight of two models of one architecture.
 
-    Safetensors checkpoints (``model.safetensors``, or shards listed in
-    ``model.safetensors.index.json``) are streamed: the modules (names, layer, kind, shapes,
-    Conv1D orientation) come from the base's architecture built from its config on the meta
-    device, and each module's two weights are read from the memory-mapped files, in float32,
-    only when the stream reaches it, so peak memory is a few matrices whatever the models'
-    size. Checkpoint keys are matched to module names by dotted suffix (``match_name``: a causal
-    LM's keys carry a ``model.`` prefix). When either folder holds no safetensors (only
-    ``pytorch_model.bin``), both models are loaded whole instead (peak memory: both models plus
-    one matrix). Unchanged weights are skipped.
+    Each model is read by its own ``models.WeightReader``: safetensors checkpoints
+    (``model.safetensors``, or shards listed in ``model.safetensors.index.json``) are streamed,
+    one module's weight at a time from the memory-mapped files, in float32, only when the
+    stream reaches it, so peak memory is a few matrices whatever the models' size; a folder
+    with only ``pytorch_model.bin`` is loaded whole. The modules (names, layer, kind, shapes,
+    Conv1D orientation) are the base's, from its architecture (built on the meta device when
+    streamed). Checkpoint keys are matched to module names by dotted suffix (``match_name``: a
+    causal LM's keys carry a ``model.`` prefix). Unchanged weights are skipped.
 
     Args:
         base: the base model: a registry name, a model folder or a hub id (``resolve_model``).
@@ -108,15 +106,17 @@ def from_model_pair(base: str | Path, finetuned: str | Path) -> DeltaSet:
             shard its index names that is missing, a weight stored in a non-float dtype, or
             (when the stream reads it) NaN/Inf in a weight.
     """
-    paths = resolve_model(base), resolve_model(finetuned)
-    if all(has_safetensors(p) for p in paths):
-        infos, weights = _streamed_pair(base, finetuned, paths)
-    else:
-        infos, weights = _loaded_pair(base, finetuned)
+    types = [read_config(resolve_model(m)).model_type for m in (base, finetuned)]
+    if types[0] != types[1]:
+        raise InputError(f"models of different architectures: base {base} is {types[0]}, "
+                         f"finetuned {finetuned} is {types[1]}")
+    r0, r1 = WeightReader(base), WeightReader(finetuned)
+    keys = {info.name: _pair_keys(info, r0, r1) for info in r0.infos}
 
     def load() -> Iterator[ModuleDelta]:
-        for info in infos:
-            w0, w1 = (w.float() for w in weights(info))           # (d_out, d_in) each
+        for info in r0.infos:
+            k0, k1 = keys[info.name]
+            w0, w1 = r0.read(k0, info).float(), r1.read(k1, info).float()   # (d_out, d_in)
             check_finite(w0, what=f"weight {info.name} of {base}")
             check_finite(w1, what=f"weight {info.name} of {finetuned}")
             delta = w1 - w0
@@ -126,85 +126,31 @@ def from_model_pair(base: str | Path, finetuned: str | Path) -> DeltaSet:
                               dense=delta)
 
     meta = {"source": "model-pair", "base": str(base), "finetuned": str(finetuned)}
-    return DeltaSet(Path(str(finetuned)).name, "full", None, None, meta, load, len(infos))
+    return DeltaSet(Path(str(finetuned)).name, "full", None, None, meta, load, len(r0.infos))
 
 
-def _check_types(base, finetuned, type0: str, type1: str) -> None:
-    if type0 != type1:
-        raise InputError(f"models of different architectures: base {base} is {type0}, "
-                         f"finetuned {finetuned} is {type1}")
-
-
-_FLOATS = ("F64", "F32", "F16", "BF16")
-
-
-def _streamed_pair(base, finetuned, paths: tuple[Path, Path]):
-    """The base's modules and ``weights(info) -> (W_0, W_ft)``, read from the checkpoints."""
-    _check_types(base, finetuned, read_config(paths[0]).model_type,
-                 read_config(paths[1]).model_type)
-    infos = find_linear_modules(meta_backbone(paths[0]))
-    ck0, ck1 = _checkpoint(base, paths[0]), _checkpoint(finetuned, paths[1])
-    names0, names1 = list(ck0), list(ck1)
-    keys = {}
-    for info in infos:
-        want = (info.d_out, info.d_in)
-        k0 = match_name(f"{info.name}.weight", names0)
-        k1 = match_name(f"{info.name}.weight", names1)
-        if k0 is None:
-            raise InputError(f"module {info.name} of {base} has no weight in its checkpoint")
-        if _oriented(ck0.shape(k0), info) != want:
-            raise InputError(f"checkpoint of {base} stores {k0} as {ck0.shape(k0)}, but its "
-                             f"config makes {info.name} {want}")
-        if k1 is None:
-            raise InputError(f"module {info.name} of {base} is missing from {finetuned}")
-        if _oriented(ck1.shape(k1), info) != want:
-            raise InputError(f"shape mismatch at {info.name}: base {want}, "
-                             f"finetuned {_oriented(ck1.shape(k1), info)}")
-        for ck, key, model in ((ck0, k0, base), (ck1, k1, finetuned)):
-            if ck.dtype(key) not in _FLOATS:
-                raise InputError(f"{key} of {model} is stored as {ck.dtype(key)}, not a float "
-                                 "type: quantized checkpoints cannot be compared")
-        keys[info.name] = (k0, k1)
-
-    def weights(info: LinearInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        k0, k1 = keys[info.name]
-        w0, w1 = ck0[k0], ck1[k1]                                 # as stored
-        return (w0.t(), w1.t()) if info.fan_in_fan_out else (w0, w1)
-
-    return infos, weights
-
-
-def _checkpoint(name, path: Path) -> Checkpoint:
-    try:
-        return Checkpoint(path)
-    except InputError as e:
-        raise InputError(f"cannot load model {name}: {e}") from None
-
-
-def _oriented(shape: tuple[int, ...], info: LinearInfo) -> tuple[int, ...]:
-    """A stored weight's shape in the (d_out, d_in) orientation (Conv1D stores (d_in, d_out))."""
-    return tuple(reversed(shape)) if info.fan_in_fan_out else tuple(shape)
-
-
-def _loaded_pair(base, finetuned):
-    """Both models loaded whole: the base's modules and ``weights(info) -> (W_0, W_ft)``."""
-    m0, m1 = load_backbone(base), load_backbone(finetuned)
-    _check_types(base, finetuned, model_type(m0), model_type(m1))
-    infos = find_linear_modules(m0)
-    ft_names = {n for n, _ in m1.named_modules()}
-    for info in infos:
-        if info.name not in ft_names:
-            raise InputError(f"module {info.name} of {base} is missing from {finetuned}")
-        w1 = linear_weight(m1.get_submodule(info.name))
-        if tuple(w1.shape) != (info.d_out, info.d_in):
-            raise InputError(f"shape mismatch at {info.name}: base {(info.d_out, info.d_in)}, "
-                             f"finetuned {tuple(w1.shape)}")
-
-    def weights(info: LinearInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        return (linear_weight(m0.get_submodule(info.name)).detach(),
-                linear_weight(m1.get_submodule(info.name)).detach())
-
-    return infos, weights
+def _pair_keys(info: LinearInfo, r0: WeightReader, r1: WeightReader) -> tuple[str, str]:
+    """Where the base (``r0``) and the fine-tuned model (``r1``) store ``info``'s weight,
+    checked for presence, shape and a float dtype before any weight is read."""
+    want = (info.d_out, info.d_in)
+    base, finetuned = r0.name, r1.name
+    k0 = r0.key(info.name)
+    if k0 is None:
+        raise InputError(f"module {info.name} of {base} has no weight in its checkpoint")
+    if r0.shape(k0, info) != want:
+        raise InputError(f"checkpoint of {base} stores {k0} as {r0.stored_shape(k0)}, but its "
+                         f"config makes {info.name} {want}")
+    k1 = r1.key(info.name)
+    if k1 is None:
+        raise InputError(f"module {info.name} of {base} is missing from {finetuned}")
+    if r1.shape(k1, info) != want:
+        raise InputError(f"shape mismatch at {info.name}: base {want}, "
+                         f"finetuned {r1.shape(k1, info)}")
+    for r, key in ((r0, k0), (r1, k1)):
+        if r.dtype(key) not in (None, *FLOATS):
+            raise InputError(f"{key} of {r.name} is stored as {r.dtype(key)}, not a float "
+                             "type: quantized checkpoints cannot be compared")
+    return k0, k1
 
 
 # ---------------------------------------------------------------------- PEFT adapters
@@ -371,7 +317,7 @@ def from_run(run_dir: str | Path) -> DeltaSet:
         meta = tensors.metadata
         if meta.get("method") not in (None, method):
             raise InputError(f"run {run_dir}: updates are {meta.get('method')}, manifest says {method}")
-        for d in _run_deltas(tensors, method, run_dir):
+        for d in run_deltas(tensors, method, run_dir):
             if method == "lora" and manifest.get("rank") not in (None, d.rank):
                 raise InputError(f"run {run_dir}: its manifest says rank {manifest.get('rank')!r}, "
                                  f"its factors of {d.name} have rank {d.rank}; the manifest was "
@@ -382,7 +328,13 @@ def from_run(run_dir: str | Path) -> DeltaSet:
                     manifest, load, manifest.get("n_modules"))
 
 
-def _run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> Iterator[ModuleDelta]:
+def run_deltas(tensors: dict[str, torch.Tensor], method: str, where: Path) -> Iterator[ModuleDelta]:
+    """The ModuleDeltas of an ``updates.safetensors`` layout (a run's, or a snapshot's), in
+    module order.
+
+    Raises:
+        InputError: no updates of ``method``, missing or mismatched factors, NaN/Inf.
+    """
     suffix = ".delta" if method == "full" else ".lora_A"
     names = sorted((k[: -len(suffix)] for k in tensors if k.endswith(suffix)), key=_natural_key)
     if not names:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -19,9 +19,7 @@ from rankscope.analysis.deltas import DeltaSet, ModuleDelta, adapter_tensors, fr
     read_adapter_config
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import check_finite
-from rankscope.store.checkpoint import Checkpoint, has_safetensors
-from rankscope.train.models import find_linear_modules, linear_weight, load_backbone, match_name, \
-    meta_backbone, resolve_model
+from rankscope.train.models import WeightReader
 
 METHOD = "dora"
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.[^.]+)?"
@@ -104,7 +102,7 @@ def from_dora_adapter(adapter_dir: str | Path, *, base: str | Path | None) -> De
         if d.name not in mags:
             raise InputError(f"DoRA adapter {adapter_dir}: module {d.name} has no "
                              "lora_magnitude_vector")
-    weight = base_weight_reader(base)
+    weight = WeightReader(base).weight
 
     def load() -> Iterator[ModuleDelta]:
         for d in factors:
@@ -114,35 +112,3 @@ def from_dora_adapter(adapter_dir: str | Path, *, base: str | Path | None) -> De
 
     meta = {**lora.meta, "source": "peft-dora-adapter"}
     return DeltaSet(lora.run, METHOD, lora.rank, None, meta, load, len(factors))
-
-
-def base_weight_reader(base: str | Path) -> Callable[[str], Tensor]:
-    """``read(module name) -> W₀ (d_out, d_in)`` of a base model: from its safetensors one
-    tensor at a time (modules and orientation from the architecture on the meta device), else
-    from the model loaded whole.
-
-    Raises:
-        InputError: (when called) a module or weight the base model lacks.
-    """
-    path = resolve_model(base)
-    if not has_safetensors(path):
-        model = load_backbone(base)
-        names = [n for n, _ in model.named_modules()]
-
-        def loaded(name: str) -> Tensor:
-            hit = match_name(name, names)
-            if hit is None:
-                raise InputError(f"module {name} does not exist in base model {base}")
-            return linear_weight(model.get_submodule(hit)).detach()
-        return loaded
-    infos = {i.name: i for i in find_linear_modules(meta_backbone(path))}
-    ck = Checkpoint(path)
-    keys = list(ck)
-
-    def streamed(name: str) -> Tensor:
-        hit, key = match_name(name, infos.keys()), match_name(f"{name}.weight", keys)
-        if hit is None or key is None:
-            raise InputError(f"module {name} does not exist in base model {base}")
-        w = ck[key]
-        return w.t() if infos[hit].fan_in_fan_out else w
-    return streamed

@@ -24,6 +24,7 @@ from torch import nn
 
 from rankscope.errors import InputError, ModelNotFoundError
 from rankscope.store.atomic import atomic_dir
+from rankscope.store.checkpoint import Checkpoint, has_safetensors
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTRY = {
@@ -379,3 +380,89 @@ def save_slice(name: str | Path, out_dir: str | Path, *, n_layers: int) -> Path:
         model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(path).save_pretrained(out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------- reading a model's weights
+# The one reader of a model's linear weights, W (d_out, d_in) by module, that
+# ``analysis.deltas.from_model_pair`` (W_0 and W_ft) and ``analysis.dora`` (W_0) share. A model
+# whose folder holds safetensors (``model.safetensors``, or the shards of
+# ``model.safetensors.index.json``) is streamed: its modules come from its architecture built on
+# the meta device, and each weight is read from the memory-mapped files only when asked for. A
+# folder with only ``pytorch_model.bin`` is loaded whole. Each model of a pair is read its own way.
+
+FLOATS = ("F64", "F32", "F16", "BF16")      # the safetensors dtypes a weight may be stored in
+
+
+class WeightReader:
+    """The linear weights of one model (a registry name, a model folder or a hub id).
+
+    ``infos`` are its linear modules; ``key(module)`` finds where a module's weight is stored
+    (a checkpoint key when streamed, a module name when loaded), ``shape``/``dtype`` describe
+    it without reading it, and ``read`` returns it as (d_out, d_in) in its stored dtype.
+
+    Raises:
+        InputError: (on construction) a corrupt or truncated safetensors file, a missing shard,
+            or a config this transformers cannot read.
+    """
+
+    def __init__(self, name: str | Path):
+        self.name = name
+        path = resolve_model(name)
+        self.streamed = has_safetensors(path)
+        if self.streamed:
+            self.infos = find_linear_modules(meta_backbone(path))
+            try:
+                self._ck = Checkpoint(path)
+            except InputError as e:
+                raise InputError(f"cannot load model {name}: {e}") from None
+            self._keys = list(self._ck)
+        else:
+            self._model = load_backbone(name)
+            self.infos = find_linear_modules(self._model)
+            self._keys = [n for n, _ in self._model.named_modules()]
+        self._infos = {i.name: i for i in self.infos}
+
+    def info(self, module: str) -> LinearInfo | None:
+        """This model's own description of ``module`` (matched by dotted suffix), or None."""
+        hit = match_name(module, self._infos.keys())
+        return None if hit is None else self._infos[hit]
+
+    def key(self, module: str) -> str | None:
+        """Where ``module``'s weight is stored (matched by dotted suffix), or None."""
+        return match_name(f"{module}.weight" if self.streamed else module, self._keys)
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        """The weight's shape as stored (Conv1D: (d_in, d_out))."""
+        if self.streamed:
+            return tuple(self._ck.shape(key))
+        return tuple(self._model.get_submodule(key).weight.shape)
+
+    def shape(self, key: str, info: LinearInfo) -> tuple[int, ...]:
+        """The weight's shape as (d_out, d_in), for a module described by ``info``."""
+        if not self.streamed:
+            return tuple(linear_weight(self._model.get_submodule(key)).shape)
+        stored = self.stored_shape(key)
+        return tuple(reversed(stored)) if info.fan_in_fan_out else stored
+
+    def dtype(self, key: str) -> str | None:
+        """The safetensors dtype a streamed weight is stored in (None when loaded)."""
+        return self._ck.dtype(key) if self.streamed else None
+
+    def read(self, key: str, info: LinearInfo) -> torch.Tensor:
+        """The weight as (d_out, d_in), in its stored dtype (a view of the loaded model, or a
+        tensor read from the files)."""
+        if not self.streamed:
+            return linear_weight(self._model.get_submodule(key)).detach()
+        w = self._ck[key]
+        return w.t() if info.fan_in_fan_out else w
+
+    def weight(self, module: str) -> torch.Tensor:
+        """``module``'s weight W (d_out, d_in).
+
+        Raises:
+            InputError: the model has no such linear module or weight.
+        """
+        info, key = self.info(module), self.key(module)
+        if info is None or key is None:
+            raise InputError(f"module {module} does not exist in base model {self.name}")
+        return self.read(key, info)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import rankscope.analysis.deltas as deltas_module
+import rankscope.train.models as models_module
 from rankscope.analysis.analyze import analyze
 from rankscope.analysis.deltas import (
     ModuleDelta,
@@ -358,7 +358,7 @@ def _planted_pair(root, arch, chosen_factors, *, sharded=True, dtype=torch.float
 
 def _whole_model_path(monkeypatch):
     """Make ``from_model_pair`` take its whole-model path (as for a folder without safetensors)."""
-    monkeypatch.setattr(deltas_module, "has_safetensors", lambda folder: False)
+    monkeypatch.setattr(models_module, "has_safetensors", lambda folder: False)
 
 
 @pytest.fixture
@@ -373,7 +373,7 @@ def no_whole_model_load(monkeypatch):
 
     monkeypatch.setattr(AutoModel, "from_pretrained", refuse)
     monkeypatch.setattr(models, "load_pretrained", refuse)
-    monkeypatch.setattr(deltas_module, "load_backbone", refuse)
+    monkeypatch.setattr(models_module, "load_backbone", refuse)
 
 
 @pytest.mark.parametrize("arch, sharded, dtype", [
@@ -410,8 +410,8 @@ def test_registry_names_stream_and_unchanged_weights_are_skipped(no_whole_model_
     assert ds.n_modules == 37 and list(ds) == []
 
 
-def test_a_folder_without_safetensors_falls_back_to_whole_models(chosen_factors, tmp_path,
-                                                                 monkeypatch):
+def test_a_folder_without_safetensors_is_loaded_whole_and_its_pair_still_streams(
+        chosen_factors, tmp_path, monkeypatch):
     from rankscope.train.models import load_backbone
 
     base, ft, _, saved = _planted_pair(tmp_path, "llama", chosen_factors, sharded=False)
@@ -420,10 +420,10 @@ def test_a_folder_without_safetensors_falls_back_to_whole_models(chosen_factors,
     (ft / "model.safetensors").unlink()
     torch.save(state, ft / "pytorch_model.bin")
     calls = []
-    monkeypatch.setattr(deltas_module, "load_backbone",
+    monkeypatch.setattr(models_module, "load_backbone",
                         lambda name: calls.append(name) or load_backbone(name))
     loaded = {d.name: d.dense for d in from_model_pair(base, ft)}
-    assert calls == [base, ft]
+    assert calls == [ft]                    # the base, in safetensors, still streams
     assert loaded.keys() == streamed.keys() == saved.keys()
     assert all(torch.equal(loaded[n], streamed[n]) for n in saved)
 
