@@ -21,7 +21,8 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # every figure of experiments/paper into figures/ (PNG + CSV + caption), sweeps under runs/;
-# FIGURES_VARIANT=auto is the gpu profile where CUDA is present, else cpu (~35 min on 2 cores)
+# FIGURES_VARIANT=auto is the gpu variant where CUDA is present, else cpu (the cpu-paper
+# profile, sized for at most ~2 h on 2 cores; resumable)
 figures: FIGURES_VARIANT ?= auto
 figures: install
 	$(PYTHON) -m rankscope figures experiments/paper --all --variant $(FIGURES_VARIANT) \

@@ -198,4 +198,9 @@ SYNTHETIC = {
     "truncation_curve": lambda: pd.DataFrame(
         [{"curve": c, "k": k, "value": v} for c in ("gain share, full-s0", "energy share")
          for k, v in ((1, 0.3), (2, 0.6), (4, 0.92), (576, 1.0))]),
+    "rank_vs_tokens": lambda: pd.DataFrame(
+        [{"series": n, "method": m, "tokens": t, "value": v * t / 1000}
+         for n, m, v in (("full fine-tuning, attention", "full", 40), ("LoRA r = 8", "lora", 2))
+         for t in (100, 250, 500, 1000)]
+        + [{"series": "Gaussian k₉₀ floor, attention", "method": "floor", "value": 294.0}]),
 }

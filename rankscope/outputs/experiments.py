@@ -31,8 +31,8 @@ import pandas as pd
 from rankscope.train.config import SweepConfig, build_sweep, load_yaml, replace
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_file, atomic_write_json, atomic_write_text
-from rankscope.outputs.plots import DPI
-from rankscope.outputs.figure_data import BUILDERS, draw_figure
+from rankscope.outputs.plots import DPI, draw_figure
+from rankscope.outputs.figure_data import BUILDERS
 from rankscope.outputs.in_shape import check_criteria
 
 KEYS = ("result", "figure", "sweep", "sweeps", "settings", "truncate", "in_shape", "variants")

@@ -1,74 +1,20 @@
-"""The tidy data behind each paper figure, built from results tables, and drawing it.
+"""The tidy data behind each paper figure, built from results tables.
 
 A figure's data is one DataFrame: column ``plot`` names the plot function of ``plots.PLOTS``
 that draws a row's panel and ``panel`` the panel's title; the rest are that function's
-inputs. ``draw_figure`` lays the panels out in order of appearance, so a figure is re-drawn
-from its CSV alone. Each builder takes ``results`` = {sweep label: {table name: DataFrame}}
+inputs. ``plots.draw_figure`` lays the panels out in order of appearance, so a figure is
+re-drawn from its CSV alone. Each builder takes ``results`` = {sweep label: {table name: DataFrame}}
 (the tables of ``results.load_tables``) and keyword-only settings from an experiment YAML.
 """
 from __future__ import annotations
-
-import textwrap
 
 import numpy as np
 import pandas as pd
 
 from rankscope.errors import InputError
-from rankscope.outputs.plots import COLUMNS, OVERALL as ALL, PANEL_H, PANEL_W, PLOTS, style
+from rankscope.outputs.plots import OVERALL as ALL
 from rankscope.analysis.verdict import metric_name
 
-
-
-def draw_figure(df: pd.DataFrame, *, caption: str | None = None):
-    """A matplotlib Figure with one panel per ``panel`` of ``df``, drawn by ``plots.PLOTS``.
-
-    Raises:
-        InputError: no ``plot``/``panel`` column, an unknown plot function, or a panel that
-            lacks a data column its plot function reads.
-    """
-    import matplotlib.pyplot as plt
-
-    if not {"plot", "panel"} <= set(df.columns) or df.empty:
-        raise InputError("figure data needs rows and the columns 'plot' and 'panel'")
-    if df[["plot", "panel"]].isna().any().any():
-        raise InputError("figure data has rows without a plot or a panel name")
-    unknown = sorted(set(df["plot"]) - set(PLOTS))
-    if unknown:
-        raise InputError(f"unknown plot {unknown[0]!r}; known: {', '.join(PLOTS)}")
-    check_columns(df)
-    panels = list(dict.fromkeys(df["panel"]))
-    n = len(panels)
-    ncols = n if n <= 3 else (2 if n == 4 else 3)
-    nrows = -(-n // ncols)
-    with style():
-        fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows),
-                                 squeeze=False)
-        for ax, p in zip(axes.flat, panels):
-            rows = df[df["panel"] == p].dropna(axis=1, how="all")
-            PLOTS[rows["plot"].iloc[0]](rows, ax=ax)
-            ax.set_title(p)
-        for ax in axes.flat[n:]:
-            ax.set_visible(False)
-        fig.tight_layout()
-        if caption:
-            width = int(PANEL_W * ncols * 17)          # characters per line at 6.5 pt
-            fig.text(0.01, 0.0, textwrap.fill(caption, width), ha="left", va="top", fontsize=6.5)
-    return fig
-
-
-def check_columns(df: pd.DataFrame) -> None:
-    """Every panel has the data columns its plot function reads (with a value in some row).
-
-    Raises:
-        InputError: naming the panel, its plot function and the missing columns.
-    """
-    for (panel, plot), rows in df.groupby(["panel", "plot"], sort=False, dropna=False):
-        have = set(rows.dropna(axis=1, how="all").columns)
-        missing = [c for c in COLUMNS[plot] if c not in have]
-        if missing:
-            raise InputError(f"figure data for panel {panel!r} ({plot}) lacks the column"
-                             f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                             f"(it needs {', '.join(COLUMNS[plot])})")
 
 
 def _one(results: dict) -> dict[str, pd.DataFrame]:
@@ -186,6 +132,7 @@ def metric_rank(results, *, panel: str | None = None, metric: str | None = None)
     """Hu et al. Tables 6 / 18: the held-out metric vs r for each sweep, full and base as lines.
 
     Args:
+        panel: the panel's title; ``{}`` in it names the metric.
         metric: the held-out quantity drawn: ``loss`` (every task has it), or by default the
             task's own metric (accuracy for classification, loss otherwise).
     """
@@ -193,8 +140,27 @@ def metric_rank(results, *, panel: str | None = None, metric: str | None = None)
     rows = [r for label, tables in results.items() for r in _metric_rows(label, tables, key)]
     df = pd.concat(rows, ignore_index=True)
     df = df.drop_duplicates(subset=["method", "series", "rank", "seed", "value"])
-    title = panel or f"held-out {key} vs LoRA rank"
+    title = (panel or "held-out {} vs LoRA rank").replace("{}", key)
     return _panels([df.assign(plot="metric_vs_rank", panel=title, quantity=f"held-out {key}")])
+
+
+def alpha_policies(results, *, metric: str | None = None) -> pd.DataFrame:
+    """The α policies side by side: the held-out metric vs r, and ‖ΔW_r‖_F (median module) vs
+    r, one line per sweep (policy); α = 2r ties a larger rank to a larger step, fixed α to a
+    smaller one, rsLoRA (s = α/√r) lies between."""
+    rows = []
+    for label, tables in results.items():
+        m = _table(tables, "metrics", "‖ΔW‖ vs r")
+        lora = m[m["method"] == "lora"]
+        rows.append(lora[["method", "rank", "seed"]].assign(series=label,
+                                                            value=lora["delta_fro_median"]))
+    # no full fine-tuning line: its median runs over every linear module, LoRA's over its targets
+    fro = pd.concat(rows, ignore_index=True).drop_duplicates(
+        subset=["method", "series", "rank", "seed", "value"]).assign(
+        plot="convergence_curves", panel=r"$\|\Delta W_r\|_F$ vs r, by α policy",
+        quantity=r"$\|\Delta W\|_F$ (median module)")
+    return _panels([metric_rank(results, metric=metric, panel="held-out {} vs r, by α policy"),
+                    fro])
 
 
 def _by_module(df: pd.DataFrame, col: str) -> pd.DataFrame:
@@ -362,5 +328,29 @@ def truncation(results) -> pd.DataFrame:
         plot="truncation_curve", panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$" + base)])
 
 
+def rank_tokens(results) -> pd.DataFrame:
+    """Biderman et al.: k₉₀ of the update against the training tokens behind it, full
+    fine-tuning by module group (median over modules and seeds) and LoRA by rank, each full
+    group's Gaussian k₉₀ floor beside it (``analysis.snapshots``)."""
+    t = _table(_one(results), "snapshots", "rank vs tokens (a sweep trained with snapshots)")
+    if t.empty:
+        raise InputError("rank vs tokens needs a sweep trained with snapshots (config "
+                         "'snapshots': shares of the steps)")
+    full = t[t["method"] == "full"].assign(series=lambda d: "full fine-tuning, "
+                                           + d["name"].map(module_group))
+    lora = t[t["method"] == "lora"]
+    lora = lora.assign(series="LoRA r = " + lora["rank"].astype(str))
+    keys = ["series", "method", "rank", "tokens", "share"]
+    lines = pd.concat([full, lora]).groupby(keys, dropna=False).agg(
+        value=("k90", "median"), fro=("fro", "median")).reset_index()
+    floor = full.groupby("series")["noise_k90"].median().reset_index()
+    floor = floor.assign(series="Gaussian k₉₀ floor, " + floor["series"].str.rsplit(", ", n=1).str[1],
+                         method="floor", value=floor["noise_k90"]).drop(columns="noise_k90")
+    return _panels([pd.concat([lines, floor], ignore_index=True).assign(
+        plot="rank_vs_tokens", panel=r"energy rank $k_{90}$ of $\Delta W$ as training goes on",
+        quantity=r"$k_{90}$ (median module)")])
+
+
 BUILDERS = {f.__name__: f for f in (subspace_ranks, subspace_seeds, metric_rank, convergence,
-                                     relation, intruders, energy, truncation)}
+                                     relation, intruders, energy, truncation, rank_tokens,
+                                     alpha_policies)}

@@ -3,14 +3,17 @@
 Every function draws a tidy DataFrame (the columns its docstring names; others are ignored)
 onto ``ax`` (a new figure when None) and returns the Axes. matplotlib and seaborn are imported
 inside; nothing here shows or saves a figure. Draw inside ``with style():`` for the house
-look (``figure_data.draw_figure`` does).
+look (``draw_figure`` does: one figure of several panels, each drawn by its function).
 """
 from __future__ import annotations
 
 import contextlib
+import textwrap
 
 import numpy as np
 import pandas as pd
+
+from rankscope.errors import InputError
 
 PANEL_W, PANEL_H = 3.5, 2.7          # inches: one panel fills a paper column
 DPI = 200
@@ -283,9 +286,36 @@ def truncation_curve(df: pd.DataFrame, *, ax=None):
     return ax
 
 
+def rank_vs_tokens(df: pd.DataFrame, *, ax=None):
+    """An update's energy rank against the training tokens behind it (Biderman et al.), log-log.
+
+    Args:
+        df: columns ``series`` (one line each), ``method`` (``floor`` rows: a dotted
+            horizontal line per series, the Gaussian k₉₀ of the modules' shape), ``tokens``
+            and ``value`` (k₉₀); LoRA series dashed.
+    """
+    ax = _axes(ax)
+    data = df[df["method"] != "floor"]
+    series = list(dict.fromkeys(data["series"]))
+    for name, color in zip(series, _colors(len(series))):
+        g = data[data["series"] == name].groupby("tokens")["value"].median()
+        lora = (data[data["series"] == name]["method"] == "lora").any()
+        ax.plot(g.index, g.to_numpy(), color=color, marker="o", ms=3, lw=1.2,
+                ls="--" if lora else "-", label=name)
+    for _, r in df[df["method"] == "floor"].iterrows():
+        ax.axhline(r["value"], color="0.4", ls=":", lw=1.0, label=r["series"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_y(ax, subs=(1.0, 2.0, 5.0))
+    ax.set_xlabel("training tokens (steps × batch × length)")
+    ax.set_ylabel(_label(df, default="energy rank"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
 PLOTS = {f.__name__: f for f in (subspace_heatmap, metric_vs_rank, convergence_curves,
                                   intruder_counts, relation_bars, energy_rank, energy_rank_bars,
-                                  truncation_curve)}
+                                  truncation_curve, rank_vs_tokens)}
 _RANK_LINES = ("series", "method", "rank", "value")
 # The data columns each plot function reads (others, such as seed or quantity, are optional).
 COLUMNS = {"subspace_heatmap": ("i", "j", "phi"), "metric_vs_rank": _RANK_LINES,
@@ -293,5 +323,57 @@ COLUMNS = {"subspace_heatmap": ("i", "j", "phi"), "metric_vs_rank": _RANK_LINES,
            "relation_bars": ("rank", "directions", "value"),
            "energy_rank": ("layer", "module", "group", "value"),
            "energy_rank_bars": ("module", "group", "tau", "value"),
-           "truncation_curve": ("curve", "k", "value")}
+           "truncation_curve": ("curve", "k", "value"),
+           "rank_vs_tokens": ("series", "method", "tokens", "value")}
 
+
+def draw_figure(df: pd.DataFrame, *, caption: str | None = None):
+    """A matplotlib Figure with one panel per ``panel`` of ``df``, drawn by ``plots.PLOTS``.
+
+    Raises:
+        InputError: no ``plot``/``panel`` column, an unknown plot function, or a panel that
+            lacks a data column its plot function reads.
+    """
+    import matplotlib.pyplot as plt
+
+    if not {"plot", "panel"} <= set(df.columns) or df.empty:
+        raise InputError("figure data needs rows and the columns 'plot' and 'panel'")
+    if df[["plot", "panel"]].isna().any().any():
+        raise InputError("figure data has rows without a plot or a panel name")
+    unknown = sorted(set(df["plot"]) - set(PLOTS))
+    if unknown:
+        raise InputError(f"unknown plot {unknown[0]!r}; known: {', '.join(PLOTS)}")
+    check_columns(df)
+    panels = list(dict.fromkeys(df["panel"]))
+    n = len(panels)
+    ncols = n if n <= 3 else (2 if n == 4 else 3)
+    nrows = -(-n // ncols)
+    with style():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows),
+                                 squeeze=False)
+        for ax, p in zip(axes.flat, panels):
+            rows = df[df["panel"] == p].dropna(axis=1, how="all")
+            PLOTS[rows["plot"].iloc[0]](rows, ax=ax)
+            ax.set_title(p)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        if caption:
+            width = int(PANEL_W * ncols * 17)          # characters per line at 6.5 pt
+            fig.text(0.01, 0.0, textwrap.fill(caption, width), ha="left", va="top", fontsize=6.5)
+    return fig
+
+
+def check_columns(df: pd.DataFrame) -> None:
+    """Every panel has the data columns its plot function reads (with a value in some row).
+
+    Raises:
+        InputError: naming the panel, its plot function and the missing columns.
+    """
+    for (panel, plot), rows in df.groupby(["panel", "plot"], sort=False, dropna=False):
+        have = set(rows.dropna(axis=1, how="all").columns)
+        missing = [c for c in COLUMNS[plot] if c not in have]
+        if missing:
+            raise InputError(f"figure data for panel {panel!r} ({plot}) lacks the column"
+                             f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                             f"(it needs {', '.join(COLUMNS[plot])})")

@@ -151,6 +151,9 @@ def analysis_sections(runs: Path, sets, frames: dict) -> list[Section]:
             results, name="energy_rank")
     if mods is not None and len(mods):
         s.table("Effective ranks per run and module (medians over layers)", summary(mods))
+    if frames.get("snapshots") is not None and len(frames["snapshots"]):    # runs with snapshots
+        s.built("Energy rank k₉₀ of ΔW against training tokens, beside the Gaussian floor "
+                "(Biderman et al.)", PX.rank_tokens, results, name="rank_vs_tokens")
     out.append(s)
     s = Section("Subspace similarity φ", "phi")
     s.built("φ(i, j) between two ranks of one seed, column space (B) and row space (A) "

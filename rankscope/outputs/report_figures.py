@@ -81,7 +81,7 @@ def rank_by_layer(df: pd.DataFrame, *, ax=None):
 
 def figure_png(draw, df: pd.DataFrame, *, panels: int = 1) -> bytes:
     """PNG bytes of ``draw(df, ax=…)`` (a plot function) on ``panels`` columns' width, or of
-    ``figure_data.draw_figure(df)`` when ``draw`` is None."""
+    ``plots.draw_figure(df)`` when ``draw`` is None."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -89,7 +89,7 @@ def figure_png(draw, df: pd.DataFrame, *, panels: int = 1) -> bytes:
 
     with style():
         if draw is None:
-            from rankscope.outputs.figure_data import draw_figure
+            from rankscope.outputs.plots import draw_figure
 
             fig = draw_figure(df)
         else:

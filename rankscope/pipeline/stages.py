@@ -4,7 +4,8 @@
 
 Every verb, ``rankscope run``, ``rankscope figures`` and the report go through here; no other
 module runs another module's stage. A stage's *stamp* is a hash of the finished runs'
-manifests, the stage's own settings and the stamps of the stages it reads; a stage is up to
+manifests, the stage's own settings, the stamps of the stages it reads and the version of the
+results format (``store.results.RESULTS_VERSION``); a stage is up to
 date when its stamp equals the one ``results/.stages.json`` recorded when it last completed.
 So a sweep that gains a run, or a stage asked with other settings, makes that stage and
 every stage after it stale — never a table reused because its file exists.
@@ -21,8 +22,8 @@ import pandas as pd
 from rankscope.errors import InputError
 from rankscope.recommend.inputs import check_runs
 from rankscope.store.atomic import atomic_dir, atomic_write_json, atomic_write_text
-from rankscope.store.results import check_results_out, check_same_sweep, load_tables, \
-    prepare_out, save_tables
+from rankscope.store.results import RESULTS_VERSION, check_results_out, check_same_sweep, \
+    load_tables, prepare_out, save_tables
 from rankscope.store.runs import MANIFEST, SWEEP_FILE, find_runs, sweep_root
 
 STAGES = ("sweep", "compare", "truncate", "recommend", "report")
@@ -56,7 +57,8 @@ class Stamps:
     def stamp(self, stage: str, settings: dict) -> str:
         """The stamp ``stage`` has now with ``settings``: runs, settings, upstream stamps."""
         upstream = [(s, (self.done.get(s) or {}).get("stamp")) for s in READS[stage]]
-        doc = json.dumps([stage, self.runs, settings, upstream], sort_keys=True, default=str)
+        doc = json.dumps([stage, self.runs, settings, upstream, RESULTS_VERSION], sort_keys=True,
+                         default=str)
         return hashlib.sha256(doc.encode()).hexdigest()
 
     def fresh(self, stage: str, settings: dict) -> bool:
@@ -90,7 +92,8 @@ def write_verdict(results: Path) -> str:
 def compare_stage(runs: str | Path, results: str | Path, *, grid_layers: list[int] | None = None,
                   device: str = "auto", overwrite: bool = False, force: bool = True,
                   progress: bool = True, log: Log = print) -> bool:
-    """Spectra, φ, convergence, ΔW vs W and intruders of ``runs`` into ``results``, + verdict.
+    """Spectra, φ, convergence, ΔW vs W, intruders and (runs with snapshots) the energy rank
+    against tokens of ``runs`` into ``results``, + verdict.
 
     A folder holding this sweep's results is updated in place; a new one (or one replaced
     with ``overwrite``) is written beside and renamed into place when done.
@@ -101,6 +104,7 @@ def compare_stage(runs: str | Path, results: str | Path, *, grid_layers: list[in
         InputError: no finished runs; ``results`` holds other content without ``overwrite``.
     """
     from rankscope.analysis.compare import compare_frames
+    from rankscope.analysis.snapshots import snapshot_table
 
     find_runs(runs)                         # every check before the output folder is touched
     results = Path(results)
@@ -111,6 +115,9 @@ def compare_stage(runs: str | Path, results: str | Path, *, grid_layers: list[in
         log(f"compare {runs} → {results}: {UP_TO_DATE}")
         return False
     frames = compare_frames(runs, grid_layers=grid_layers, device=device, progress=progress)
+    snapshots = snapshot_table(runs, device=device)     # runs trained with ``snapshots``
+    if not snapshots.empty:
+        frames["snapshots"] = snapshots
     log(f"compare {runs} → {results}")
     if update:
         _write_compare(results, frames, runs, settings, stamps)

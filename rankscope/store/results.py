@@ -10,8 +10,13 @@ from rankscope.store.atomic import atomic_write_json, atomic_write_text
 from rankscope.store.provenance import provenance
 
 VALIDATED = "validate/configs.json"      # the LoRA configs that validate.csv tested
+# The version of what the stages compute into a results folder: part of every stage's stamp
+# (``pipeline.stages``), so a folder computed by a rankscope that wrote other tables (before
+# ``snapshots.csv``, say) is redone once rather than read as up to date. Bump it when a stage
+# adds a table or changes how one is computed.
+RESULTS_VERSION = 2
 TABLES = ("metrics", "modules", "spectra", "subspace", "subspace_grid", "convergence", "relation",
-          "intruders", "truncation", "truncation_summary")
+          "intruders", "truncation", "truncation_summary", "snapshots")
 
 
 def prepare_out(out: str | Path) -> Path:

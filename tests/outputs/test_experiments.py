@@ -69,7 +69,9 @@ def test_experiments_share_their_sweep_folders(runs_root):
             cfgs, _, _ = resolve(exp, variant)
             folders |= {sweep_folder(c, file, variant, runs_root)
                         for c, (file, _) in zip(cfgs.values(), exp.sweeps.values())}
-        assert len(folders) == 2, (variant, folders)      # {Wq, Wv} with full, and {Wq} alone
+        # {Wq, Wv} with full (shared by every figure), {Wq} alone, two more α policies, and
+        # LoRA on the MLP and on every linear module
+        assert len(folders) == 6, (variant, folders)
 
 
 @pytest.mark.parametrize("doc, message", [

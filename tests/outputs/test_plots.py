@@ -17,7 +17,8 @@ from study_fixtures import SYNTHETIC, _close, _grid, _rank_rows  # noqa: E402, F
 
 from rankscope.outputs import plots as plots  # noqa: E402
 from rankscope.errors import InputError  # noqa: E402
-from rankscope.outputs.figure_data import BUILDERS, draw_figure, energy_shares, module_group  # noqa: E402
+from rankscope.outputs.figure_data import BUILDERS, energy_shares, module_group  # noqa: E402
+from rankscope.outputs.plots import draw_figure  # noqa: E402
 
 EXPERIMENTS = "experiments/paper"
 
@@ -133,3 +134,33 @@ def test_builders_fail_loudly_on_missing_tables(quick_tables):
         BUILDERS["subspace_ranks"]({"x": tables})
     with pytest.raises(InputError, match="layer 99"):
         BUILDERS["relation"](quick_tables, layer=99)
+
+
+def _policy_metrics(fro_by_rank: dict[int, float], loss_by_rank: dict[int, float]) -> pd.DataFrame:
+    rows = [{"run": f"lora-r{r}-s0", "method": "lora", "rank": r, "seed": 0, "before_loss": 3.0,
+             "after_loss": loss_by_rank[r], "delta_fro_median": f} for r, f in fro_by_rank.items()]
+    rows.append({"run": "full-s0", "method": "full", "rank": None, "seed": 0, "before_loss": 3.0,
+                 "after_loss": 1.0, "delta_fro_median": 9.0})
+    return pd.DataFrame(rows)
+
+
+def test_alpha_policies_draws_loss_and_update_size_per_policy_and_its_checks_read_them():
+    from rankscope.outputs.in_shape import evaluate, reproduced
+    from rankscope.outputs.experiments import load_experiment
+
+    loss = {8: 1.5, 64: 1.5}
+    results = {"α = 2r": {"metrics": _policy_metrics({8: 1.0, 64: 8.0}, loss)},
+               "fixed α = 16": {"metrics": _policy_metrics({8: 1.0, 64: 0.5}, loss)},
+               "rsLoRA": {"metrics": _policy_metrics({8: 1.0, 64: 2.8}, {8: 1.5, 64: 1.51})}}
+    df = BUILDERS["alpha_policies"](results, metric="loss")
+    fro = df[df["plot"] == "convergence_curves"].set_index(["series", "rank"])["value"]
+    assert fro.to_dict() == {("α = 2r", 8): 1.0, ("α = 2r", 64): 8.0, ("fixed α = 16", 8): 1.0,
+                             ("fixed α = 16", 64): 0.5, ("rsLoRA", 8): 1.0, ("rsLoRA", 64): 2.8}
+    assert df[df["plot"] == "metric_vs_rank"]["panel"].iloc[0] == "held-out loss vs r, by α policy"
+    checks = evaluate(df, list(load_experiment(f"{EXPERIMENTS}/alpha_policies.yaml").in_shape))
+    assert [c["status"] for c in checks] == ["yes", "yes", "yes", "yes"]   # 1.51 ≤ 1.01 × 1.5
+    results["rsLoRA"]["metrics"] = _policy_metrics({8: 1.0, 64: 9.0}, {8: 1.5, 64: 1.6})
+    checks = evaluate(BUILDERS["alpha_policies"](results, metric="loss"),
+                      list(load_experiment(f"{EXPERIMENTS}/alpha_policies.yaml").in_shape))
+    assert [c["status"] for c in checks] == ["yes", "yes", "no", "no"]
+    assert reproduced(checks) == "partly"
