@@ -17,6 +17,7 @@ put all of S into B.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -30,8 +31,10 @@ from rankscope.export.ranks import RankRule, balanced_factors, lora_params, plan
     retained_energy
 from rankscope.export.sources import PREFIX, Source, load_host
 from rankscope.linalg.spectra import check_finite, rank_at_energy, svd_device
-from rankscope.store.atomic import atomic_dir, atomic_write_json, check_out_apart, check_out_dir
+from rankscope.store.atomic import atomic_dir, atomic_write_json, atomic_write_text, \
+    check_out_apart, check_out_dir
 from rankscope.store.provenance import provenance
+from rankscope.store.runs import LABELS
 from rankscope.train.models import find_linear_modules, match_name
 
 EXPORT_FILE = "export.json"
@@ -85,6 +88,8 @@ def export_adapter(source: Source, *, rule: RankRule, out: str | Path, overwrite
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_adapter(host, tmp, factors=factors, extras=extras, modules_to_save=saved,
                       task_type=source.task_type, base=source.base)
+        if source.labels:           # a classification head loads only with its label count
+            atomic_write_text(tmp / LABELS, json.dumps(source.labels, indent=2) + "\n")
         if evaluate and source.describe.get("kind") == "run":      # the folder as peft loads it
             record["heldout"] = heldout_metrics(source.describe["run"], tmp)
         atomic_write_json(tmp / EXPORT_FILE, record)

@@ -21,7 +21,8 @@ from rankscope.analysis.deltas import DeltaSet, from_adapter, from_model_pair, f
     read_adapter_config
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import check_finite
-from rankscope.store.runs import OTHERS, find_runs, read_manifest, read_tensors
+from rankscope.store.runs import LABELS, OTHERS, find_runs, label_file, read_json_object, \
+    read_manifest, read_tensors
 from rankscope.train.models import HEADS, find_linear_modules, is_target, load_pretrained, \
     resolve_model
 
@@ -47,6 +48,7 @@ class Source:
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
     num_labels: int | None = None
+    labels: dict | None = None   # a classification head's label names (``store.runs.label_file``)
 
     @property
     def lora(self) -> bool:
@@ -102,7 +104,9 @@ def _from_run(path) -> Source:
         return read_tensors(run_dir / OTHERS)[0]
 
     labels = _head_rows(final(), run_dir / OTHERS) if task_type == "SEQ_CLS" else None
-    return Source(deltas, base, task_type, describe, final=final, num_labels=labels)
+    names = manifest.get("id2label")
+    return Source(deltas, base, task_type, describe, final=final, num_labels=labels,
+                  labels=label_file(names[str(i)] for i in range(len(names))) if names else None)
 
 
 def _from_adapter(adapter_dir: Path, base: str | None, describe: dict, *,
@@ -120,8 +124,10 @@ def _from_adapter(adapter_dir: Path, base: str | None, describe: dict, *,
     saved = tuple(cfg.get("modules_to_save") or ())
     carried = _carried(adapter_dir, saved)
     labels = _head_rows(carried, adapter_dir) if task_type == "SEQ_CLS" else None
+    names = read_json_object(adapter_dir / LABELS, "label file") if (adapter_dir / LABELS).is_file() \
+        else None
     return Source(deltas, base, task_type, {**describe, "method": "lora"},
-                  carried=carried, modules_to_save=saved, num_labels=labels)
+                  carried=carried, modules_to_save=saved, num_labels=labels, labels=names)
 
 
 def _carried(adapter_dir: Path, saved: tuple[str, ...]) -> dict[str, torch.Tensor]:

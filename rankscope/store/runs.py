@@ -54,6 +54,7 @@ SWEEP_FILE = "sweep.yaml"          # a sweep folder's config, beside its run fol
 PLANTED = "planted.safetensors"    # a planted-task sweep's ΔW*, beside its run folders
 LR_SEARCH_FILE = "lr_search.json"  # a sweep's learning-rate search, beside its run folders
 SNAPSHOTS = "snapshots"            # a run's updates at shares of its steps (config ``snapshots``)
+LABELS = "labels.json"             # beside a classification adapter: its head's labels
 
 
 def sweep_root(runs: str | Path) -> Path:
@@ -95,6 +96,14 @@ def write_updates(path: str | Path, tensors: dict[str, torch.Tensor], *, method:
     with atomic_file(path) as tmp:
         save_file(contiguous, tmp, metadata={**(metadata or {}), "format": UPDATES_FORMAT,
                                              "method": method})
+
+
+def label_file(names) -> dict:
+    """A classification head's labels as transformers' config takes them: ``num_labels``,
+    ``id2label``, ``label2id`` (the names in the head's order)."""
+    names = [str(n) for n in names]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
 
 
 def snapshot_path(run_dir: str | Path, step: int) -> Path:

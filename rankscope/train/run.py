@@ -20,8 +20,8 @@ import torch
 
 from rankscope.store.atomic import atomic_dir, atomic_write_text
 from rankscope.store.provenance import provenance
-from rankscope.store.runs import OTHERS, UPDATES, RunId, snapshot_path, write_manifest, \
-    write_updates
+from rankscope.store.runs import LABELS, OTHERS, UPDATES, RunId, label_file, snapshot_path, \
+    write_manifest, write_updates
 from rankscope.train.config import SweepConfig
 from rankscope.train.data import TaskData
 from rankscope.train.device import Dist, full_state, peak_memory_mb, shard_fsdp, use_bf16, \
@@ -34,17 +34,6 @@ from rankscope.train.models import resolve_model
 from rankscope.train.objective import tokens_in
 from rankscope.train.run_folder import clear_checkpoint, load_checkpoint, save_checkpoint
 from rankscope.train.updates import full_updates, lora_a, lora_updates
-
-
-LABELS = "labels.json"      # beside a classification run's adapter: its head's labels
-
-
-def label_file(names) -> dict:
-    """A classification head's labels as transformers' config takes them: ``num_labels``,
-    ``id2label``, ``label2id`` (the names in the head's order)."""
-    names = [str(n) for n in names]
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)}}
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ from rankscope.export.adapters import export_adapter
 from rankscope.export.ranks import RankRule, balanced_factors, planned_rank, retained_energy
 from rankscope.export.sources import resolve_source
 from rankscope.linalg.spectra import dense_svd, truncate
-from rankscope.store.runs import OTHERS, write_updates
+from rankscope.store.runs import LABELS, OTHERS, label_file, write_updates
 
 # backbone module name → planted spectrum; shapes: q_proj 32×32, v_proj 16×32, down_proj 32×64
 PLANTED = {"layers.0.self_attn.q_proj": (4.0, 2.0, 1.0, 0.5),
@@ -329,8 +329,9 @@ def test_a_classifiers_new_head_travels_in_modules_to_save(tiny_bert, make_run, 
     with torch.no_grad():
         ft.get_submodule(q).weight += (B @ A).float()
     covered = {f"{i.name}.weight" for i in find_linear_modules(ft) if not HEADS & set(i.name.split("."))}
+    labels = label_file(["greetings", "food", "money"])     # as a classification run records
     run = make_run(tmp_path / "full-s0", {f"{q}.delta": B @ A}, method="full", seed=0,
-                   model_path=str(tiny_bert), task_kind="cls")
+                   model_path=str(tiny_bert), task_kind="cls", **labels)
     write_updates(run / OTHERS, {n: p for n, p in ft.named_parameters() if n not in covered},
                   method="others")
     with pytest.raises(InputError, match="new classification head"):
@@ -338,6 +339,8 @@ def test_a_classifiers_new_head_travels_in_modules_to_save(tiny_bert, make_run, 
     rec = export_adapter(resolve_source(run), rule=RankRule(rank=2), out=tmp_path / "a",
                          save_changed=True)
     assert rec["modules_to_save"] == ["classifier"] and rec["task_type"] == "SEQ_CLS"
+    # the head's labels travel with it, so the export loads without guessing their count
+    assert json.loads((tmp_path / "a" / LABELS).read_text()) == json.loads(json.dumps(labels))
     with torch.no_grad():
         want = ft(IDS).logits
         torch.testing.assert_close(PeftModel.from_pretrained(classifier(), tmp_path / "a")(IDS).logits,
@@ -349,6 +352,11 @@ def test_a_classifiers_new_head_travels_in_modules_to_save(tiny_bert, make_run, 
                 mod.lora_B["default"].weight.normal_()
         lora.save_pretrained(tmp_path / "src")
         export_adapter(resolve_source(adapter=tmp_path / "src"), rule=RankRule(rank=2),
+                       out=tmp_path / "no-labels")
+        assert not (tmp_path / "no-labels" / LABELS).exists()   # none to copy
+        (tmp_path / "src" / LABELS).write_text(json.dumps(labels))
+        export_adapter(resolve_source(adapter=tmp_path / "src"), rule=RankRule(rank=2),
                        out=tmp_path / "b")
+        assert json.loads((tmp_path / "b" / LABELS).read_text()) == json.loads(json.dumps(labels))
         torch.testing.assert_close(PeftModel.from_pretrained(classifier(), tmp_path / "b")(IDS).logits,
                                    lora.eval()(IDS).logits, atol=2e-5, rtol=1e-4)
