@@ -337,12 +337,12 @@ def rank_tokens(results) -> pd.DataFrame:
         raise InputError("rank vs tokens needs a sweep trained with snapshots (config "
                          "'snapshots': shares of the steps)")
     full = t[t["method"] == "full"].assign(series=lambda d: "full fine-tuning, "
-                                           + d["name"].map(module_group))
+                                           + d["name"].map(module_group), order=0)
     lora = t[t["method"] == "lora"]
-    lora = lora.assign(series="LoRA r = " + lora["rank"].astype(str))
-    keys = ["series", "method", "rank", "tokens", "share"]
+    lora = lora.assign(series=["LoRA r = %d" % r for r in lora["rank"]], order=lora["rank"])
+    keys = ["order", "series", "method", "rank", "tokens", "share"]    # full, then LoRA by r
     lines = pd.concat([full, lora]).groupby(keys, dropna=False).agg(
-        value=("k90", "median"), fro=("fro", "median")).reset_index()
+        value=("k90", "median"), fro=("fro", "median")).reset_index().drop(columns="order")
     floor = full.groupby("series")["noise_k90"].median().reset_index()
     floor = floor.assign(series="Gaussian k₉₀ floor, " + floor["series"].str.rsplit(", ", n=1).str[1],
                          method="floor", value=floor["noise_k90"]).drop(columns="noise_k90")

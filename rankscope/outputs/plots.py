@@ -304,7 +304,13 @@ def rank_vs_tokens(df: pd.DataFrame, *, ax=None):
                 ls="--" if lora else "-", label=name)
     for _, r in df[df["method"] == "floor"].iterrows():
         ax.axhline(r["value"], color="0.4", ls=":", lw=1.0, label=r["series"])
+    from matplotlib.ticker import NullLocator
+
     ax.set_xscale("log")
+    ticks = sorted({float(t) for t in data["tokens"].dropna()})    # the snapshots and the end
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t / 1000:.0f}k" if t >= 1000 else f"{t:.0f}" for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     _plain_log_y(ax, subs=(1.0, 2.0, 5.0))
     ax.set_xlabel("training tokens (steps × batch × length)")
