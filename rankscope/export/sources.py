@@ -21,8 +21,8 @@ from rankscope.analysis.deltas import DeltaSet, from_adapter, from_model_pair, f
     read_adapter_config
 from rankscope.errors import InputError
 from rankscope.linalg.spectra import check_finite
-from rankscope.store.runs import LABELS, OTHERS, find_runs, label_file, read_json_object, \
-    read_manifest, read_tensors
+from rankscope.store.runs import LABELS, OTHERS, find_runs, read_json_object, read_manifest, \
+    read_tensors
 from rankscope.train.models import HEADS, find_linear_modules, is_target, load_pretrained, \
     resolve_model
 
@@ -104,9 +104,9 @@ def _from_run(path) -> Source:
         return read_tensors(run_dir / OTHERS)[0]
 
     labels = _head_rows(final(), run_dir / OTHERS) if task_type == "SEQ_CLS" else None
-    names = manifest.get("id2label")
-    return Source(deltas, base, task_type, describe, final=final, num_labels=labels,
-                  labels=label_file(names[str(i)] for i in range(len(names))) if names else None)
+    names = {k: manifest[k] for k in ("num_labels", "id2label", "label2id")} \
+        if "id2label" in manifest else None          # the run recorded ``label_file``'s three
+    return Source(deltas, base, task_type, describe, final=final, num_labels=labels, labels=names)
 
 
 def _from_adapter(adapter_dir: Path, base: str | None, describe: dict, *,

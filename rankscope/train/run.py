@@ -149,7 +149,7 @@ def _train(plan: RunPlan, model, *, progress: bool) -> tuple[float | None, list[
             metrics.append({"step": s.step, "kind": "eval", **ev})
         bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
-        if dist.main and not plan.sharded and s.step in plan.snapshot_steps:
+        if dist.main and s.step in plan.snapshot_steps:     # (none when sharded)
             save_snapshot(plan, model, s.step)      # before the checkpoint that passes it
         if dist.main and not plan.sharded and s.step % cfg.checkpoint_every == 0 \
                 and s.step < cfg.steps:
