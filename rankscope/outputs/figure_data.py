@@ -120,9 +120,13 @@ def _metric_rows(label: str, tables: dict, key: str) -> list[pd.DataFrame]:
     if f"after_{key}" not in m:
         raise InputError(f"metric vs r: the runs have no held-out {key} (they have "
                          f"{', '.join(c.removeprefix('after_') for c in m if c.startswith('after_'))})")
-    ids = ["method", "rank", "seed"]
-    lora = m[m["method"] == "lora"][ids].assign(series=label, value=m[f"after_{key}"])
-    full = m[m["method"] == "full"][ids].assign(series="full fine-tuning", value=m[f"after_{key}"])
+    ids, after = ["method", "rank", "seed"], m[f"after_{key}"]
+    # each selection takes its own rows' values: assigning the whole column to an empty
+    # selection (a sweep without full runs) would make a row of it for every run
+    lora = m.loc[m["method"] == "lora", ids].assign(series=label,
+                                                     value=after[m["method"] == "lora"])
+    full = m.loc[m["method"] == "full", ids].assign(series="full fine-tuning",
+                                                     value=after[m["method"] == "full"])
     base = pd.DataFrame({"method": ["base"], "series": ["base model"],
                          "value": [float(m[f"before_{key}"].mean())]})
     return [lora, full, base]

@@ -63,6 +63,7 @@ def run_experiment(path: str | Path, *, variant: str, out: str | Path,
         res = ensure_results(cfg, folder, truncate=trunc, grid_layers=[layer] if layer is not None
                              else None, log=log, progress=progress)
         results[label], sweeps[label] = res, str(folder)
+    log(f"draw {exp.name}")
     df = BUILDERS[exp.figure](results, **settings)
     checks, gate_rows = evaluate(df, list(exp.in_shape)), figure_gates(results)
     status = reproduced(checks)

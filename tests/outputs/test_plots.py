@@ -164,3 +164,17 @@ def test_alpha_policies_draws_loss_and_update_size_per_policy_and_its_checks_rea
                       list(load_experiment(f"{EXPERIMENTS}/alpha_policies.yaml").in_shape))
     assert [c["status"] for c in checks] == ["yes", "yes", "no", "no"]
     assert reproduced(checks) == "partly"
+
+
+def test_metric_rank_of_a_sweep_without_full_runs_has_only_its_own_rows():
+    with_full = _policy_metrics({8: 1.0, 64: 2.0}, {8: 1.5, 64: 1.2})
+    lora_only = with_full[with_full["method"] == "lora"].assign(after_loss=[1.4, 1.1])
+    df = BUILDERS["metric_rank"]({"{Wq, Wv}": {"metrics": with_full},
+                                  "MLP": {"metrics": lora_only}}, metric="loss")
+    assert df[["method", "series"]].notna().all().all()
+    got = {(s, r): v for s, r, v in df[["series", "rank", "value"]].itertuples(index=False)
+           if s != "base model"}
+    assert {k: got[k] for k in got if k[0] != "full fine-tuning"} == {
+        ("{Wq, Wv}", 8): 1.5, ("{Wq, Wv}", 64): 1.2, ("MLP", 8): 1.4, ("MLP", 64): 1.1}
+    assert df[df["series"] == "full fine-tuning"]["value"].tolist() == [1.0]
+
