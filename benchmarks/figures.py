@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
+from _timing import bf16_word, kind_rows, run_kinds, stage_rows
 from rankscope.pipeline.stages import UP_TO_DATE
 
 STAGES = ("sweep", "compare", "truncate", "draw", "other")
@@ -68,21 +67,6 @@ def trained_runs(stamped: list[tuple[float, str]]) -> list[dict]:
     return found
 
 
-def run_kinds(manifests: list[dict]) -> list[dict]:
-    """Per run kind: runs, median tokens/s, median wall seconds, sum of wall seconds, bf16."""
-    kinds: dict[tuple, list[dict]] = defaultdict(list)
-    for m in manifests:
-        targets = m["targets"] if isinstance(m["targets"], str) else ", ".join(m["targets"])
-        kinds[(m["method"] != "full", targets, m["method"], m["rank"] or 0)].append(m)
-    return [{"kind": "full" if method == "full" else f"{method} r={rank} ({targets})",
-             "runs": len(ms),
-             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in ms),
-             "wall_s": statistics.median(m["wall_time_s"] for m in ms),
-             "wall_s_sum": sum(m["wall_time_s"] for m in ms),
-             "bf16": sorted({bool(m["bf16_autocast"]) for m in ms})}
-            for (_, targets, method, rank), ms in sorted(kinds.items())]
-
-
 def table(stamped, t0: float, end: float, per_experiment: list[tuple[str, float, int]], *,
           command: str, variant: str) -> str:
     from rankscope.store.provenance import machine_heading
@@ -90,31 +74,18 @@ def table(stamped, t0: float, end: float, per_experiment: list[tuple[str, float,
     total = end - t0
     stages = segments(stamped, t0, end)
     manifests = trained_runs(stamped)
-    kinds = run_kinds(manifests)
-    bf16 = sorted({b for k in kinds for b in k["bf16"]})
+    kinds = run_kinds(manifests, targets=True)
     skipped = sum(line.rstrip().endswith("finished earlier, skipped") for _, line in stamped)
-    runs_s = sum(k["wall_s_sum"] for k in kinds)
     out = [f"## benchmarks/figures.py — {machine_heading()}", "",
            f"`{command}`: the {variant} variant of {len(per_experiment)} experiment(s); "
            f"{len(manifests)} runs trained here, {skipped} finished earlier and skipped; runs "
-           f"under bf16 autocast: "
-           f"{'yes' if bf16 == [True] else 'no' if bf16 == [False] else 'mixed' if bf16 else '-'}.",
-           "", f"**End to end: {total:.0f} s ({total / 60:.1f} min).**", "",
-           "| stage | seconds | share |", "|---|---|---|"]
-    for name in STAGES:
-        out.append(f"| {name} | {stages[name]:.0f} | {stages[name] / total:.1%} |")
-        if name == "sweep":
-            out.append(f"| … the runs (sum of their wall times) | {runs_s:.0f} | "
-                       f"{runs_s / total:.1%} |")
-            rest = stages["sweep"] - runs_s
-            out.append(f"| … the rest: loading, base evaluation, learning-rate searches | "
-                       f"{rest:.0f} | {rest / total:.1%} |")
+           f"under bf16 autocast: {bf16_word(kinds)}.",
+           "", f"**End to end: {total:.0f} s ({total / 60:.1f} min).**", ""]
+    out += stage_rows(list(stages.items()), kinds, total,
+                      "loading, base evaluation, learning-rate searches")
     out += ["", "| experiment | seconds | runs trained |", "|---|---|---|"]
     out += [f"| {name} | {sec:.0f} | {n} |" for name, sec, n in per_experiment]
-    out += ["", "| run kind | runs | tokens/s (median) | wall s per run (median) |",
-            "|---|---|---|---|"]
-    out += [f"| {k['kind']} | {k['runs']} | {k['tokens_per_s']:.0f} | {k['wall_s']:.0f} |"
-            for k in kinds]
+    out += [""] + kind_rows(kinds)
     return "\n".join(out)
 
 

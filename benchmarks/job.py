@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _timing import bf16_word, kind_rows, run_kinds, stage_rows
 
 STAGE = re.compile(r"^\[(\d+)/\d+\] (\w+):.*\((\d+)s\)\s*$")
 DONE = re.compile(r"^done in (\d+)s")
@@ -36,48 +37,21 @@ def stage_times(lines: list[str]) -> tuple[list[tuple[str, float]], float]:
     return [(name, end - start) for (name, start), end in zip(marks, ends)], done[0]
 
 
-def run_kinds(runs: Path) -> list[dict]:
-    """Per run kind (full, lora r): runs, median tokens/s, median wall seconds, bf16."""
-    kinds: dict[str, list[dict]] = {}
-    for path in sorted(runs.glob("*/manifest.json")):
-        m = json.loads(path.read_text())
-        kind = "full" if m["method"] == "full" else f"lora r={m['rank']}"
-        kinds.setdefault(kind, []).append(m)
-    return [{"kind": k, "runs": len(ms),
-             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in ms),
-             "wall_s": statistics.median(m["wall_time_s"] for m in ms),
-             "wall_s_sum": sum(m["wall_time_s"] for m in ms),
-             "bf16": sorted({bool(m["bf16_autocast"]) for m in ms})}
-            for k, ms in sorted(kinds.items(), key=lambda kv: (kv[0] != "full", len(kv[0]), kv[0]))]
-
-
 def table(lines: list[str], study: Path, *, command: str, source: str) -> str:
     from rankscope.store.provenance import machine_heading
 
     stages, total = stage_times(lines)
-    kinds = run_kinds(study / "runs")
-    bf16 = sorted({b for k in kinds for b in k["bf16"]})
+    kinds = run_kinds([json.loads(p.read_text())
+                       for p in sorted((study / "runs").glob("*/manifest.json"))])
     cfg = (study / "runs" / "sweep.yaml").read_text() if (study / "runs" / "sweep.yaml").is_file() \
         else ""
     steps = re.search(r"^steps: (\d+)", cfg, re.M)
     out = [f"## benchmarks/job.py — {machine_heading()}", "",
-           f"`{command}` ({source}); runs trained under bf16 autocast: "
-           f"{'yes' if bf16 == [True] else 'no' if bf16 == [False] else 'mixed'}; "
+           f"`{command}` ({source}); runs trained under bf16 autocast: {bf16_word(kinds)}; "
            f"{steps.group(1) if steps else '?'} steps a run.", "",
-           f"**End to end: {total:.0f} s ({total / 60:.1f} min).**", "",
-           "| stage | seconds | share of the job |", "|---|---|---|"]
-    runs_s = sum(k["wall_s_sum"] for k in kinds)
-    for name, sec in stages:
-        out.append(f"| {name} | {sec:.0f} | {sec / total:.1%} |")
-        if name == "sweep":          # the runs' own wall times; the rest is search and set-up
-            out.append(f"| … the runs (sum of their wall times) | {runs_s:.0f} | "
-                       f"{runs_s / total:.1%} |")
-            out.append(f"| … the rest: learning-rate search, base evaluation, loading | "
-                       f"{sec - runs_s:.0f} | {(sec - runs_s) / total:.1%} |")
-    out += ["", "| run kind | runs | tokens/s (median) | wall s per run (median) |",
-            "|---|---|---|---|"]
-    out += [f"| {k['kind']} | {k['runs']} | {k['tokens_per_s']:.0f} | {k['wall_s']:.0f} |"
-            for k in kinds]
+           f"**End to end: {total:.0f} s ({total / 60:.1f} min).**", ""]
+    out += stage_rows(stages, kinds, total, "learning-rate search, base evaluation, loading")
+    out += [""] + kind_rows(kinds)
     return "\n".join(out)
 
 
