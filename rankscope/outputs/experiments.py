@@ -143,15 +143,20 @@ def _targets_label(cfg: SweepConfig) -> str:
 
 def caption(exp: Experiment, variant: str, cfgs: dict[str, SweepConfig]) -> str:
     """The result reproduced, then the profile, model, task and training of each sweep."""
+    first = next(iter(cfgs.values()))
+
+    def training(c: SweepConfig) -> str:
+        return f"{c.steps} steps of {c.batch_size}×{c.max_len} tokens"
+
     parts = []
     for c in cfgs.values():
         runs = ["full fine-tuning"] if "full" in c.methods else []
         if "lora" in c.methods:
             runs.append(f"LoRA on {{{', '.join(c.targets)}}} at r ∈ {{{', '.join(map(str, c.ranks))}}}")
-        parts.append(f"{' + '.join(runs)}, seeds {list(c.seeds)}")
-    c = next(iter(cfgs.values()))
-    return (f"{exp.result}. {variant} profile: {c.model}, task {c.task or c.data}, "
-            f"{c.steps} steps of {c.batch_size}×{c.max_len} tokens; {'; '.join(parts)}.")
+        own = f", {training(c)}" if training(c) != training(first) else ""   # a sweep trained longer
+        parts.append(f"{' + '.join(runs)}, seeds {list(c.seeds)}{own}")
+    return (f"{exp.result}. {variant} profile: {first.model}, task {first.task or first.data}, "
+            f"{training(first)}; {'; '.join(parts)}.")
 
 
 def write_figure(df: pd.DataFrame, out: Path, name: str, *, meta: dict) -> Path:

@@ -102,3 +102,15 @@ def test_variant_overrides_apply_in_order(tmp_path):
     assert cfgs["b"].targets == ("q_proj",) and cfgs["b"].ranks == (2,)
     assert cfgs["a"].max_eval_examples is None                  # an explicit null is kept
     assert settings == {} and trunc is None
+
+
+def test_the_caption_names_a_sweep_trained_differently_from_the_first():
+    from rankscope.outputs.experiments import caption
+
+    exp = load_experiment(ROOT / "experiments" / "paper" / "mlp_targets.yaml")
+    cfgs, _, _ = resolve(exp, "cpu")
+    text = caption(exp, "cpu", cfgs)
+    assert "600 steps of 8×32 tokens; full fine-tuning + LoRA on {query, value}" in text
+    assert "LoRA on {intermediate.dense} at r ∈ {1, 4, 16, 64}, seeds [0];" in text
+    assert "LoRA on {all-linear} at r ∈ {1, 4, 16, 64}, seeds [0], 1200 steps of 8×32 tokens." in text
+
