@@ -30,12 +30,17 @@ from rankscope.pipeline.stages import UP_TO_DATE
 STAGES = ("sweep", "compare", "truncate", "draw", "other")
 
 
+def trained_here(line: str) -> bool:
+    """A run's summary line for a run trained in this invocation (a resumed one says so)."""
+    return " → " in line and " tok/s" in line
+
+
 def stage_of(line: str) -> str:
     """The stage a printed line names (``other`` for none)."""
     head = line.split(" ", 1)[0]
     if head in ("compare", "truncate", "draw"):
         return head
-    if head in ("sweep", "lr") or " → " in line and (" tok/s" in line or "resumed" in line) \
+    if head in ("sweep", "lr") or trained_here(line) or " → " in line and "resumed" in line \
             or line.rstrip().endswith("finished earlier, skipped"):
         return "sweep"
     return "other"
@@ -60,7 +65,7 @@ def trained_runs(stamped: list[tuple[float, str]]) -> list[dict]:
     for _, line in stamped:
         if line.startswith("sweep ") and ": " in line:
             folder = Path(line[len("sweep "):].rsplit(": ", 1)[0])
-        elif folder is not None and " tok/s" in line:
+        elif folder is not None and trained_here(line):
             manifest = folder / line.split()[0] / "manifest.json"
             if manifest.is_file():
                 found.append(json.loads(manifest.read_text()))
@@ -118,11 +123,11 @@ def main() -> None:
         out = args.out or Path(tmp) / "figures"
         t0 = time.perf_counter()
         for f in files:
-            start, n0 = time.perf_counter(), len(trained_runs(stamped))
+            start, first = time.perf_counter(), len(stamped)
             run_experiment(f, variant=variant, out=out, runs_root=runs_root, log=log,
                            progress=False)
             per_experiment.append((Path(f).stem, time.perf_counter() - start,
-                                   len(trained_runs(stamped)) - n0))
+                                   sum(trained_here(line) for _, line in stamped[first:])))
         end = time.perf_counter()
         command = "python benchmarks/figures.py" + (
             f" {args.experiment}" if args.experiment != "experiments/paper" else "") + (
