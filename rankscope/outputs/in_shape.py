@@ -36,6 +36,7 @@ import pandas as pd
 from rankscope.analysis.verdict import gates
 from rankscope.errors import InputError
 from rankscope.store.atomic import atomic_write_text
+from rankscope.train.config import PROFILES
 
 KEYS = ("what", "rows", "value", "above", "below", "holds", "over")
 OVER = {"max": lambda v: v.max(), "min": lambda v: v.min(), "median": lambda v: v.median(),
@@ -266,12 +267,32 @@ def _numbers(checks: list[dict]) -> str:
     return "; ".join(parts) or "no checks"
 
 
+def _next_run(meta: dict, sweeps: list[str]) -> str:
+    """What to run when ``sweeps`` failed a gate: under cpu-paper's written rule (its steps
+    double once, ``train.config``), the doubling while it is unspent, else the paper profile."""
+    configs = meta.get("configs") or {}
+    doubled = []
+    for sweep in sweeps:
+        cfg = configs.get(sweep) or {}
+        if cfg.get("profile") != "cpu-paper" or not isinstance(cfg.get("steps"), int):
+            return "train longer"
+        if cfg["steps"] < 2 * PROFILES["cpu-paper"]["steps"]:
+            return f"train longer: cpu-paper's rule doubles {sweep}'s {cfg['steps']} steps once"
+        doubled.append(f"{sweep} {cfg['steps']}")
+    return ("cpu-paper's one doubling is spent (steps: " + ", ".join(doubled)
+            + "): the gpu variant (paper profile) is what to run next")
+
+
 def _why_not(meta: dict) -> str:
     if meta.get("reproduced") == "yes":
         return ""
-    failed = sorted({g["gate"] for g in meta.get("gates", []) if g["status"] != "pass"})
-    if failed:
-        return "inconclusive: its runs did not pass " + ", ".join(failed) + "; train longer"
+    rows = [g for g in meta.get("gates", []) if g["status"] != "pass"]
+    if rows:
+        values = "; ".join(f"{g.get('sweep', '')}: {g['gate']} {g.get('value')}, threshold "
+                           f"{g.get('threshold')}".lstrip(": ") for g in rows)
+        sweeps = sorted({g.get("sweep", "") for g in rows})
+        return ("inconclusive: its runs did not pass " + ", ".join(sorted({g["gate"] for g in rows}))
+                + f" ({values}); " + _next_run(meta, sweeps))
     missed = [c["what"] for c in meta.get("in_shape", []) if c["status"] != "yes"]
     return ("a finding: the runs passed their gates and " + "; ".join(missed) + " did not hold"
             if missed else "no checks declared")

@@ -132,7 +132,24 @@ def test_the_table_of_figures(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| `fig")]
     assert "a finding: the runs passed their gates and w did not hold" in rows[0]
     assert "fig_a \\| result" in rows[0] and "**no**" in rows[0] and "4 of 4 pass" in rows[0]
-    assert "inconclusive: its runs did not pass LoRA A moved, full plateaued" in rows[1]
+    assert ("inconclusive: its runs did not pass LoRA A moved, full plateaued (s: full plateaued "
+            "0.4, threshold 0.15; s: LoRA A moved 0.2, threshold 0.5); train longer") in rows[1]
     write_shape_table(tmp_path)                                          # replaced, not added
     assert (tmp_path / "README.md").read_text() == text
     assert shape_table({}).count("\n") == 1                              # the header alone
+
+
+@pytest.mark.parametrize("profile, steps, next_run", [
+    ("cpu-paper", 600, "train longer: cpu-paper's rule doubles s's 600 steps once"),
+    ("cpu-paper", 1200, "cpu-paper's one doubling is spent (steps: s 1200): the gpu variant "
+                        "(paper profile) is what to run next"),
+    ("quick", 600, "train longer")])
+def test_why_not_names_the_run_the_written_rule_asks_for_next(tmp_path, profile, steps, next_run):
+    failing = figure_gates({"s": {"metrics": _metrics(0.05, [0.2, 1.2])}})
+    meta = {"format": "rankscope.figure/1", "result": "r", "variant": "cpu", "reproduced": "no",
+            "in_shape": [], "gates": failing, "configs": {"s": {"profile": profile, "steps": steps}}}
+    (tmp_path / "fig.json").write_text(json.dumps(meta))
+    row = next(line for line in write_shape_table(tmp_path).read_text().splitlines()
+               if line.startswith("| `fig`"))
+    assert row.endswith(f"| inconclusive: its runs did not pass LoRA A moved (s: LoRA A moved 0.2, "
+                        f"threshold 0.5); {next_run} |")
