@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -43,7 +44,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        if write_errno(e) in WRITE_ERRNOS:
             raise write_error(path, e) from None
         raise
 
@@ -74,13 +75,29 @@ def fault_point(path: Path, phase: str) -> None:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def write_error(path: Path, e: OSError) -> InputError:
+# a writer library that wraps the OS's error in its own (safetensors' Rust ``save_file`` raises
+# SafetensorError "... I/O error: No space left on device (os error 28)") keeps its code here
+_WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The OS error code behind a failed write, raised by Python or wrapped by a writer library;
+    None for anything else."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = _WRAPPED_OS_ERROR.search(str(e)) if isinstance(e, Exception) else None
+    return int(found.group(1)) if found else None
+
+
+def write_error(path: Path, e: BaseException) -> InputError:
     """One line for a failed write: the path, the OS's reason, the fix, and that nothing of
     the previous state was touched."""
+    code = write_errno(e)
     fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (quota)",
            errno.EROFS: "use a writable folder", errno.EIO: "check the disk"}.get(
-        e.errno, "make it writable")
-    return InputError(f"cannot write {path}: {e.strerror or e}; {fix} and rerun "
+        code, "make it writable")
+    reason = getattr(e, "strerror", None) or (os.strerror(code) if code else str(e))
+    return InputError(f"cannot write {path}: {reason}; {fix} and rerun "
                       f"(what was there before is unchanged)")
 
 
@@ -224,6 +241,6 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        if write_errno(e) in WRITE_ERRNOS:
             raise write_error(out, e) from None
         raise
