@@ -83,14 +83,11 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.Tensor], opt,
         if not (final / "state.pt").exists():
             return 0, []
     fix = f"remove {final} to restart this run from step 0"
-    try:
-        # weights_only: tensors, numbers, strings and containers; a pickle that would build any
-        # other object (run code) is refused, not executed
-        state = torch.load(final / "state.pt", map_location="cpu", weights_only=True)
-        tensors = load_file(final / "trainable.safetensors")
-    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged or foreign file
-        raise InputError(f"checkpoint {final} cannot be read safely "
-                         f"({type(e).__name__}: {_first_line(e)}); {fix}") from None
+    # weights_only: tensors, numbers, strings and containers; a pickle that would build any
+    # other object (run code) is refused, not executed
+    state = _read(final, "state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True),
+                  fix)
+    tensors = _read(final, "trainable.safetensors", load_file, fix)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra or not isinstance(state, dict) or not _STATE_KEYS <= set(state):
@@ -113,6 +110,18 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.Tensor], opt,
 
 
 _STATE_KEYS = {"step", "optim", "sched", "rng", "metrics"}
+
+
+def _read(final: Path, name: str, read, fix: str):
+    """``read(final / name)``; any failure is one line naming the file, its size and the fix."""
+    path = final / name
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged or foreign file
+        size = path.stat().st_size if path.exists() else 0
+        raise InputError(f"checkpoint {final} cannot be read safely ({name}, {size:,} bytes, "
+                         f"damaged or foreign: {type(e).__name__}: {_first_line(e)}); {fix}"
+                         ) from None
 
 
 def _first_line(e: Exception) -> str:
