@@ -291,8 +291,8 @@ def _why_not(meta: dict) -> str:
         values = "; ".join(f"{g.get('sweep', '')}: {g['gate']} {g.get('value')}, threshold "
                            f"{g.get('threshold')}".lstrip(": ") for g in rows)
         sweeps = sorted({g.get("sweep", "") for g in rows})
-        return ("inconclusive: its runs did not pass " + ", ".join(sorted({g["gate"] for g in rows}))
-                + f" ({values}); " + _next_run(meta, sweeps))
+        failed = ", ".join(sorted({g["gate"] for g in rows}))
+        return f"inconclusive: its runs did not pass {failed} ({values}); {_next_run(meta, sweeps)}"
     missed = [c["what"] for c in meta.get("in_shape", []) if c["status"] != "yes"]
     return ("a finding: the runs passed their gates and " + "; ".join(missed) + " did not hold"
             if missed else "no checks declared")

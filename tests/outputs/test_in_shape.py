@@ -147,7 +147,8 @@ def test_the_table_of_figures(tmp_path):
 def test_why_not_names_the_run_the_written_rule_asks_for_next(tmp_path, profile, steps, next_run):
     failing = figure_gates({"s": {"metrics": _metrics(0.05, [0.2, 1.2])}})
     meta = {"format": "rankscope.figure/1", "result": "r", "variant": "cpu", "reproduced": "no",
-            "in_shape": [], "gates": failing, "configs": {"s": {"profile": profile, "steps": steps}}}
+            "in_shape": [], "gates": failing,
+            "configs": {"s": {"profile": profile, "steps": steps}}}
     (tmp_path / "fig.json").write_text(json.dumps(meta))
     row = next(line for line in write_shape_table(tmp_path).read_text().splitlines()
                if line.startswith("| `fig`"))

@@ -31,34 +31,36 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_a_disk_that_fills_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    path = tmp_path / "table.csv"
-    path.write_text("old")
-    with pytest.raises(InputError, match=rf"^cannot write {path}: No space left on device; free "
-                                         r"space and rerun \(what was there before is unchanged\)$"):
-        with atomic_file(path) as tmp:
-            tmp.write_text("half")
-            _fail(errno.ENOSPC)()
-    assert path.read_text() == "old" and _leftovers(tmp_path) == []
-
-
-def test_a_disk_that_fills_under_safetensors_rust_writer_is_the_same_one_line(tmp_path):
-    """safetensors' ``save_file`` wraps the OS's error in its own class (measured: a sweep on a
-    40 MB tmpfs printed this traceback before the helper read the code out of it)."""
+def _safetensors_full():
+    """safetensors' ``save_file`` on a full disk: its Rust writer wraps the OS's error in its own
+    class (measured: a sweep on a 40 MB tmpfs ended in this traceback before the helper read the
+    code out of the message)."""
     from safetensors import SafetensorError
+    raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                          "(os error 28)")
 
+
+@pytest.mark.parametrize("fill", [_fail(errno.ENOSPC), _safetensors_full],
+                         ids=["os", "safetensors"])
+def test_a_disk_that_fills_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, fill):
     path = tmp_path / "updates.safetensors"
     path.write_text("old")
-    with pytest.raises(InputError, match=rf"^cannot write {path}: No space left on device; free "
-                                         r"space and rerun \(what was there before is unchanged\)$"):
+    want = (rf"^cannot write {path}: No space left on device; free space and rerun "
+            r"\(what was there before is unchanged\)$")
+    with pytest.raises(InputError, match=want):
         with atomic_file(path) as tmp:
             tmp.write_text("half")
-            raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                                  "(os error 28)")
+            fill()
     assert path.read_text() == "old" and _leftovers(tmp_path) == []
-    with pytest.raises(SafetensorError, match="header too large"):        # not a write failure
-        with atomic_file(path) as tmp:
+
+
+def test_a_writer_librarys_other_errors_are_not_dressed_as_a_write_failure(tmp_path):
+    from safetensors import SafetensorError
+
+    with pytest.raises(SafetensorError, match="header too large"):
+        with atomic_file(tmp_path / "x.safetensors") as _:
             raise SafetensorError("Error while deserializing header: header too large")
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("code, fix", [(errno.EROFS, "use a writable folder"),

@@ -112,9 +112,9 @@ def test_a_checkpoint_holding_a_malicious_pickle_is_refused_unexecuted(tiny_gpt2
     model, opt, sched = _saved_checkpoint(tiny_gpt2, tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"step": 2, "payload": _RunsCode(marker)}, tmp_path / CKPT / "state.pt")
-    with pytest.raises(InputError, match=r"^checkpoint .* cannot be read safely \(state\.pt, [\d,]+ "
-                                         r"bytes, damaged or foreign: UnpicklingError: .*\); remove "
-                                         r".* to restart this run from step 0$"):
+    want = (r"^checkpoint .* cannot be read safely \(state\.pt, [\d,]+ bytes, damaged or "
+            r"foreign: UnpicklingError: .*\); remove .* to restart this run from step 0$")
+    with pytest.raises(InputError, match=want):
         load_checkpoint(tmp_path, dict(model.named_parameters()), opt, sched)
     assert not marker.exists()
     torch.load(tmp_path / CKPT / "state.pt", weights_only=False)     # the control: it does run
@@ -130,8 +130,9 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_fix(tiny_gpt2, tmp_path, da
     path.write_bytes({"truncated": data[:len(data) // 2], "zeroed": bytes(len(data)),
                       "empty": b""}[damage])
     size = {"truncated": len(data) // 2, "zeroed": len(data), "empty": 0}[damage]
-    with pytest.raises(InputError, match=rf"cannot be read safely \({re.escape(name)}, {size:,} "
-                                         r"bytes, damaged or foreign: .*; remove .* to restart") as e:
+    want = (rf"cannot be read safely \({re.escape(name)}, {size:,} bytes, damaged or foreign: "
+            r".*; remove .* to restart")
+    with pytest.raises(InputError, match=want) as e:
         load_checkpoint(tmp_path, dict(model.named_parameters()), opt, sched)
     assert "\n" not in str(e.value)
 
