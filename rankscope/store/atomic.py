@@ -30,7 +30,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise write_error(path, e) from None
+        raise write_error(path, e.errno) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -42,10 +42,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         fault_point(path, "renaming")
         os.replace(tmp, path)
     except BaseException as e:
+        code = write_errno(e, path.parent)      # before the temporary goes and frees the disk
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if write_errno(e) in WRITE_ERRNOS:
-            raise write_error(path, e) from None
+        if code in WRITE_ERRNOS:
+            raise write_error(path, code) from None
         raise
 
 
@@ -75,28 +76,44 @@ def fault_point(path: Path, phase: str) -> None:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-# a writer library that wraps the OS's error in its own (safetensors' Rust ``save_file`` raises
-# SafetensorError "... I/O error: No space left on device (os error 28)") keeps its code here
+# Writer libraries report a full disk their own way. safetensors' Rust ``save_file`` raises
+# SafetensorError "... I/O error: No space left on device (os error 28)": the code is read out of
+# the message. torch.save raises a bare RuntimeError ("[enforce fail at inline_container.cc]
+# unexpected pos ..."): a failure while the file system has under FULL_BELOW bytes left is
+# taken for a full disk (measured on a 64 KB and a 40 MB tmpfs).
 _WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+FULL_BELOW = 1 << 20
 
 
-def write_errno(e: BaseException) -> int | None:
-    """The OS error code behind a failed write, raised by Python or wrapped by a writer library;
-    None for anything else."""
+def write_errno(e: BaseException, folder: Path | None = None) -> int | None:
+    """The OS error code behind a failed write into ``folder``: raised by Python, wrapped by a
+    writer library, or ENOSPC when the folder's file system is full; None for anything else
+    (an interrupt, a bug)."""
     if isinstance(e, OSError):
         return e.errno
-    found = _WRAPPED_OS_ERROR.search(str(e)) if isinstance(e, Exception) else None
-    return int(found.group(1)) if found else None
+    if not isinstance(e, Exception):
+        return None
+    found = _WRAPPED_OS_ERROR.search(str(e))
+    if found:
+        return int(found.group(1))
+    return errno.ENOSPC if folder is not None and _space_left(folder) < FULL_BELOW else None
 
 
-def write_error(path: Path, e: BaseException) -> InputError:
+def _space_left(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return FULL_BELOW          # unknown: not taken for full
+    return st.f_bavail * st.f_frsize
+
+
+def write_error(path: Path, code: int) -> InputError:
     """One line for a failed write: the path, the OS's reason, the fix, and that nothing of
     the previous state was touched."""
-    code = write_errno(e)
     fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (quota)",
            errno.EROFS: "use a writable folder", errno.EIO: "check the disk"}.get(
         code, "make it writable")
-    reason = getattr(e, "strerror", None) or (os.strerror(code) if code else str(e))
+    reason = os.strerror(code) if code else "the write failed"
     return InputError(f"cannot write {path}: {reason}; {fix} and rerun "
                       f"(what was there before is unchanged)")
 
@@ -225,7 +242,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".tmp", dir=out.absolute().parent))
     except OSError as e:
-        raise write_error(out, e) from None
+        raise write_error(out, e.errno) from None
     make_public(tmp)
     try:
         yield tmp
@@ -240,7 +257,8 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, out)
     except BaseException as e:
+        code = write_errno(e, out.absolute().parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        if write_errno(e) in WRITE_ERRNOS:
-            raise write_error(out, e) from None
+        if code in WRITE_ERRNOS:
+            raise write_error(out, code) from None
         raise

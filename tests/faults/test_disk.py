@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from rankscope.errors import InputError
+from rankscope.store.atomic import atomic_dir, atomic_file
 from rankscope.store.runs import UPDATES
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -69,6 +72,16 @@ def test_a_disk_that_fills_mid_sweep_is_one_line_and_the_sweep_resumes_once_free
     for run in ("full-s0", "lora-r2-s0"):       # bit-identical to the sweep that had the room
         want, got = load_file(news_sweep.out / run / UPDATES), load_file(out / run / UPDATES)
         assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in want), run
+
+
+@pytest.mark.parametrize("helper", ["file", "dir"])
+def test_torch_save_filling_the_disk_is_the_full_disk_line(small_disk, helper):
+    """torch.save (a checkpoint's state.pt) reports a full disk as a bare RuntimeError."""
+    target = small_disk / "state"
+    with pytest.raises(InputError, match=rf"^cannot write {target}: No space left on device; "):
+        with (atomic_file(target) if helper == "file" else atomic_dir(target)) as tmp:
+            torch.save({"x": torch.zeros(12_000_000)}, tmp if helper == "file" else tmp / "s.pt")
+    assert list(small_disk.iterdir()) == []             # the temporary went, and its space
 
 
 def test_a_read_only_study_is_refused_in_one_line_and_left_as_it_was(small_disk, news_yaml,

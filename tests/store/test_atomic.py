@@ -54,6 +54,25 @@ def test_a_disk_that_fills_mid_write_leaves_the_old_file_and_no_temporary(tmp_pa
     assert path.read_text() == "old" and _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("helper", ["file", "dir"])
+def test_a_bare_writer_error_on_a_full_disk_is_taken_for_the_full_disk(tmp_path, monkeypatch,
+                                                                        helper):
+    """torch.save reports a full disk as a RuntimeError without a code (tests/faults/test_disk.py
+    fills a real one); with space left the same error is a bug and is raised as it is."""
+    target = tmp_path / "checkpoint"
+
+    def write():
+        with (atomic_file(target) if helper == "file" else atomic_dir(target)) as _:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576")
+
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        write()
+    monkeypatch.setattr(atomic, "_space_left", lambda folder: atomic.FULL_BELOW - 1)
+    with pytest.raises(InputError, match=rf"^cannot write {target}: No space left on device; "):
+        write()
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_writer_librarys_other_errors_are_not_dressed_as_a_write_failure(tmp_path):
     from safetensors import SafetensorError
 
