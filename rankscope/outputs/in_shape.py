@@ -288,8 +288,9 @@ def _why_not(meta: dict) -> str:
         return ""
     rows = [g for g in meta.get("gates", []) if g["status"] != "pass"]
     if rows:
-        values = "; ".join(f"{g.get('sweep', '')}: {g['gate']} {g.get('value')}, threshold "
-                           f"{g.get('threshold')}".lstrip(": ") for g in rows)
+        values = "; ".join(("{}: ".format(g["sweep"]) if g.get("sweep") else "")
+                           + f"{g['gate']} {g.get('value')}, threshold {g.get('threshold')}"
+                           for g in rows)
         sweeps = sorted({g.get("sweep", "") for g in rows})
         failed = ", ".join(sorted({g["gate"] for g in rows}))
         return f"inconclusive: its runs did not pass {failed} ({values}); {_next_run(meta, sweeps)}"

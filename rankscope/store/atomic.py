@@ -91,7 +91,7 @@ def write_errno(e: BaseException, folder: Path | None = None) -> int | None:
     (an interrupt, a bug)."""
     if isinstance(e, OSError):
         return e.errno
-    if not isinstance(e, Exception):
+    if not isinstance(e, Exception) or isinstance(e, InputError):   # rankscope's own line stays
         return None
     found = _WRAPPED_OS_ERROR.search(str(e))
     if found:

@@ -70,6 +70,9 @@ def test_a_bare_writer_error_on_a_full_disk_is_taken_for_the_full_disk(tmp_path,
     monkeypatch.setattr(atomic, "_space_left", lambda folder: atomic.FULL_BELOW - 1)
     with pytest.raises(InputError, match=rf"^cannot write {target}: No space left on device; "):
         write()
+    with pytest.raises(InputError, match="^a writer's own one line$"):   # not relabelled
+        with atomic_file(target) as _:
+            raise InputError("a writer's own one line")
     assert _leftovers(tmp_path) == []
 
 
