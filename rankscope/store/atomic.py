@@ -204,7 +204,7 @@ def check_out_dir(out: str | Path, *, overwrite: bool) -> Path:
     if not existing.is_dir():
         raise InputError(f"cannot create output folder {parent}: {existing} is not a folder")
     if not os.access(existing, os.W_OK):
-        raise InputError(f"output folder {existing} is not writable")
+        raise InputError(f"output folder {out} cannot be written: {existing} is not writable")
     return out
 
 

@@ -203,3 +203,16 @@ def test_a_file_written_anew_by_its_writer_gets_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_an_unwritable_output_folder_is_named_with_the_folder_that_refuses(tmp_path, monkeypatch):
+    study = tmp_path / "study"
+    study.mkdir()
+    out = study / "runs-results" / "compare"
+    real_access = os.access
+    monkeypatch.setattr(atomic.os, "access",      # a read-only study, even for root
+                        lambda p, mode: False if Path(p) == study else real_access(p, mode))
+    with pytest.raises(InputError) as refused:
+        atomic.check_out_dir(out, overwrite=True)
+    assert str(refused.value) == f"output folder {out} cannot be written: {study} is not writable"
+    assert not out.parent.exists()
