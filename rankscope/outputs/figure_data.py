@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rankscope.errors import InputError
-from rankscope.outputs.plots import OVERALL as ALL
+from rankscope.outputs.plots import FLOORS, OVERALL as ALL
 from rankscope.analysis.verdict import metric_name
 
 
@@ -256,9 +256,20 @@ def intruders(results, *, eps: list[float] | None = None, eps_module: float = 0.
             plot="intruder_counts", panel=f"by module, ε = {eps_module:g}", quantity=q)])
 
 
+HEAD_PARTS = {"pooler", "classifier", "score", "lm_head"}     # outside the transformer blocks
+
+
 def module_group(name: str) -> str:
-    """``attention`` for a module under an attention block, else ``MLP``."""
-    return "attention" if any(s in name for s in ("attn", "attention")) else "MLP"
+    """``attention`` for a module under an attention block, ``head`` for a pooler or task head
+    (outside the blocks, so in neither of Biderman et al.'s groups), else ``MLP``."""
+    if any(s in name for s in ("attn", "attention")):
+        return "attention"
+    return "head" if HEAD_PARTS & set(name.split(".")) else "MLP"
+
+
+# The energy figure's noise floors, by column of the modules table: their rows' ``group``
+# (``module`` names the module whose floor it is; plots.FLOORS says how each is drawn).
+ENERGY_FLOORS = dict(zip(("energy_rank_90_noise", "energy_rank_90_seeddiff"), FLOORS))
 
 
 def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
@@ -270,12 +281,10 @@ def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
     full = full.assign(group=full["name"].map(module_group))
     ref = pd.DataFrame({"module": [f"LoRA r = {lora_rank}"], "group": ["reference"],
                         "value": [float(lora_rank)]})
-    if tau == 90:       # the noise floors k₉₀ is read against (docs/science.md)
-        floors = {"energy_rank_90_noise": "noise floor: Gaussian matrix",
-                  "energy_rank_90_seeddiff": "noise floor: ΔW seed a − seed b"}
+    if tau == 90:       # the noise floors k₉₀ is read against (docs/science.md), per module
         ref = pd.concat([ref] + [pd.DataFrame({
-            "module": [f"{label}, {m}"], "group": ["reference"], "value": [float(v)]})
-            for col, label in floors.items() if col in full
+            "module": [m], "group": [group], "value": [float(v)]})
+            for col, group in ENERGY_FLOORS.items() if col in full
             for m, v in full.groupby("module")[col].median().dropna().items()])
     by_layer = full[["layer", "module", "group", "seed"]].assign(value=full[f"energy_rank_{tau}"])
     taus = [c for c in ("energy_rank_50", "energy_rank_90", "energy_rank_99") if c in full]
@@ -340,8 +349,9 @@ def rank_tokens(results) -> pd.DataFrame:
     if t.empty:
         raise InputError("rank vs tokens needs a sweep trained with snapshots (config "
                          "'snapshots': shares of the steps)")
-    full = t[t["method"] == "full"].assign(series=lambda d: "full fine-tuning, "
-                                           + d["name"].map(module_group), order=0)
+    full = t[t["method"] == "full"].assign(group=lambda d: d["name"].map(module_group))
+    full = full[full["group"] != "head"].assign(            # the blocks' modules: Biderman's groups
+        series=lambda d: "full fine-tuning, " + d["group"], order=0).drop(columns="group")
     lora = t[t["method"] == "lora"]
     lora = lora.assign(series=["LoRA r = %d" % r for r in lora["rank"]], order=lora["rank"])
     keys = ["order", "series", "method", "rank", "tokens", "share"]    # full, then LoRA by r

@@ -21,6 +21,10 @@ PALETTE = "colorblind"               # every categorical hue
 CMAP = "rocket"                      # every heatmap: dark = 0, light = 1
 SHARES = (0.9, 0.95)                 # the truncation test's reference shares of the gain
 OVERALL = "all modules"              # the series of medians over every module: drawn black
+# The energy-rank panels' noise floors: rows whose ``group`` is one of these, ``module`` the module
+# whose floor it is; drawn per module in the line style, one legend entry (the text) per kind.
+FLOORS = {"floor: Gaussian matrix": (":", "Gaussian floor"),
+          "floor: ΔW seed a − seed b": ("-.", "seed-to-seed floor")}
 
 
 @contextlib.contextmanager
@@ -93,29 +97,39 @@ def subspace_heatmap(df: pd.DataFrame, *, ax=None):
 
 
 def _rank_lines(df: pd.DataFrame, ax, *, xlabel: str = "LoRA rank r"):
-    """LoRA rows as mean ± sd over seeds vs r per ``series``; full and base rows as lines."""
+    """LoRA rows as the median over seeds vs r per ``series``, the bars spanning the seeds' range
+    (minimum to maximum); full and base rows as lines, full with its seeds' range as a band."""
+    from matplotlib.lines import Line2D
+
     lora = df[df["method"] == "lora"]
     series = list(dict.fromkeys(lora["series"]))
     colors = dict(zip(series, _colors(len(series))))
     if OVERALL in colors:
         colors[OVERALL] = "black"
     for n, s in enumerate(series):
-        g = lora[lora["series"] == s].groupby("rank")["value"].agg(["mean", "std"]).reset_index()
+        g = lora[lora["series"] == s].groupby("rank")["value"].agg(
+            ["median", "min", "max"]).reset_index()
         dodge = 2 ** (0.04 * (n - (len(series) - 1) / 2))      # equal values stay visible
-        ax.errorbar(g["rank"] * dodge, g["mean"], yerr=g["std"].fillna(0.0), color=colors[s],
+        spread = [g["median"] - g["min"], g["max"] - g["median"]]
+        ax.errorbar(g["rank"] * dodge, g["median"], yerr=spread, color=colors[s],
                     marker="o", ms=3, lw=1.2, capsize=2, label=str(s))
+    in_own_colour = False
     for (method, s), g in df[df["method"].isin(["full", "base"])].groupby(
             ["method", "series"], sort=False):
-        mean, std = g["value"].mean(), g["value"].std()
         own = colors.get(s)
+        in_own_colour |= own is not None and method == "full"
         color = own if own is not None else ("black" if method == "full" else "0.55")
-        ax.axhline(mean, color=color, lw=1.0, ls="--" if method == "full" else ":",
+        ax.axhline(g["value"].median(), color=color, lw=1.0,
+                   ls="--" if method == "full" else ":",
                    label=None if own is not None else str(s))
-        if method == "full" and own is None and pd.notna(std) and std > 0:
-            ax.axhspan(mean - std, mean + std, color=color, alpha=0.08, lw=0)
+        if method == "full" and own is None and g["value"].max() > g["value"].min():
+            ax.axhspan(g["value"].min(), g["value"].max(), color=color, alpha=0.08, lw=0)
     _log2_x(ax, lora["rank"], xlabel)
     ax.set_ylabel(_label(df))
     handles, labels = ax.get_legend_handles_labels()
+    if in_own_colour:               # full fine-tuning drawn per series: one entry says so
+        handles.append(Line2D([], [], color="0.3", lw=1.0, ls="--"))
+        labels.append("full fine-tuning (dashed, in its series' colour)")
     order = sorted(range(len(labels)), key=lambda i: labels[i] not in colors)   # LoRA first
     ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="best")
     return ax
@@ -137,11 +151,13 @@ def _plain_log_y(ax, subs=(1.0,)) -> None:
 
 
 def metric_vs_rank(df: pd.DataFrame, *, ax=None):
-    """The task metric vs LoRA rank (Hu et al. Tables 6 and 18), seeds' spread as error bars.
+    """The task metric vs LoRA rank (Hu et al. Tables 6 and 18): the median over seeds, their
+    range (minimum to maximum) as error bars.
 
     Args:
         df: columns ``series`` (e.g. the targets), ``method`` (``lora`` points; ``full``: a
-            dashed line with a ±sd band; ``base``: the model before training, dotted),
+            dashed line at the seeds' median in a band over their range; ``base``: the model
+            before training, dotted),
             ``rank``, ``seed``, ``value`` and ``quantity`` (the y label).
     Returns:
         The Axes, r on a log₂ axis.
@@ -180,7 +196,8 @@ def relation_bars(df: pd.DataFrame, *, ax=None):
 
     Args:
         df: columns ``rank`` (r), ``directions`` (whose top-r singular vectors U, V are),
-            ``value`` (‖UᵀWV‖_F), optionally ``seed`` (bars show mean ± sd) and ``quantity``.
+            ``value`` (‖UᵀWV‖_F), optionally ``seed`` (bars: the median over seeds, their
+            range as error bars) and ``quantity``.
     Returns:
         The Axes, on a log y scale.
     """
@@ -189,7 +206,8 @@ def relation_bars(df: pd.DataFrame, *, ax=None):
     ax = _axes(ax)
     d = df.assign(rank=df["rank"].astype(int))
     hue_order = list(dict.fromkeys(d["directions"]))
-    sns.barplot(d, x="rank", y="value", hue="directions", hue_order=hue_order, errorbar="sd",
+    sns.barplot(d, x="rank", y="value", hue="directions", hue_order=hue_order, estimator="median",
+                errorbar=("pi", 100),
                 palette=_colors(len(hue_order)), ax=ax, err_kws={"linewidth": 0.8}, capsize=0.1)
     ax.set_yscale("log")
     _plain_log_y(ax)
@@ -203,20 +221,27 @@ def energy_rank(df: pd.DataFrame, *, ax=None):
     """The energy rank k_τ of the full update by layer: one line per module, MLP dashed.
 
     Args:
-        df: columns ``layer``, ``module``, ``group`` (``attention``, ``MLP``, or
-            ``reference``: a horizontal line named by ``module``), ``value`` (k_τ, a mean
+        df: columns ``layer``, ``module``, ``group`` (``attention``, ``MLP``, ``head``;
+            ``reference``: a grey horizontal line named by ``module``; a key of ``FLOORS``: the
+            noise floor of ``module``, a thin line in its colour), ``value`` (k_τ, the median
             over seeds is drawn) and ``quantity``.
     """
     ax = _axes(ax)
-    data = df[df["group"] != "reference"]
-    modules = list(dict.fromkeys(data.sort_values("group")["module"]))
-    for m, c in zip(modules, _colors(len(modules))):
+    data = df[~df["group"].isin(["reference", *FLOORS])]
+    modules = list(dict.fromkeys(data.sort_values("group", kind="stable")["module"]))
+    colors = dict(zip(modules, _colors(len(modules))))
+    for m in modules:
         g = data[data["module"] == m]
-        line = g.groupby("layer")["value"].mean()
+        line = g.groupby("layer")["value"].median()
         ls = "--" if (g["group"] == "MLP").any() else "-"
-        ax.plot(line.index, line.to_numpy(), ls=ls, color=c, marker=".", ms=3, lw=1.1, label=m)
+        ax.plot(line.index, line.to_numpy(), ls=ls, color=colors[m], marker=".", ms=3, lw=1.1,
+                label=m)
     for _, r in df[df["group"] == "reference"].iterrows():
-        ax.axhline(r["value"], color="0.4", ls=":", lw=1.0, label=r["module"])
+        ax.axhline(r["value"], color="0.4", ls=(0, (1, 3)), lw=1.2, label=r["module"])
+    floors = df[df["group"].isin(FLOORS) & df["module"].isin(modules)]
+    for _, r in floors.iterrows():
+        ax.axhline(r["value"], color=colors[r["module"]], ls=FLOORS[r["group"]][0], lw=0.7,
+                   alpha=0.8)
     from matplotlib.ticker import MaxNLocator
 
     ax.set_yscale("log")
@@ -224,26 +249,48 @@ def energy_rank(df: pd.DataFrame, *, ax=None):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(_label(df, default="energy rank"))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles, labels = ax.get_legend_handles_labels()
+    extra = _floor_entries(floors, "0.3")
+    ax.legend(handles + [h for h, _ in extra], labels + [t for _, t in extra],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+def _floor_entries(floors: pd.DataFrame, color) -> list:
+    """One legend entry (handle, text) per kind of noise floor among ``floors``."""
+    from matplotlib.lines import Line2D
+
+    return [(Line2D([], [], color=color, lw=0.9, ls=ls), text)
+            for kind, (ls, text) in FLOORS.items() if (floors["group"] == kind).any()]
 
 
 def energy_rank_bars(df: pd.DataFrame, *, ax=None):
     """Energy ranks k_50, k_90, k_99 of the full update per module, as bars (log scale).
 
     Args:
-        df: columns ``module``, ``group`` (``reference`` rows: horizontal lines), ``tau``
-            (the label of τ), ``value`` (k_τ, median over layers and seeds) and ``quantity``.
+        df: columns ``module``, ``group`` (``reference`` rows: grey horizontal lines named by
+            ``module``; rows of a ``FLOORS`` kind: ``module``'s noise floor, a short line over
+            its bars), ``tau`` (the label of τ), ``value`` (k_τ, median over layers and seeds)
+            and ``quantity``.
     """
     import seaborn as sns
 
     ax = _axes(ax)
-    data = df[df["group"] != "reference"]
+    data = df[~df["group"].isin(["reference", *FLOORS])]
     taus = list(dict.fromkeys(data["tau"]))
     sns.barplot(data, x="module", y="value", hue="tau", hue_order=taus, errorbar=None,
                 palette=_colors(len(taus)), ax=ax)
     for _, r in df[df["group"] == "reference"].iterrows():
-        ax.axhline(r["value"], color="0.4", ls=":", lw=1.0, label=r["module"])
+        ax.axhline(r["value"], color="0.4", ls=(0, (1, 3)), lw=1.2, label=r["module"])
+    at = {m: x for x, m in enumerate(dict.fromkeys(data["module"]))}   # seaborn's x positions
+    floors = df[df["group"].isin(FLOORS) & df["module"].isin(at)]
+    for _, r in floors.iterrows():
+        x = at[r["module"]]
+        ax.plot([x - 0.45, x + 0.45], [r["value"]] * 2, color="black",
+                ls=FLOORS[r["group"]][0], lw=1.0)
+    for handle, text in _floor_entries(floors, "black"):
+        handle.set_label(text)
+        ax.add_line(handle)             # no data: only its legend entry
     ax.set_yscale("log")
     _plain_log_y(ax)
     ax.set_xlabel("")
@@ -251,7 +298,7 @@ def energy_rank_bars(df: pd.DataFrame, *, ax=None):
     for t in ax.get_xticklabels():
         t.set_horizontalalignment("right")
     ax.set_ylabel(_label(df, default="energy rank"))
-    _headroom_legend(ax, ncol=len(taus) + 1)
+    _headroom_legend(ax, ncol=3)
     return ax
 
 

@@ -60,6 +60,52 @@ def test_rank_lines_draw_seed_means_with_spread_and_full_as_a_line():
     assert ax.get_legend().get_texts()[0].get_text() == "a"  # LoRA first in the legend
 
 
+def test_rank_lines_draw_the_median_and_the_seeds_range_not_mean_and_sd():
+    df = pd.DataFrame([{"series": "a", "method": "lora", "rank": 4, "seed": sd, "value": v}
+                       for sd, v in enumerate((1.0, 2.0, 9.0))]
+                      + [{"series": "full fine-tuning", "method": "full", "rank": None,
+                          "seed": sd, "value": v} for sd, v in enumerate((3.0, 4.0, 11.0))])
+    ax = plots.metric_vs_rank(df.assign(quantity="loss"))
+    data_line, _, (whiskers,) = ax.containers[0].lines
+    assert list(data_line.get_ydata()) == [2.0]                  # the median, not the mean 4
+    (segment,) = whiskers.get_segments()
+    assert sorted(segment[:, 1]) == [1.0, 9.0]                    # minimum to maximum
+    full = [l for l in ax.get_lines() if l.get_label() == "full fine-tuning"]
+    assert full[0].get_ydata()[0] == 4.0                          # full's median
+    (band,) = ax.patches                                          # its range, 3 to 11
+    assert (band.get_y(), band.get_y() + band.get_height()) == (3.0, 11.0)
+
+
+def test_full_fine_tuning_in_its_series_colour_has_one_legend_entry():
+    ax = plots.intruder_counts(SYNTHETIC["intruder_counts"]())
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["ε = 0.5", "ε = 0.7", "full fine-tuning (dashed, in its series' colour)"]
+
+
+def test_energy_floors_are_drawn_per_module_with_one_legend_entry_per_kind():
+    rows = [{"layer": 0, "module": m, "group": g, "value": v, "tau": "$k_{90}$"}
+            for m, g, v in (("q_proj", "attention", 30.0), ("up_proj", "MLP", 60.0),
+                            ("pooler", "head", 5.0))]
+    floors = [{"module": m, "group": kind, "value": v}
+              for kind, base in zip(plots.FLOORS, (200.0, 80.0))
+              for m, v in (("q_proj", base), ("up_proj", base + 1), ("pooler", base + 2))]
+    df = pd.DataFrame(rows + floors + [{"module": "LoRA r = 16", "group": "reference",
+                                        "value": 16.0}])
+    lines = plots.energy_rank(df)
+    texts = [t.get_text() for t in lines.get_legend().get_texts()]
+    assert texts == ["up_proj", "q_proj", "pooler", "LoRA r = 16", "Gaussian floor",
+                     "seed-to-seed floor"]                      # modules by group: MLP, attention, head
+    levels = sorted(l.get_ydata()[0] for l in lines.get_lines() if list(l.get_xdata()) == [0, 1])
+    assert levels == [16.0, 80.0, 81.0, 82.0, 200.0, 201.0, 202.0]
+    bars = plots.energy_rank_bars(df)
+    texts = [t.get_text() for t in bars.get_legend().get_texts()]
+    assert texts[-2:] == ["Gaussian floor", "seed-to-seed floor"] and len(texts) == 4
+    ticks = [t.get_text() for t in bars.get_xticklabels()]
+    short = {(round(l.get_xdata()[0] + 0.45), l.get_ydata()[0]) for l in bars.get_lines()
+             if len(l.get_xdata()) == 2 and round(l.get_xdata()[1] - l.get_xdata()[0], 6) == 0.9}
+    assert short == {(ticks.index(m), v) for m, v in ((r["module"], r["value"]) for r in floors)}
+
+
 def test_draw_figure_lays_out_panels_and_rejects_unknown_plots():
     a = SYNTHETIC["metric_vs_rank"]().assign(plot="metric_vs_rank", panel="left")
     b = SYNTHETIC["subspace_heatmap"]().assign(plot="subspace_heatmap", panel="right")
@@ -89,6 +135,10 @@ def test_module_group():
     assert module_group("model.layers.3.self_attn.q_proj") == "attention"
     assert module_group("encoder.layer.0.attention.self.query") == "attention"
     assert module_group("model.layers.3.mlp.up_proj") == "MLP"
+    assert module_group("encoder.layer.0.output.dense") == "MLP"          # MiniLM's down-proj
+    assert module_group("encoder.layer.0.attention.output.dense") == "attention"
+    assert module_group("bert.pooler.dense") == "head"
+    assert module_group("classifier") == "head"
 
 
 # ------------------------------------------------------------ on the tiny real pipeline
