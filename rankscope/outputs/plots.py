@@ -129,7 +129,7 @@ def _rank_lines(df: pd.DataFrame, ax, *, xlabel: str = "LoRA rank r"):
     handles, labels = ax.get_legend_handles_labels()
     if in_own_colour:               # full fine-tuning drawn per series: one entry says so
         handles.append(Line2D([], [], color="0.3", lw=1.0, ls="--"))
-        labels.append("full fine-tuning (dashed, in its series' colour)")
+        labels.append("full fine-tuning (dashed)")
     order = sorted(range(len(labels)), key=lambda i: labels[i] not in colors)   # LoRA first
     ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="best")
     return ax
@@ -187,7 +187,8 @@ def intruder_counts(df: pd.DataFrame, *, ax=None):
             per module) and ``quantity`` (the y label).
     """
     ax = _rank_lines(df, _axes(ax))
-    ax.set_ylim(-0.3, max(1.0, 1.1 * float(df["value"].max())))    # counts: 0 at the bottom
+    ax.set_ylim(-0.3, max(1.0, 1.45 * float(df["value"].max())))   # counts: 0 at the bottom,
+                                                                    # room above for the legend
     return ax
 
 
