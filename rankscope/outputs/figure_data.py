@@ -349,9 +349,9 @@ def rank_tokens(results) -> pd.DataFrame:
     if t.empty:
         raise InputError("rank vs tokens needs a sweep trained with snapshots (config "
                          "'snapshots': shares of the steps)")
-    full = t[t["method"] == "full"].assign(group=lambda d: d["name"].map(module_group))
-    full = full[full["group"] != "head"].assign(            # the blocks' modules: Biderman's groups
-        series=lambda d: "full fine-tuning, " + d["group"], order=0).drop(columns="group")
+    full = t[t["method"] == "full"]
+    group = full["name"].map(module_group)                  # the blocks' modules: Biderman's groups
+    full = full[group != "head"].assign(series="full fine-tuning, " + group, order=0)
     lora = t[t["method"] == "lora"]
     lora = lora.assign(series=["LoRA r = %d" % r for r in lora["rank"]], order=lora["rank"])
     keys = ["order", "series", "method", "rank", "tokens", "share"]    # full, then LoRA by r

@@ -48,12 +48,12 @@ def test_heatmap_puts_i_down_the_rows_and_has_a_colour_bar():
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("j", "i")
 
 
-def test_rank_lines_draw_seed_means_with_spread_and_full_as_a_line():
+def test_rank_lines_draw_seed_medians_with_spread_and_full_as_a_line():
     df = _rank_rows(("a",))
     ax = plots.metric_vs_rank(df)
     bars = ax.containers[0]
     y = bars.lines[0].get_ydata()
-    assert list(y) == pytest.approx([1.5, 2.5, 8.5])         # mean over the two seeds
+    assert list(y) == pytest.approx([1.5, 2.5, 8.5])         # median of the two seeds
     hlines = [l for l in ax.get_lines() if len(set(l.get_ydata())) == 1 and l.get_xdata()[0] == 0]
     assert {round(l.get_ydata()[0], 6) for l in hlines} == {3.5, 20.0}   # full mean, base
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "8"]
