@@ -167,6 +167,9 @@ def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_ev
                 dist, progress: bool, log: Callable[[str], None]) -> list[dict]:
     from tqdm.auto import tqdm
 
+    mixed = precision_line(out, cfg.runs(), use_bf16(cfg.bf16, dist.device))
+    if mixed and dist.main:
+        log(mixed)
     manifests = []
     bar = tqdm(runs, desc="sweep", unit="run", disable=not (progress and dist.main),
                file=sys.stderr)
@@ -188,6 +191,25 @@ def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_ev
     bar.close()
     leave_dist()
     return manifests
+
+
+def precision_line(out: Path, runs: list, bf16: bool) -> str | None:
+    """A line saying that the sweep at ``out`` will mix precisions: some of its finished runs
+    trained in another precision than the one (``bf16`` autocast or float32) its runs left
+    would train in here. None when they agree or no run is left.
+
+    A sweep resumed on another machine can: the profiles leave ``bf16`` to the chip. The
+    runs' numbers then differ as another seed's would (figures/README: bf16 vs float32).
+    """
+    done = [m for run in runs if (m := finished_manifest(out / run.name)) is not None]
+    other = sum(bool(m.get("bf16_autocast")) != bf16 for m in done)
+    left = len(runs) - len(done)
+    if not left or not other:
+        return None
+    here, there = ("bf16 autocast", "float32") if bf16 else ("float32", "bf16 autocast")
+    return (f"sweep {out}: {other} of its finished runs trained in {there} and this machine "
+            f"trains the {left} left in {here}, so the sweep mixes precisions; set bf16 in "
+            f"its config to pin one")
 
 
 def grid_table(manifests: list[dict]):

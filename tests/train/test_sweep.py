@@ -240,6 +240,25 @@ def test_a_rerun_with_another_config_is_refused(news_sweep, news_yaml):
     assert (news_sweep.out / "sweep.yaml").read_text() == before
 
 
+@pytest.mark.slow
+def test_a_sweep_resumed_in_another_precision_says_it_mixes_them(news_sweep, tmp_path):
+    import shutil
+
+    from rankscope.train.sweep import precision_line
+
+    runs = news_sweep.cfg.runs()                  # full-s0 and lora-r2-s0, trained in float32
+    assert [m["bf16_autocast"] for m in news_sweep.manifests] == [False, False]
+    out = tmp_path / "sweep"
+    shutil.copytree(news_sweep.full, out / "full-s0")       # one run finished, one left
+    assert precision_line(out, runs, bf16=True) == (
+        f"sweep {out}: 1 of its finished runs trained in float32 and this machine trains the 1 "
+        "left in bf16 autocast, so the sweep mixes precisions; set bf16 in its config to pin one")
+    assert precision_line(out, runs, bf16=False) is None            # the same precision
+    assert precision_line(news_sweep.out, runs, bf16=True) is None  # nothing left to train
+    assert precision_line(tmp_path / "new", runs, bf16=True) is None   # nothing finished
+    assert not any("mixes precisions" in line for line in news_sweep.log)
+
+
 # ---------------------------------------------------------------- resume after kill -9
 
 def _kill_at_checkpoint(cmd, run_dir: Path, log: Path) -> None:
