@@ -167,9 +167,8 @@ def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_ev
                 dist, progress: bool, log: Callable[[str], None]) -> list[dict]:
     from tqdm.auto import tqdm
 
-    mixed = precision_line(out, cfg.runs(), use_bf16(cfg.bf16, dist.device))
-    if mixed and dist.main:
-        log(mixed)
+    if dist.main and (mixed := precision_line(out, cfg.runs(), use_bf16(cfg.bf16, dist.device))):
+        log(mixed)                      # read and said once, by the process that logs
     manifests = []
     bar = tqdm(runs, desc="sweep", unit="run", disable=not (progress and dist.main),
                file=sys.stderr)

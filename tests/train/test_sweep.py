@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from rankscope.train.loop import lr_lambda
 from rankscope.train.model_setup import load_task_model
 from rankscope.train.models import find_linear_modules, load_backbone, match_name
 from rankscope.train.run_folder import CKPT
-from rankscope.train.sweep import run_sweep
+from rankscope.train.sweep import precision_line, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(batch_size=4, max_len=32, max_eval_examples=8, max_train_examples=32, bf16=False)
@@ -242,9 +243,6 @@ def test_a_rerun_with_another_config_is_refused(news_sweep, news_yaml):
 
 @pytest.mark.slow
 def test_a_sweep_resumed_in_another_precision_says_it_mixes_them(news_sweep, tmp_path):
-    import shutil
-
-    from rankscope.train.sweep import precision_line
 
     runs = news_sweep.cfg.runs()                  # full-s0 and lora-r2-s0, trained in float32
     assert [m["bf16_autocast"] for m in news_sweep.manifests] == [False, False]
