@@ -36,7 +36,10 @@ def training_evidence(manifest: dict) -> dict:
     a_moved_min / a_moved_median: over LoRA modules, ‖A − A₀‖_F/‖A₀‖_F (below ~0.5, A's row
     space is still mostly its initialisation); delta_fro_median: the median ‖ΔW‖_F over
     modules; full_scope: which parameters full fine-tuning trained ("all", "linear" or
-    "targets"); lr: the peak rate, and lr_searched: whether the learning-rate search chose it.
+    "targets"); lr: the peak rate, and lr_searched: whether the learning-rate search chose it;
+    late_train_rise: the training loss's relative rise over the last fifth of the steps
+    (``train.evidence.late_train_rise``); equivalence_metric / equivalence_margin: the
+    equivalence test's metric and margin δ, fixed in the sweep's config before its runs.
     Each is None when the manifest lacks it (runs older than these fields).
     """
     moved = (manifest.get("a_moved") or {}).values()
@@ -46,7 +49,10 @@ def training_evidence(manifest: dict) -> dict:
             "a_moved_median": _median(moved),
             "delta_fro_median": _median((manifest.get("delta_fro") or {}).values()),
             "full_scope": manifest.get("full_scope"), "lr": manifest.get("lr"),
-            "lr_searched": manifest.get("lr_searched")}
+            "lr_searched": manifest.get("lr_searched"),
+            "late_train_rise": manifest.get("late_train_rise"),
+            "equivalence_metric": manifest.get("equivalence_metric"),
+            "equivalence_margin": manifest.get("equivalence_margin")}
 
 
 def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
@@ -66,9 +72,40 @@ def run_metrics(runs: list[RunDecomp]) -> pd.DataFrame:
                      "trainable_params": m.get("trainable_params"), "steps": m.get("steps"),
                      "wall_time_s": m.get("wall_time_s"), **training_evidence(m)})
     df = nullable_ints(pd.DataFrame(rows), ("rank", "seed"))
-    for c in ("late_gain_share", "a_moved_min", "a_moved_median", "delta_fro_median"):
+    for c in ("late_gain_share", "a_moved_min", "a_moved_median", "delta_fro_median",
+              "late_train_rise", "equivalence_margin"):
         df[c] = df[c].astype(float)      # None → NaN, also when every run lacks the field
     return df.sort_values(["method", "rank", "seed"], na_position="first", ignore_index=True)
+
+
+EXAMPLE_COLUMNS = ["run", "method", "rank", "seed", "example", "loss", "correct"]
+
+
+def example_table(runs: list[RunDecomp]) -> pd.DataFrame:
+    """Each run's held-out examples, one row per run and example: the numbers the equivalence
+    test pairs (``analysis.equivalence``). The base model's come first, as method ``base``
+    (from the first run that recorded them).
+
+    Returns:
+        ``run, method, rank, seed, example, loss, correct`` (correct: 1.0/0.0 for
+        classification, NaN otherwise); no rows for runs whose manifest predates them.
+    """
+    frames, base = [], None
+    for r in runs:
+        ids = {"run": r.run, "method": r.method, "rank": r.rank, "seed": r.seed}
+        for key, who in (("heldout_before", "base"), ("heldout_after", "run")):
+            got = r.manifest.get(key) or {}
+            if not got.get("loss") or (who == "base" and base is not None):
+                continue
+            n = len(got["loss"])
+            row = {"run": "base", "method": "base", "rank": None, "seed": None} \
+                if who == "base" else ids
+            frames.append(pd.DataFrame({**row, "example": np.arange(n), "loss": got["loss"],
+                                        "correct": got.get("correct", [np.nan] * n)}))
+            base = True if who == "base" else base
+    if not frames:
+        return pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    return nullable_ints(pd.concat(frames, ignore_index=True)[EXAMPLE_COLUMNS], ("rank", "seed"))
 
 
 def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
@@ -95,7 +132,8 @@ def compare_frames(path: str | Path, *, grid_layers: list[int] | None = None,
     svds = base_svds(weights)
     spectra, modules = decomposed_spectra(runs)
     modules = add_seed_diff(modules, seed_diff_ranks(from_runs(path), device=device))
-    return {"metrics": run_metrics(runs), "modules": modules, "spectra": spectra,
+    return {"metrics": run_metrics(runs), "examples": example_table(runs),
+            "modules": modules, "spectra": spectra,
             "subspace": subspace_similarity(runs, n_draws=n_draws),
             "subspace_grid": subspace_grids(runs, layers=grid_layers),
             "convergence": convergence_table(runs),

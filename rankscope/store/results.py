@@ -14,9 +14,9 @@ VALIDATED = "validate/configs.json"      # the LoRA configs that validate.csv te
 # (``pipeline.stages``), so a folder computed by a rankscope that wrote other tables (before
 # ``snapshots.csv``, say) is redone once rather than read as up to date. Bump it when a stage
 # adds a table or changes how one is computed.
-RESULTS_VERSION = 2
-TABLES = ("metrics", "modules", "spectra", "subspace", "subspace_grid", "convergence", "relation",
-          "intruders", "truncation", "truncation_summary", "snapshots")
+RESULTS_VERSION = 3
+TABLES = ("metrics", "examples", "modules", "spectra", "subspace", "subspace_grid", "convergence",
+          "relation", "intruders", "truncation", "truncation_summary", "snapshots")
 
 
 def prepare_out(out: str | Path) -> Path:

@@ -77,6 +77,34 @@ def late_gain_share(history: list[dict], *, late: int, steps: int) -> float | No
     return sign * (m_end - m80) / total
 
 
+def late_train_rise(rows: list[dict], *, steps: int) -> float | None:
+    """How much the training loss rose over the last fifth of the steps, relative to the fifth
+    before it: mean(loss of the last fifth) / mean(loss of the fifth before) − 1.
+
+    Above 0 means training got worse at its end, which a converging run does not do under a
+    decaying rate: the instability gate of ``analysis.verdict`` reads it. Each mean is over
+    ~a fifth of the steps, so one noisy batch moves it little.
+
+    Args:
+        rows: the run's metric rows (``kind == "train"`` rows carry ``step`` and ``loss``).
+    Returns:
+        The relative rise, or None when either fifth has no finite loss (fewer than 10 steps).
+    """
+    fifth = steps // 5
+    if fifth < 2:
+        return None
+    loss = {r["step"]: r["loss"] for r in rows if r.get("kind") == "train"}
+
+    def mean(lo: int, hi: int) -> float | None:
+        vals = [loss[s] for s in range(lo, hi) if s in loss and math.isfinite(loss[s])]
+        return sum(vals) / len(vals) if vals else None
+
+    before, last = mean(steps - 2 * fifth + 1, steps - fifth + 1), mean(steps - fifth + 1, steps + 1)
+    if before is None or last is None or before <= 0:
+        return None
+    return last / before - 1
+
+
 def a_moved(updates: dict[str, torch.Tensor]) -> dict[str, float]:
     """‖A − A₀‖_F / ‖A₀‖_F of every LoRA module that has "<module>.lora_A0" in ``updates``."""
     out = {}

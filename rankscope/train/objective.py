@@ -34,13 +34,15 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :width] if v.shape == mask.shape else v for k, v in batch.items()}
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str,
-             teacher=None) -> tuple[torch.Tensor, int]:
-    """The summed loss of a batch and how many targets it summed over.
+def row_losses(model, batch: dict[str, torch.Tensor], *, kind: str,
+               teacher=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's summed loss, its number of targets, and its logits' argmax hits (cls).
 
     lm/sft: next-token cross-entropy over the labels that are not ``IGNORE_INDEX``;
-    cls: cross-entropy of each row's class; distill: the distillation loss of every attended
-    token against ``teacher`` (``distill_sum``).
+    cls: cross-entropy of each row's class; distill: per attended token, the mean over hidden
+    units of (h_student − h_teacher)², h the backbone's final hidden state
+    (``rankscope.train.planted``). Training sums the rows (``loss_sum``); held-out evaluation
+    keeps them apart, so that two runs can be compared example by example.
 
     Args:
         batch: input_ids, attention_mask (B, L) and labels (B, L) or (B,) for cls (none
@@ -48,42 +50,41 @@ def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str,
         kind: "lm", "sft", "cls" or "distill".
         teacher: distill only, the planted task's ``Teacher``.
     Returns:
-        (the float32 summed loss, a 0-d tensor; the number of targets).
+        (float32 sums (B,), target counts (B,), correct (B,) for cls, else None).
     Raises:
         InputError: distill without a teacher.
     """
     if kind == DISTILL:
         if teacher is None:
             raise InputError("the planted task's loss needs its teacher (a DistillSplit's)")
-        return distill_sum(model, batch, teacher)
+        target = teacher.outputs(batch)                                   # (B, L, H)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        per_token = (out.last_hidden_state.float() - target).pow(2).mean(-1)   # (B, L)
+        mask = batch["attention_mask"].bool()                             # (B, L)
+        return (per_token * mask).sum(1), mask.sum(1), None
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits.float()
     if kind == "cls":
-        return F.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel()
+        loss = F.cross_entropy(logits, batch["labels"], reduction="none")   # (B,)
+        return loss, torch.ones_like(batch["labels"]), logits.argmax(-1) == batch["labels"]
     # shift the labels, not the logits: a (B, L-1, V) slice of the logits would be copied
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)   # (B, L): the next token
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
+                           reduction="none").view(labels.shape)          # (B, L), 0 where ignored
+    return loss.sum(1), (labels != IGNORE_INDEX).sum(1), None
 
 
-def distill_sum(model, batch: dict[str, torch.Tensor], teacher) -> tuple[torch.Tensor, int]:
-    """The summed distillation loss of a batch and the number of tokens it summed over.
+def loss_sum(model, batch: dict[str, torch.Tensor], *, kind: str,
+             teacher=None) -> tuple[torch.Tensor, int]:
+    """The summed loss of a batch and how many targets it summed over (``row_losses``, summed).
 
-    Per attended token: the mean over hidden units of (h_student − h_teacher)², h the
-    backbone's final hidden state (``rankscope.train.planted``).
-
-    Args:
-        model: the student backbone; batch: input_ids, attention_mask (B, L).
-        teacher: the planted task's ``Teacher`` (``outputs(batch)``).
     Returns:
-        (the float32 summed loss, a 0-d tensor; the attended tokens).
+        (the float32 summed loss, a 0-d tensor; the number of targets).
+    Raises:
+        InputError: distill without a teacher.
     """
-    target = teacher.outputs(batch)                                   # (B, L, H)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    per_token = (out.last_hidden_state.float() - target).pow(2).mean(-1)   # (B, L)
-    mask = batch["attention_mask"].bool()                             # (B, L)
-    return per_token[mask].sum(), int(mask.sum())
+    sums, counts, _ = row_losses(model, batch, kind=kind, teacher=teacher)
+    return sums.sum(), int(counts.sum())
 
 
 def n_targets(train: dict[str, torch.Tensor], idx: torch.Tensor, *, kind: str) -> int:

@@ -13,7 +13,7 @@ from ``planted_seed`` alone (one generator, the modules in model order), not fro
 every run of a sweep, the truncation test and ``recommend --validate`` distil the same teacher.
 
 The student starts from the base model and learns to match the teacher on the ``news``
-paragraphs; the distillation loss (``rankscope.train.objective.distill_sum``) is the task's
+paragraphs; the distillation loss (``rankscope.train.objective.row_losses``) is the task's
 held-out ``loss``: the MSE of the backbone's final hidden states, averaged over hidden units and
 over the attended tokens. Teacher and student are the bare backbone (an encoder without its
 pooler, a causal LM without its head):

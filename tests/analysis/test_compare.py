@@ -97,8 +97,8 @@ def test_every_decomposition_is_done_once(counted):
     # the full runs' other modules once; ΔW_s0 − ΔW_s1 of every full module (the seeds' floor);
     # one Gaussian matrix per shape up to a transpose (576², 576×192, 1536×576)
     assert len(calls["svdvals"]) == n_full * others + 2 * len(KINDS) + 3
-    assert set(frames) == {"metrics", "modules", "spectra", "subspace", "subspace_grid",
-                           "convergence", "relation", "intruders"}
+    assert set(frames) == {"metrics", "examples", "modules", "spectra", "subspace",
+                           "subspace_grid", "convergence", "relation", "intruders"}
 
 
 def test_spectra_tables_equal_the_analysis_of_every_module(sweep, counted):
@@ -231,3 +231,22 @@ def test_runs_of_different_training_settings_are_refused():
         check_same_setup(sets)
     sets[1] = DeltaSet("lora-r2-s0", "lora", 2, 0, {**meta, "wall_time_s": 3.0, "seed": 1})
     check_same_setup(sets)                               # run-specific fields may differ
+
+
+def test_the_example_table_holds_each_run_and_the_base_once():
+    from types import SimpleNamespace
+
+    from rankscope.analysis.compare import example_table
+
+    base = {"loss": [3.0, 2.0], "correct": [0.0, 1.0]}
+    runs = [SimpleNamespace(run=f"lora-r{r}-s0", method="lora", rank=r, seed=0,
+                            manifest={"heldout_before": base,
+                                      "heldout_after": {"loss": [r, r], "correct": [1.0, 1.0]}})
+            for r in (1, 4)]
+    runs.append(SimpleNamespace(run="old", method="lora", rank=8, seed=0, manifest={}))
+    t = example_table(runs)
+    assert t["run"].tolist() == ["base", "base", "lora-r1-s0", "lora-r1-s0", "lora-r4-s0",
+                                 "lora-r4-s0"]
+    assert t["loss"].tolist() == [3.0, 2.0, 1, 1, 4, 4] and t["example"].tolist() == [0, 1] * 3
+    assert t.loc[t["method"] == "base", "correct"].tolist() == [0.0, 1.0]
+    assert example_table(runs[2:]).empty

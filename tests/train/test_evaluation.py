@@ -51,11 +51,41 @@ def test_the_base_evaluation_is_cached_per_split(tmp_path, stand_in_task):
     task.eval, task.split_hash = data, "split-a"
     model = _Counting()
     first = base_evaluation(model, task, tmp_path, device=torch.device("cpu"), bf16=False)
-    assert model.calls == 1 and json.loads((tmp_path / BASE_EVAL).read_text()) == {
-        "split_hash": "split-a", "metrics": first}
-    assert base_evaluation(model, task, tmp_path, device=torch.device("cpu"), bf16=False) == first
-    assert model.calls == 1                                         # read, not recomputed
+    cached = json.loads((tmp_path / BASE_EVAL).read_text())
+    assert model.calls == 1 and cached == {"split_hash": "split-a", "metrics": first,
+                                           "examples": {"loss": [first["loss"]] * 4}}
+    examples: dict = {}
+    assert base_evaluation(model, task, tmp_path, device=torch.device("cpu"), bf16=False,
+                           examples=examples) == first
+    assert model.calls == 1 and examples == cached["examples"]     # read, not recomputed
+    del cached["examples"]                                          # a cache from before examples
+    (tmp_path / BASE_EVAL).write_text(json.dumps(cached))
+    base_evaluation(model, task, tmp_path, device=torch.device("cpu"), bf16=False)
+    assert model.calls == 2 and "examples" in json.loads((tmp_path / BASE_EVAL).read_text())
     task.split_hash = "split-b"                                     # another split: recomputed
     base_evaluation(model, task, tmp_path, device=torch.device("cpu"), bf16=False, write=False)
-    assert model.calls == 2
+    assert model.calls == 3
     assert json.loads((tmp_path / BASE_EVAL).read_text())["split_hash"] == "split-a"
+
+
+def test_per_example_numbers_average_to_the_metrics():
+    """Each held-out row's own loss and hit, in the split's order: their (token-weighted) mean
+    is the summary metric, so paired comparisons read the same numbers."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": logits[input_ids[:, 0]]})()
+
+    data = {"input_ids": torch.arange(5)[:, None].repeat(1, 4),
+            "attention_mask": torch.ones(5, 4, dtype=torch.long),
+            "labels": torch.tensor([0, 1, 2, 0, 1])}
+    examples: dict = {}
+    got = evaluate(Fixed(), data, kind="cls", device=torch.device("cpu"), bf16=False,
+                   batch_size=2, examples=examples)
+    want = torch.nn.functional.cross_entropy(logits, data["labels"], reduction="none")
+    assert examples["loss"] == pytest.approx(want.tolist(), rel=1e-6)
+    assert examples["correct"] == (logits.argmax(-1) == data["labels"]).float().tolist()
+    assert got["loss"] == pytest.approx(float(want.mean()), rel=1e-6)
+    assert got["accuracy"] == pytest.approx(sum(examples["correct"]) / 5)

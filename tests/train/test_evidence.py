@@ -19,6 +19,7 @@ from rankscope.train.evidence import (
     eval_history,
     late_gain_share,
     late_step,
+    late_train_rise,
 )
 from rankscope.train.model_setup import build_model, load_task_model
 from rankscope.train.models import find_linear_modules
@@ -193,3 +194,13 @@ def test_full_scope_targets_trains_the_lora_targets_weights_and_nothing_else(min
     assert moved == [f"bert.encoder.layer.{i}.attention.self.{t}.delta" for i in (0, 1)
                      for t in ("query", "value")]
     assert m["trainable_params"] == 4 * 384 * 384 + 2 * 384 + 2       # 2 blocks × (Wq, Wv) + head
+
+
+def test_late_train_rise_compares_the_last_fifth_with_the_one_before():
+    rows = [{"step": s, "kind": "train", "loss": 1.0 if s <= 80 else 1.5} for s in range(1, 101)]
+    rows.append({"step": 100, "kind": "eval", "loss": 9.0})          # evaluations are not read
+    assert late_train_rise(rows, steps=100) == pytest.approx(0.5)
+    flat = [{"step": s, "kind": "train", "loss": 2.0} for s in range(1, 101)]
+    assert late_train_rise(flat, steps=100) == pytest.approx(0.0)
+    assert late_train_rise(flat[:5], steps=5) is None                  # too few steps
+    assert late_train_rise([], steps=100) is None
