@@ -6,16 +6,16 @@ it needs; a failed gate makes its test inconclusive, never a pass:
 
 * **gates** — full fine-tuning gained over the base model and plateaued (the last fifth of its
   learning-rate schedule made at most ``PLATEAU_MAX`` of its gain); the LoRA runs a test reads
-  gained.
-* **equivalence** — the smallest LoRA rank whose metric lies within a margin of full
-  fine-tuning's *in both directions*; the margin is the larger of ``MARGIN_MIN`` of the full
-  gain and 2 pooled standard deviations of the seeds, so it needs ≥ 2 seeds of each. A rank
-  that *beats* full fine-tuning beyond the margin counts (as "at least as good") only when
-  full fine-tuning's rate was chosen on a validation split (``--lr-search``); at a rate set
-  by hand it makes the test inconclusive, since the full run may simply have been trained
-  badly. The known-answer control showed why both halves are needed: on a planted rank 4,
-  full fine-tuning of the same weights at its best searched rate stops at 40× the loss of
-  LoRA r = 4 (tests/pipeline/test_planted_controls.py).
+  gained and trained stably (no training loss risen over its last fifth by more than
+  ``RISE_MAX``; no rank worse than the smallest rank beyond the margin).
+* **equivalence** — two one-sided tests on a paired bootstrap interval over held-out examples
+  and seeds (``analysis.equivalence``), with the margin the sweep's config fixed before its
+  runs, Holm-corrected over the ranks scanned: the smallest LoRA rank whose whole 90% interval
+  of (LoRA − full) lies inside ±margin. A wide interval is inconclusive, never a pass, and
+  says how many examples would narrow it. A rank that *beats* full fine-tuning beyond the
+  margin counts (as "at least as good") only when full fine-tuning's rate was chosen on a
+  validation split (``--lr-search``); at a rate set by hand it makes the test inconclusive,
+  since the full run may simply have been trained badly.
 * **functional rank** — k₉₀ of the truncation test measured from the k = 0 baseline (linear
   weights at W₀, the rest fine-tuned), against min(d_out, d_in) and against the k₉₀ of a
   Gaussian matrix of the same shape (the noise floor).
@@ -23,25 +23,28 @@ it needs; a failed gate makes its test inconclusive, never a pass:
   its null's 99% quantile.
 
 *Holds*: no gate fails, equivalence passes at r ≤ ``LOW_RANK``, the functional rank is low, and
-every other test that ran passes. *Refuted*: no gate fails, no tested rank matches and the
-functional rank is high. Anything else is *inconclusive*, with the failed gate or test named
+every other test that ran passes. *Refuted*: no gate fails, no tested rank is equivalent (every
+one worse beyond the margin, or equivalent only at r ≥ min(d)/4) and the functional rank is
+high. Anything else is *inconclusive*, with the failed gate or test named
 and what to run next.
 """
 from __future__ import annotations
 
-import math
-
 import pandas as pd
+
+from rankscope.analysis.equivalence import equivalence_scan, smallest_equivalent
 
 PLATEAU_MAX = 0.15      # share of full fine-tuning's gain allowed in the last fifth of its
                         # learning-rate schedule (rankscope.train.evidence.late_step)
-MARGIN_MIN = 0.05       # smallest equivalence margin, as a share of full fine-tuning's gain
+DEFAULT_MARGIN = 0.03   # the equivalence margin of runs that record none (config default)
+RISE_MAX = 0.10         # a LoRA run whose training loss rose more over its last fifth is unstable
 LOW_RANK = 16           # the largest r that counts as "a small r" for equivalence
 LOW_SHARE = 1 / 8       # functional k₉₀ at most this share of min(d_out, d_in) is "low" …
 HIGH_SHARE = 1 / 4      # … and at least this share (or not reached) is "high"
 COLUMNS = ["test", "status", "value", "threshold", "gate", "note"]
-GATES = ("full gained", "full plateaued", "LoRA gained")
+GATES = ("full gained", "full plateaued", "LoRA gained", "LoRA stable")
 NOT_BEST_LEARNER = "full fine-tuning is not the best learner"   # LoRA beat it at a hand-set rate
+OK_GATE = ("pass", "skipped")    # a gate with nothing to read is no failure; its note says so
 
 
 def metric_name(metrics: pd.DataFrame) -> tuple[str, bool]:
@@ -67,8 +70,9 @@ def _row(test, status, value=None, threshold=None, gate="", note="") -> dict:
     return dict(zip(COLUMNS, (test, status, value, threshold, gate, note)))
 
 
-def gates(metrics: pd.DataFrame) -> list[dict]:
-    """Full fine-tuning gained and plateaued; the LoRA runs gained. One row per gate."""
+def gates(metrics: pd.DataFrame, examples: pd.DataFrame | None = None) -> list[dict]:
+    """Full fine-tuning gained and plateaued; the LoRA runs gained and trained stably
+    (``stability``; "skipped" for runs that record nothing to judge it by). One row per gate."""
     key, higher = metric_name(metrics)
     sign = 1 if higher else -1
     gain = sign * (metrics[f"after_{key}"] - metrics[f"before_{key}"])
@@ -93,45 +97,139 @@ def gates(metrics: pd.DataFrame) -> list[dict]:
         rows.append(_row("LoRA gained", "fail" if bad else "pass", len(bad), 0,
                          note=("runs with no gain: " + ", ".join(bad)) if bad else
                          "every LoRA run improved on the base model"))
+        rows.append(stability(metrics, examples))
     return rows
 
 
-def equivalence(metrics: pd.DataFrame) -> dict:
-    """The smallest LoRA rank within a two-sided margin of full fine-tuning, as a verdict row."""
-    key, higher = metric_name(metrics)
-    t = metric_by_rank(metrics)
-    full, lora = t[t["method"] == "full"], t[t["method"] == "lora"].sort_values("rank")
+def equivalence_setup(metrics: pd.DataFrame, examples: pd.DataFrame) -> tuple[str, bool, float]:
+    """The compared column, whether higher is better, and the margin δ in its units.
+
+    The sweep's config fixed them before its runs (``equivalence_metric``,
+    ``equivalence_margin``, recorded in every manifest): accuracy compares each example's 1/0
+    hit and δ is in accuracy points; loss compares each example's held-out loss and δ is the
+    margin's share of full fine-tuning's gain in loss over the base model ("auto": accuracy
+    for classification) — a share of the gain, not of the loss, so that a task whose loss
+    falls towards 0 (the planted control) has a margin at the scale of what training moved.
+    """
+    metric, margin = declared_margin(metrics)
+    has_hits = "correct" in examples and examples["correct"].notna().any()
+    if metric == "accuracy" or (metric == "auto" and has_hits):
+        return "correct", True, margin
+    return "loss", False, margin * loss_gain(examples, reference="full")
+
+
+def loss_gain(examples: pd.DataFrame, *, reference: str | int) -> float:
+    """|base − reference| of the mean per-example held-out loss; the reference is full
+    fine-tuning ("full") or a LoRA rank. 1.0 when either is missing (the margin is then read
+    in loss units)."""
+    base = examples.loc[examples["method"] == "base", "loss"]
+    ref = examples.loc[examples["method"] == "full", "loss"] if reference == "full" else \
+        examples.loc[(examples["method"] == "lora") & (examples["rank"] == reference), "loss"]
+    gain = abs(float(base.mean()) - float(ref.mean())) if len(base) and len(ref) else 1.0
+    return gain if gain > 0 else 1.0
+
+
+def declared_margin(metrics: pd.DataFrame) -> tuple[str, float]:
+    """The equivalence metric and margin the runs' config declared (the defaults for runs that
+    record none)."""
+    def first(col: str, default):
+        vals = metrics[col].dropna() if col in metrics else pd.Series(dtype=object)
+        return vals.iloc[0] if len(vals) else default
+
+    return str(first("equivalence_metric", "auto")), float(first("equivalence_margin",
+                                                                 DEFAULT_MARGIN))
+
+
+def equivalence(metrics: pd.DataFrame, examples: pd.DataFrame | None,
+                modules: pd.DataFrame | None = None) -> tuple[dict, list[dict]]:
+    """The smallest LoRA rank equivalent to full fine-tuning by the interval test, as a verdict
+    row, and one row per rank with its interval (``analysis.equivalence``).
+
+    pass: the smallest equivalent rank is ≤ ``LOW_RANK``; fail: every rank is worse than full
+    fine-tuning beyond the margin, or the smallest equivalent one is ≥ min(d)/4 (a rank that is
+    not low); inconclusive: intervals too wide to tell, one seed, a larger rank that only beats
+    a full run trained at a hand-set rate, or a smallest equivalent rank between the two.
+    "Better than full beyond the margin" counts as at least as good only when full
+    fine-tuning's rate was chosen on a validation split.
+    """
     gate = "full gained, full plateaued"
-    if full.empty or lora.empty:
-        return _row("equivalence", "skipped", gate=gate, note="needs full and LoRA runs")
-    f = full.iloc[0]
-    gain = (f["mean"] - f["before"]) * (1 if higher else -1)
-    if int(f["count"]) < 2 or int(lora["count"].min()) < 2:
-        return _row("equivalence", "inconclusive", gate=gate,
-                    note="one seed gives no spread to set the margin: run ≥ 2 seeds")
-    for _, r in lora.iterrows():
-        margin = max(MARGIN_MIN * abs(gain), 2 * math.hypot(f["std"], r["std"]) / math.sqrt(2))
-        gap = r["mean"] - f["mean"]
-        if abs(gap) <= margin:
-            return _row("equivalence", "pass" if r["rank"] <= LOW_RANK else "fail", int(r["rank"]),
-                        LOW_RANK, gate, f"LoRA r = {int(r['rank'])} {key} {r['mean']:.4g} vs full "
-                        f"{f['mean']:.4g}: |gap| {abs(gap):.3g} ≤ margin {margin:.3g}")
-    best = lora.iloc[(lora["mean"] - f["mean"]).abs().argmin()]
-    better = lora[(lora["mean"] - f["mean"]) * (1 if higher else -1) > 0]
-    if len(better):
-        b = better.iloc[0]
-        beats = (f"LoRA r = {int(b['rank'])} beats full fine-tuning beyond the margin ({key} "
-                 f"{b['mean']:.4g} vs {f['mean']:.4g})")
-        if _rate_searched(metrics):            # better than a full fine-tune at its best rate
-            return _row("equivalence", "pass" if b["rank"] <= LOW_RANK else "fail",
-                        int(b["rank"]), LOW_RANK, gate, f"{beats}, whose learning rate was "
-                        "chosen on a validation split: at least as good")
+    if examples is None or examples.empty or not (examples["method"] == "lora").any() \
+            or not (examples["method"] == "full").any():
+        if not ((metrics["method"] == "full").any() and (metrics["method"] == "lora").any()):
+            return _row("equivalence", "skipped", gate=gate, note="needs full and LoRA runs"), []
+        return _row("equivalence", "inconclusive", gate=gate, note="the runs record no "
+                    "per-example held-out numbers to pair: train them with this rankscope"), []
+    col, higher, margin = equivalence_setup(metrics, examples)
+    scan = equivalence_scan(examples, metric=col, higher=higher, margin=margin)
+    key = "accuracy" if col == "correct" else "loss"
+    per_rank = [_row(f"equivalence r = {r.rank}", r.status, r.diff, r.margin, gate,
+                     f"LoRA − full {key} {r.diff:+.3g}, 90% interval [{r.lo:+.3g}, {r.hi:+.3g}] "
+                     f"over {r.n_seeds} seeds × {r.n_examples} examples; Holm p {r.p_holm:.3g}; "
+                     f"the smallest margin this data can show: ±{r.detectable:.3g}")
+                for r in scan.itertuples()]
+    seeds = int(scan["n_seeds"].min())
+    widest = scan.loc[scan["status"] == "inconclusive"]
+    if seeds < 2:
         return _row("equivalence", "inconclusive", None, LOW_RANK, gate,
-                    f"{beats}: {NOT_BEST_LEARNER} at its rate and scope, so no rank can be said "
-                    "to match it")
-    return _row("equivalence", "fail", None, LOW_RANK, gate,
-                f"no LoRA rank within the margin of full's {key} {f['mean']:.4g} (closest: "
-                f"r = {int(best['rank'])} at {best['mean']:.4g})")
+                    "one seed: the interval covers examples only; run at least two seeds "
+                    "(--seeds 0,1,2)"), per_rank
+    dmin = _median_min_dim(modules)
+    not_low = dmin // 4 if dmin else None
+    r_eq = smallest_equivalent(scan, better_counts=_rate_searched(metrics))
+    head = f"margin ±{margin:.3g} {key} (fixed before the runs)"
+    if r_eq is not None:
+        status = "pass" if r_eq <= LOW_RANK and (not_low is None or r_eq < not_low) else \
+            "fail" if not_low is not None and r_eq >= not_low else "inconclusive"
+        how = scan.set_index("rank").loc[r_eq, "status"]
+        beats = " (better beyond the margin, at full fine-tuning's searched rate: at least as " \
+                "good)" if how == "better" else ""
+        return _row("equivalence", status, r_eq, LOW_RANK, gate,
+                    f"LoRA r = {r_eq} is equivalent to full fine-tuning{beats}; {head}"), per_rank
+    better = scan[scan["status"] == "better"]
+    if len(better):
+        return _row("equivalence", "inconclusive", None, LOW_RANK, gate,
+                    f"LoRA r = {int(better['rank'].min())} beats full fine-tuning beyond the "
+                    f"margin: {NOT_BEST_LEARNER} at its rate and scope, so no rank can be said "
+                    f"to match it; {head}"), per_rank
+    if (scan["status"] == "worse").all():
+        return _row("equivalence", "fail", None, LOW_RANK, gate,
+                    f"every LoRA rank up to r = {int(scan['rank'].max())} is worse than full "
+                    f"fine-tuning beyond the margin; {head}"), per_rank
+    w = widest.sort_values("detectable").iloc[0]
+    return _row("equivalence", "inconclusive", None, LOW_RANK, gate,
+                f"intervals too wide to tell: the narrowest inconclusive one (r = {int(w['rank'])}) "
+                f"could show ±{w['detectable']:.3g}; about {int(w['n_needed'])} held-out examples "
+                f"(or more seeds) would narrow it to the {head}"), per_rank
+
+
+def stability(metrics: pd.DataFrame, examples: pd.DataFrame | None) -> dict:
+    """The LoRA runs trained stably: no training loss risen over its last fifth by more than
+    ``RISE_MAX``, and no rank's held-out metric worse than the smallest rank's beyond the
+    equivalence margin (the paired interval of ``analysis.equivalence``)."""
+    lora = metrics[metrics["method"] == "lora"]
+    rise = pd.to_numeric(lora.get("late_train_rise"), errors="coerce") \
+        if "late_train_rise" in lora else pd.Series(dtype=float)
+    risen = lora.loc[rise > RISE_MAX, "run"].tolist() if len(rise) else []
+    worse = []
+    if examples is not None and len(examples) and (examples["method"] == "lora").any():
+        col, higher, margin = equivalence_setup(metrics, examples)
+        ranks = examples.loc[examples["method"] == "lora", "rank"].dropna()
+        low = examples[(examples["method"] == "lora") & (examples["rank"] == ranks.min())]
+        scan = equivalence_scan(examples[(examples["method"] == "lora")
+                                         & (examples["rank"] != ranks.min())],
+                                metric=col, higher=higher, margin=margin, reference=low)
+        worse = [f"r = {int(r)}" for r in scan.loc[scan["status"] == "worse", "rank"]]
+    if rise.isna().all() and not worse and (examples is None or examples.empty):
+        return _row("LoRA stable", "skipped", note="the runs record neither their training "
+                    "loss's late rise nor per-example held-out numbers")
+    bad = risen + worse
+    note = ("unstable: " + "; ".join(
+        ([f"training loss rose > {RISE_MAX:.0%} over the last fifth: " + ", ".join(risen)]
+         if risen else []) + ([f"held-out metric worse than the smallest rank's beyond the "
+                               f"margin: {', '.join(worse)}"] if worse else []))
+            if bad else "no LoRA run's training loss rose over its last fifth, and no rank is "
+                        "worse than the smallest beyond the margin")
+    return _row("LoRA stable", "fail" if bad else "pass", len(bad), 0, note=note)
 
 
 def _rate_searched(metrics: pd.DataFrame) -> bool:
@@ -186,12 +284,13 @@ def shared_direction(subspace: pd.DataFrame | None) -> dict:
 
 def verdict_table(frames: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
     """The outcome ("holds", "refuted", "inconclusive") and the table of gates and tests."""
-    metrics = frames["metrics"]
-    rows = gates(metrics) + [equivalence(metrics),
-                             functional_rank(frames.get("truncation_summary"), frames.get("modules")),
-                             shared_direction(frames.get("subspace"))]
+    metrics, examples = frames["metrics"], frames.get("examples")
+    eq, per_rank = equivalence(metrics, examples, frames.get("modules"))
+    rows = gates(metrics, examples) + [eq] + per_rank + [
+        functional_rank(frames.get("truncation_summary"), frames.get("modules")),
+        shared_direction(frames.get("subspace"))]
     table = pd.DataFrame(rows, columns=COLUMNS)
-    failed = set(table.loc[table["test"].isin(GATES) & (table["status"] != "pass"), "test"])
+    failed = set(table.loc[table["test"].isin(GATES) & ~table["status"].isin(OK_GATE), "test"])
     for i, r in table.iterrows():         # a failed gate makes the tests that need it inconclusive
         needs = {g.strip() for g in str(r["gate"]).split(",")} & failed
         if needs and r["status"] != "skipped":
@@ -202,12 +301,12 @@ def verdict_table(frames: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
 
 def _outcome(t: pd.DataFrame) -> str:
     status = dict(zip(t["test"], t["status"]))
-    if (t["test"].isin(GATES) & (t["status"] != "pass")).any():
+    if (t["test"].isin(GATES) & ~t["status"].isin(OK_GATE)).any():
         return "inconclusive"
     eq, fr, sd = status.get("equivalence"), status.get("functional rank"), status.get("shared direction")
     if eq == "pass" and fr == "low" and sd in ("pass", "skipped"):
         return "holds"
-    if eq == "fail" and t.loc[t["test"] == "equivalence", "value"].isna().all() and fr == "high":
+    if eq == "fail" and fr == "high":
         return "refuted"
     return "inconclusive"
 

@@ -6,8 +6,9 @@ import pandas as pd
 from rankscope.analysis.verdict import NOT_BEST_LEARNER, verdict_table
 
 HEADLINE = {
-    "holds": "**The hypothesis holds here:** a small rank matches full fine-tuning within the "
-             "seeds' margin (or beats it at full fine-tuning's searched rate), and the full "
+    "holds": "**The hypothesis holds here:** a small rank is equivalent to full fine-tuning "
+             "(its paired interval over held-out examples and seeds lies inside the margin fixed "
+             "before the runs, or beats it at full fine-tuning's searched rate), and the full "
              "update keeps 90% of its gain at a low rank.",
     "refuted": "**The hypothesis is refuted here:** no tested LoRA rank matches full "
                "fine-tuning, and the full update needs a high rank to keep 90% of its gain.",
@@ -22,11 +23,14 @@ NEXT = {   # (test, status) → what to run next
                                         "held-out metric at 80% of the learning-rate schedule",
     ("LoRA gained", "fail"): "some LoRA runs did not improve: run more steps or raise the LoRA "
                              "learning rate",
-    ("equivalence", "inconclusive"): "run at least two seeds (--seeds 0,1) so the margin has a "
-                                     "spread",
+    ("equivalence", "inconclusive"): "narrow the equivalence intervals: at least two seeds, and "
+                                     "as many held-out examples as the equivalence note names",
+    ("LoRA stable", "fail"): "a LoRA run trained unstably: search its learning rate at the "
+                             "smallest and largest ranks too, or hold α constant in r (Hu et "
+                             "al.'s protocol)",
     ("equivalence", "beaten"): "choose full fine-tuning's learning rate on a validation split, "
                                "or train it with full_scope: linear (the scope LoRA adapts)",
-    ("equivalence", "fail"): "no tested rank came within the margin of full fine-tuning: train "
+    ("equivalence", "fail"): "no tested rank is equivalent to full fine-tuning: train "
                              "longer (or the paper profile) and add ranks above the largest "
                              "tested, until the tests agree",
     ("equivalence", "skipped"): "run full fine-tuning and LoRA side by side (--methods full,lora)",
@@ -73,9 +77,9 @@ def markdown(outcome: str, table: pd.DataFrame) -> str:
 
 
 COUNTERFACTUAL = (  # what would turn the verdict: refuted for the others, holds for refuted
-    "It would be refuted if no LoRA rank came within the margin of full fine-tuning and the "
+    "It would be refuted if every LoRA rank were worse than full fine-tuning beyond the margin and the "
     "full update needed a high rank to keep 90% of its gain.",
-    "It would hold if a small LoRA rank came within the margin of full fine-tuning and the full "
+    "It would hold if a small LoRA rank were equivalent to full fine-tuning and the full "
     "update kept 90% of its gain at a low rank.")
 
 

@@ -1,6 +1,7 @@
 """The verdict's three outcomes on tables built by hand, each test against its declared threshold."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -8,18 +9,33 @@ from rankscope.analysis.verdict import PLATEAU_MAX, verdict_table
 from rankscope.analysis.verdict_text import verdict
 
 
-def metrics(full=(2.0, 2.02), lora=None, *, before=3.0, late=0.05):
-    """Held-out losses after training: full per seed, and {rank: per-seed losses} for LoRA."""
+def metrics(full=(2.0, 2.02), lora=None, *, before=3.0, late=0.05, n=400, noise=0.05):
+    """Held-out losses after training: full per seed, and {rank: per-seed losses} for LoRA.
+
+    Returns the metrics table and the per-example table the equivalence test pairs: example i
+    of a run has loss = its run's mean + a per-example offset shared by every run (how hard
+    the example is) + the run's own noise (sd ``noise``).
+    """
     lora = {4: (2.01, 2.03), 64: (2.0, 2.0)} if lora is None else lora
+    rng = np.random.default_rng(0)
+    hard = rng.normal(0, 0.3, n)
     rows = [{"run": f"full-s{s}", "method": "full", "rank": None, "seed": s, "after_loss": v,
              "late_gain_share": late} for s, v in enumerate(full)]
     rows += [{"run": f"lora-r{r}-s{s}", "method": "lora", "rank": r, "seed": s, "after_loss": v,
               "late_gain_share": None} for r, vs in lora.items() for s, v in enumerate(vs)]
-    return pd.DataFrame(rows).assign(before_loss=before)
+    m = pd.DataFrame(rows).assign(before_loss=before)
+    rows = [{"run": "base", "method": "base", "rank": None, "seed": None, "after_loss": before},
+            *rows]
+    ex = pd.concat([pd.DataFrame({"run": r["run"], "method": r["method"], "rank": r["rank"],
+                                  "seed": r["seed"], "example": np.arange(n),
+                                  "loss": r["after_loss"] + hard + rng.normal(0, noise, n),
+                                  "correct": np.nan}) for r in rows], ignore_index=True)
+    m.attrs["examples"] = ex
+    return m
 
 
 def frames(m, *, k90=4.0, k0=0.1, phi=None, dmin=576):
-    out = {"metrics": m,
+    out = {"metrics": m, "examples": m.attrs.get("examples"),
            "modules": pd.DataFrame({"method": ["full"], "d_out": [dmin], "d_in": [dmin],
                                     "energy_rank_90_noise": [294]}),
            "truncation_summary": pd.DataFrame({"run": ["full-s0", "full-s1"], "method": "full",
@@ -116,7 +132,8 @@ def test_no_gain_from_full_fine_tuning_is_inconclusive_not_refuted():
 def test_the_verdict_table_carries_value_threshold_and_gate_for_every_test():
     _, ev = verdict(frames(metrics(), phi=0.6))
     assert {r["test"] for r in ev["tests"]} == {"full gained", "full plateaued", "LoRA gained",
-                                                "equivalence", "functional rank",
+                                                "LoRA stable", "equivalence", "equivalence r = 4",
+                                                "equivalence r = 64", "functional rank",
                                                 "shared direction"}
     assert all(set(r) == {"test", "status", "value", "threshold", "gate", "note"}
                for r in ev["tests"])
@@ -127,3 +144,46 @@ def test_a_gain_the_non_linear_weights_carry_alone_is_not_read_as_a_high_rank():
     outcome, table = verdict_table(f)
     assert (outcome, status(table, "functional rank")) == ("inconclusive", "inconclusive")
     assert "full_scope: linear" in verdict(f)[0]
+
+
+def test_each_rank_prints_its_interval_and_what_the_data_can_detect():
+    _, table = verdict_table(frames(metrics(), phi=0.6))
+    row = table.set_index("test").loc["equivalence r = 4"]
+    # the margin: 3% of full fine-tuning's gain in loss over the base model (3.0 → 2.01)
+    assert row["status"] == "equivalent" and row["threshold"] == pytest.approx(0.03 * 0.99, rel=0.02)
+    assert "90% interval [" in row["note"] and "smallest margin this data can show" in row["note"]
+
+
+def test_a_noisier_rank_does_not_pass_more_easily():
+    """A true gap of 0.08 (beyond the 0.03 margin): a quiet rank is worse, a noisy one is
+    inconclusive, and neither is equivalent (the old rule widened its margin with the noise)."""
+    for noise in (0.05, 2.0):
+        m = metrics(full=(2.0, 2.0), lora={4: (2.08, 2.08)}, noise=noise)
+        _, table = verdict_table(frames(m, phi=0.6))
+        got = status(table, "equivalence r = 4")
+        assert got == ("worse" if noise < 1 else "inconclusive"), noise
+        assert status(table, "equivalence") != "pass"
+    assert "held-out examples (or more seeds) would narrow it" in \
+        table.set_index("test").loc["equivalence", "note"]
+
+
+def test_a_rank_worse_than_the_smallest_beyond_the_margin_fails_the_stability_gate():
+    m = metrics(lora={1: (2.01, 2.03), 4: (2.0, 2.0), 64: (2.6, 2.7)})
+    outcome, table = verdict_table(frames(m, phi=0.6))
+    assert status(table, "LoRA stable") == "fail" and outcome == "inconclusive"
+    assert "r = 64" in table.set_index("test").loc["LoRA stable", "note"]
+
+
+def test_a_training_loss_risen_at_the_end_fails_the_stability_gate():
+    m = metrics()
+    m["late_train_rise"] = [0.0, 0.0, 0.01, 0.02, 0.5, 0.0]
+    _, table = verdict_table(frames(m, phi=0.6))
+    assert status(table, "LoRA stable") == "fail"
+    assert "lora-r64-s0" in table.set_index("test").loc["LoRA stable", "note"]
+
+
+def test_equivalent_only_at_a_rank_that_is_not_low_refutes():
+    m = metrics(full=(2.0, 2.0), lora={4: (2.5, 2.51), 256: (2.0, 2.0)})
+    outcome, table = verdict_table(frames(m, k90=300.0, dmin=576))
+    assert table.set_index("test").loc["equivalence", "value"] == 256
+    assert (status(table, "equivalence"), outcome) == ("fail", "refuted")
