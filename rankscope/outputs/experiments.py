@@ -141,6 +141,12 @@ def _targets_label(cfg: SweepConfig) -> str:
     return "LoRA on {" + ", ".join(cfg.targets) + "}"
 
 
+def _alpha_text(c: SweepConfig) -> str:
+    """How the sweep scales LoRA's update: α fixed, α = c·r, or rsLoRA's α/√r."""
+    return {"fixed": f"α = {c.alpha:g}", "scaled": f"α = {c.alpha:g}r",
+            "rslora": f"rsLoRA, α = {c.alpha:.3g}"}[c.alpha_policy]
+
+
 def caption(exp: Experiment, variant: str, cfgs: dict[str, SweepConfig]) -> str:
     """The result reproduced, then the profile, model, task and training of each sweep."""
     first = next(iter(cfgs.values()))
@@ -152,7 +158,8 @@ def caption(exp: Experiment, variant: str, cfgs: dict[str, SweepConfig]) -> str:
     for c in cfgs.values():
         runs = ["full fine-tuning"] if "full" in c.methods else []
         if "lora" in c.methods:
-            runs.append(f"LoRA on {{{', '.join(c.targets)}}} at r ∈ {{{', '.join(map(str, c.ranks))}}}")
+            runs.append(f"LoRA on {{{', '.join(c.targets)}}} at r ∈ {{{', '.join(map(str, c.ranks))}}}"
+                        f" ({_alpha_text(c)}, protocol {c.protocol or 'not named'})")
         own = f", {training(c)}" if training(c) != training(first) else ""   # a sweep trained longer
         parts.append(f"{' + '.join(runs)}, seeds {list(c.seeds)}{own}")
     return (f"{exp.result}. {variant} profile: {first.model}, task {first.task or first.data}, "

@@ -21,7 +21,8 @@ from rankscope.train.config import SweepConfig, to_dict
 
 def sweep_folder(cfg: SweepConfig, file: Path, variant: str, runs_root: Path) -> Path:
     """``<runs_root>/<file stem>-<variant>-<hash of the config>``: equal configs share it."""
-    view = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "strategy")}  # how, not what
+    view = {k: v for k, v in to_dict(cfg).items()      # how, and under which paper's name, not what
+            if k not in ("device", "strategy", "protocol")}
     digest = hashlib.sha1(json.dumps(view, sort_keys=True).encode()).hexdigest()[:8]
     return runs_root / f"{file.stem}-{variant}-{digest}"
 
@@ -57,16 +58,17 @@ def run_experiment(path: str | Path, *, variant: str, out: str | Path,
     exp = load_experiment(path)
     cfgs, settings, trunc = resolve(exp, variant)
     layer = settings.get("layer")
+    grid_layers = settings.get("layers") or ([layer] if layer is not None else None)
     results, sweeps = {}, {}
     for (label, cfg), (file, _) in zip(cfgs.items(), exp.sweeps.values()):
         folder = sweep_folder(cfg, file, variant, Path(runs_root))
-        res = ensure_results(cfg, folder, truncate=trunc, grid_layers=[layer] if layer is not None
-                             else None, log=log, progress=progress)
+        res = ensure_results(cfg, folder, truncate=trunc, grid_layers=grid_layers, log=log,
+                             progress=progress)
         results[label], sweeps[label] = res, str(folder)
     log(f"draw {exp.name}")
     df = BUILDERS[exp.figure](results, **settings)
     checks, gate_rows = evaluate(df, list(exp.in_shape)), figure_gates(results)
-    status = reproduced(checks)
+    status = reproduced(checks, gate_rows)              # inconclusive when a gate failed
     meta = {"format": "rankscope.figure/1", "experiment": str(exp.path), "result": exp.result,
             "variant": variant,
             "caption": f"{caption(exp, variant, cfgs)} {caption_note(status, checks, gate_rows)}",

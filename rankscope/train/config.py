@@ -25,6 +25,20 @@ STRATEGIES = ("ddp", "fsdp")        # how full fine-tuning spreads over torchrun
 # ‖ΔWq‖_F/‖Wq‖_F = 6.91/61.95 ≈ 0.11)
 PLANTED_SCALE = 0.2
 ALPHA_POLICIES = ("fixed", "scaled", "rslora")
+# The published protocols a sweep can follow (docs/science.md, "Protocols"): the source, and
+# the α policies it allows. Hu et al. hold α constant in r ("we simply set α to the first r we
+# try and do not tune it") and tune one learning rate at one rank; Biderman et al. use α = 2r;
+# Shuttleworth et al. α = 2r and rsLoRA. "alpha-study" compares the policies themselves.
+PROTOCOLS = {
+    "hu2021": ("Hu et al. 2021 §4.1: α constant in r, set to the first rank tried; one "
+               "learning rate, tuned at one rank and held", ("fixed",)),
+    "biderman2024": ("Biderman et al. 2024: α = 2r, learning rates searched per method",
+                     ("scaled",)),
+    "shuttleworth2024": ("Shuttleworth et al. 2024: α = 2r and rsLoRA", ("scaled", "rslora")),
+    "alpha-study": ("rankscope's α study: fixed α, α = 2r and rsLoRA side by side",
+                    ALPHA_POLICIES),
+}
+EQUIVALENCE_METRICS = ("auto", "loss", "accuracy")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -56,6 +70,16 @@ class SweepConfig:
     targets: tuple[str, ...] = _f(("q_proj", "v_proj"), "LoRA target modules, or all-linear")
     alpha_policy: str = _f("scaled", "fixed: α = alpha; scaled: α = alpha·r; rslora: α = alpha, s = α/√r")
     alpha: float = _f(2.0, "α (fixed, rslora) or the ratio c in α = c·r (scaled)")
+    protocol: str | None = _f(None, "the published protocol the sweep follows (hu2021, "
+                                    "biderman2024, shuttleworth2024, alpha-study); checked "
+                                    "against alpha_policy")
+    equivalence_metric: str = _f("auto", "what the equivalence test compares per held-out "
+                                         "example: accuracy, loss, or auto (accuracy for "
+                                         "classification, else loss)")
+    equivalence_margin: float = _f(0.03, "the equivalence margin δ, fixed before the runs: in "
+                                         "accuracy points (0.03 = 3 points), or for loss a share "
+                                         "of full fine-tuning's gain in held-out loss over the "
+                                         "base model (0.03 = 3% of the gain)")
     steps: int = _f(30, "optimizer steps per run")
     batch_size: int = _f(8, "sequences per micro-batch, over all processes")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -93,6 +117,13 @@ class SweepConfig:
         _check_types(self)
         _check_choice("methods", self.methods, METHODS)
         _check_choice("alpha_policy", (self.alpha_policy,), ALPHA_POLICIES)
+        _check_choice("equivalence_metric", (self.equivalence_metric,), EQUIVALENCE_METRICS)
+        if self.protocol is not None:
+            _check_choice("protocol", (self.protocol,), tuple(PROTOCOLS))
+            allowed = PROTOCOLS[self.protocol][1]
+            if self.alpha_policy not in allowed:
+                raise InputError(f"protocol: {self.protocol} trains with alpha_policy "
+                                 f"{' or '.join(allowed)}, got {self.alpha_policy}")
         _check_choice("schedule", (self.schedule,), SCHEDULES)
         _check_choice("full_scope", (self.full_scope,), FULL_SCOPES)
         _check_choice("strategy", (self.strategy,), STRATEGIES)
@@ -110,8 +141,8 @@ class SweepConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("lr_full", "lr_lora", "alpha"):
-            if not getattr(self, name) > 0:
+        for name in ("lr_full", "lr_lora", "alpha", "equivalence_margin"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise InputError(f"{name}: must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup < 1 or not 0 < self.eval_fraction < 1:
             raise InputError("warmup and eval_fraction: must lie in [0, 1) and (0, 1)")
@@ -143,17 +174,18 @@ class SweepConfig:
 
     def training_view(self) -> dict:
         """The fields that change what a run computes (not the grid, not the profile label)."""
-        skip = {"methods", "ranks", "seeds", "profile", "device"}
+        skip = {"methods", "ranks", "seeds", "profile", "device", "protocol"}
         return {k: v for k, v in to_dict(self).items() if k not in skip}
 
 
 _INTS = ("steps", "batch_size", "grad_accum", "max_len", "split_seed", "eval_every",
          "checkpoint_every", "max_train_examples", "max_eval_examples", "planted_seed")
 _FLOATS = ("alpha", "lr_full", "lr_lora", "weight_decay", "warmup", "clip", "eval_fraction",
-           "planted_scale")
+           "planted_scale", "equivalence_margin")
 _STRS = ("model", "task", "data", "task_kind", "alpha_policy", "schedule", "device", "profile",
-         "full_scope")
-_NULLABLE = {"task", "data", "task_kind", "profile", "max_train_examples", "max_eval_examples"}
+         "full_scope", "protocol", "equivalence_metric")
+_NULLABLE = {"task", "data", "task_kind", "profile", "max_train_examples", "max_eval_examples",
+             "protocol"}
 
 
 def _check_types(cfg) -> None:
@@ -229,41 +261,41 @@ def _check_choice(name: str, values, allowed) -> None:
         raise InputError(f"{name}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
 
 
-# Profiles size a sweep, whatever its task. quick answers the default job's question (the topic
-# task on MiniLM, ``pipeline.job.DEFAULT_TASK``) on a 2-core CPU: two seeds (the equivalence
-# margin needs their spread), three ranks spanning 1–16, each method's rate searched on a
-# validation split, and enough steps that full fine-tuning plateaus (its questions are ~12
-# tokens: 32-token rows lose nothing). Full fine-tuning trains the backbone's linear weights
-# and the head (the updates the question is about; MiniLM's 11.7M embedding weights made a
-# step 1.5× slower). The steps follow a rule fixed before any run was read: start at 300 and
-# double until full fine-tuning's plateau gate passes within the time budget. At 300 its last
-# fifth made 18% and 13% of its gain (seeds 0, 1; the gate allows 15%), so 600; measured in
-# README.md.
+# Profiles size a sweep, whatever its task, and name the protocol its LoRA runs follow. quick
+# answers the default job's question (the topic task on MiniLM, ``pipeline.job.DEFAULT_TASK``)
+# on a 2-core CPU: three seeds (the equivalence test's interval resamples them), three ranks
+# spanning 1–16, each method's rate searched on a validation split first, and enough steps that
+# full fine-tuning plateaus (its questions are ~12 tokens: 32-token rows lose nothing). Full
+# fine-tuning trains the backbone's linear weights and the head (the updates the question is
+# about; MiniLM's 11.7M embedding weights made a step 1.5× slower). Steps: start at 300 and
+# double until full fine-tuning's plateau gate passes (figures/README.md has the measurements).
+# LoRA follows Hu et al. (protocol hu2021): α is held at the rank the learning rate is searched
+# at (the sweep's middle rank, ``lr_search.search_rank``: 4 here, 8 for ranks 1–64), so the
+# update's scale α/r is 1 there and shrinks as r grows. A third of the shipped task is held out
+# (``eval_fraction``), so that the paired interval of a rank's difference from full
+# fine-tuning is narrow enough to judge equivalence at the declared margin.
 # cpu-paper is what ``make figures`` trains without a GPU (the figures' ``cpu`` variant), at
-# most ~2 h on 2 cores. Its rule, fixed on 2026-12-02 before any of its runs was read: the
-# figures' runs get the training budget that passed the gates in quick (600 steps of 8 × 32 on
-# MiniLM's topic task, rates searched per method), with the paper's ranks 1–64 and two seeds
-# (Figure 4 needs two). SmolLM2-135M's news task cannot get that budget on 2 cores: measured
-# that day (benchmarks/train.py, batch 8 × 64, float32, AVX2) the whole model trains at 68–131
-# tokens/s (full) and ~200 (LoRA), so ~27 runs in 2 h get ~100 steps each, a sixth of the
-# budget that passed on MiniLM; its figures need the paper profile on a GPU. If a cpu-paper run
-# a figure uses fails a gate, the steps double once (1200) and that is reported, not tuned
-# further. ``snapshots`` keep ΔW at 10, 25 and 50% of training for the rank against tokens.
+# most ~2 h on 2 cores: the quick budget (600 steps of 8 × 32 on MiniLM's topic task, rates
+# searched) at the paper's ranks 1–64 with three seeds. If a cpu-paper run a figure uses fails
+# a gate, the steps double once (1200) and that is reported, not tuned further. ``snapshots``
+# keep ΔW at 10, 25 and 50% of training for the rank against tokens.
 # paper is for a GPU (3 seeds, ranks 1–64, 1000 steps a run).
+_HU = dict(protocol="hu2021", alpha_policy="fixed")
 PROFILES = {
-    "quick": dict(steps=600, batch_size=8, max_len=32, ranks=(1, 4, 16), seeds=(0, 1),
-                  full_scope="linear",
-                  max_eval_examples=128, eval_every=50, checkpoint_every=200, lr_search=True,
+    "quick": dict(steps=600, batch_size=8, max_len=32, ranks=(1, 4, 16), seeds=(0, 1, 2),
+                  full_scope="linear", **_HU, alpha=4.0, eval_fraction=0.3,
+                  max_eval_examples=256, eval_every=50, checkpoint_every=200, lr_search=True,
                   lr_grid_full=(3e-5, 1e-4, 3e-4), lr_grid_lora=(3e-4, 1e-3, 3e-3)),
     "cpu-paper": dict(steps=600, batch_size=8, max_len=32, ranks=(1, 2, 4, 8, 16, 32, 64),
-                      seeds=(0, 1), full_scope="linear", max_eval_examples=128, eval_every=150,
+                      seeds=(0, 1, 2), full_scope="linear", **_HU, alpha=8.0,
+                      eval_fraction=0.3, max_eval_examples=256, eval_every=150,
                       checkpoint_every=150, lr_search=True, lr_grid_full=(3e-5, 1e-4, 3e-4),
                       lr_grid_lora=(3e-4, 1e-3, 3e-3), snapshots=(0.1, 0.25, 0.5)),
     # 1000 steps × 8 × 128 = 1.0M tokens a run, ~15 passes over the 67k-token news split: lower
     # peak rates than quick's, so that held-out loss is not lost to over-fitting by the end.
     "paper": dict(steps=1000, batch_size=8, max_len=128, ranks=(1, 2, 4, 8, 16, 32, 64),
-                  seeds=(0, 1, 2), lr_full=1e-5, lr_lora=3e-4, max_eval_examples=None,
-                  eval_every=100, checkpoint_every=250),
+                  seeds=(0, 1, 2), **_HU, alpha=8.0, lr_full=1e-5, lr_lora=3e-4,
+                  max_eval_examples=None, eval_every=100, checkpoint_every=250),
 }
 
 

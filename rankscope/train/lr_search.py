@@ -11,7 +11,11 @@ weights it trains: ``rankscope.train.planted``). The rule, fixed before any swee
   training split at the chosen rates.
 * **candidates** — every rate of ``lr_grid_full`` for full fine-tuning, of ``lr_grid_lora``
   for LoRA at the sweep's middle rank (``search_rank``), each for the sweep's own steps,
-  schedule, batches and first seed.
+  schedule, batches and first seed. Under fixed α (Hu et al.'s protocol) that one rate is
+  held at every rank. Where α grows with r (α = 2r, rsLoRA) a larger rank takes a larger step
+  at the same rate, so LoRA's rate is searched at the smallest and largest ranks too
+  (``search_ranks``), and each LoRA run trains at the rate of the searched rank nearest its
+  own (in log r; ``rate_for``).
 * **choice** — the lowest validation loss (the highest accuracy for classification); a
   candidate whose loss is not finite is out.
 * **beyond the grid** — a choice at either end of the rates tried so far is followed by one
@@ -51,6 +55,18 @@ def search_rank(ranks: tuple[int, ...]) -> int:
     an even count)."""
     r = sorted(ranks)
     return r[len(r) // 2]
+
+
+def search_ranks(ranks: tuple[int, ...], alpha_policy: str) -> tuple[int, ...]:
+    """The LoRA ranks the search trains: the middle one under fixed α, else the smallest, the
+    middle and the largest."""
+    mid = search_rank(ranks)
+    return (mid,) if alpha_policy == "fixed" else tuple(sorted({min(ranks), mid, max(ranks)}))
+
+
+def rate_for(rank: int, rates: dict[int, float]) -> float:
+    """The rate of the searched rank nearest ``rank`` in log r (the smaller on a tie)."""
+    return rates[min(rates, key=lambda r: (abs(math.log2(r) - math.log2(rank)), r))]
 
 
 def validation_split(task: TaskData, *, fraction: float, seed: int,
@@ -112,7 +128,8 @@ def search(cfg, task: TaskData, out: Path, *, device: torch.device, bf16: bool,
     """Run (or resume) the search into ``out/lr_search.json``; the config at the chosen rates.
 
     Returns:
-        ``cfg`` with ``lr_full`` and ``lr_lora`` replaced by the choices (the methods it runs).
+        (``cfg`` with ``lr_full`` and ``lr_lora`` replaced by the choices of the methods it
+        runs (LoRA's at the middle rank), {searched LoRA rank: its chosen rate}).
     Raises:
         InputError: too few training examples, or a method whose every candidate diverged.
     """
@@ -121,37 +138,54 @@ def search(cfg, task: TaskData, out: Path, *, device: torch.device, bf16: bool,
     rows = record.get("candidates", [])
     val = validation_split(task, fraction=cfg.eval_fraction, seed=cfg.split_seed + 1,
                            cap=cfg.max_eval_examples)
-    seed, rank = cfg.seeds[0], search_rank(cfg.ranks)
+    seed, mid = cfg.seeds[0], search_rank(cfg.ranks)
     grids = {"full": cfg.lr_grid_full, "lora": cfg.lr_grid_lora}
-    choices = {}
-    for method in cfg.methods:
+    cells = [("full", None)] if "full" in cfg.methods else []
+    if "lora" in cfg.methods:
+        cells += [("lora", r) for r in search_ranks(cfg.ranks, cfg.alpha_policy)]
+    choices, rates = {}, {}
+    for method, rank in cells:
         todo = list(grids[method])
         while todo:                       # the grid, then one rate past its end at a time
             for lr in todo:
-                if not any(r["method"] == method and r["lr"] == lr for r in rows):
-                    _try(cfg, val, rows, method=method, lr=lr, seed=seed, rank=rank,
-                         device=device, bf16=bf16, log=log)
+                if not any(_cell(r, method, rank) and r["lr"] == lr for r in rows):
+                    _try(cfg, val, rows, method=method, lr=lr, seed=seed, rank=rank or mid,
+                         label=_name(method, rank, mid), device=device, bf16=bf16, log=log)
                     if main:
-                        _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed,
-                               rank=rank)
-            mine = [r for r in rows if r["method"] == method]
+                        _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed)
+            mine = [r for r in rows if _cell(r, method, rank)]
             tried = [r["lr"] for r in mine]
             best = choose(mine, tuple(tried))
             nxt = beyond(grids[method], tried, best["lr"])
             todo = [] if nxt is None else [nxt]
             if todo:
-                log(f"lr search: {method} best at the end of its rates, trying {nxt:g}")
-        choices[method] = best
+                log(f"lr search: {_name(method, rank, mid)} best at the end of its rates, trying {nxt:g}")
+        choices[_name(method, rank, mid)] = best
+        if method == "lora":
+            rates[rank] = best["lr"]
     if main:
-        _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed, rank=rank)
-    for method, ch in choices.items():
+        _write(path, cfg, rows, choices, n_val=val.n_eval_examples, seed=seed)
+    for name, ch in choices.items():
         edge = " (at the edge of the rates tried)" if ch["at_edge"] else ""
-        log(f"lr search: {method} chooses {ch['lr']:g}{edge}")
-    return replace(cfg, **{f"lr_{m}": ch["lr"] for m, ch in choices.items()})
+        log(f"lr search: {name} chooses {ch['lr']:g}{edge}")
+    chosen = {"lr_full": choices["full"]["lr"]} if "full" in choices else {}
+    if rates:
+        chosen["lr_lora"] = rates[mid]
+    return replace(cfg, **chosen), rates
+
+
+def _cell(row: dict, method: str, rank: int | None) -> bool:
+    """Whether a candidate row belongs to ``method`` (and, for LoRA, the searched ``rank``)."""
+    return row["method"] == method and (rank is None or row.get("rank") == rank)
+
+
+def _name(method: str, rank: int | None, mid: int) -> str:
+    """The candidate's label: the method, and a LoRA rank other than the middle one."""
+    return method if rank in (None, mid) else f"{method} r = {rank}"
 
 
 def _try(cfg, val: TaskData, rows: list[dict], *, method: str, lr: float, seed: int, rank: int,
-         device: torch.device, bf16: bool, log: Callable[[str], None]) -> None:
+         label: str, device: torch.device, bf16: bool, log: Callable[[str], None]) -> None:
     """Train one candidate on the validation split's training side and append its row."""
     c = replace(cfg, **{f"lr_{method}": lr})
     run = RunId(method, rank if method == "lora" else None, seed)
@@ -162,18 +196,19 @@ def _try(cfg, val: TaskData, rows: list[dict], *, method: str, lr: float, seed: 
     score = _score(result) if math.isfinite(losses[-1]) else math.inf
     rows.append({"method": method, "rank": run.rank, "lr": lr, "validation": result,
                  "last_train_loss": losses[-1], "score": score})
-    log(f"lr search: {method:<4} lr {lr:<8g} validation {_fmt(result)}")
+    log(f"lr search: {label:<4} lr {lr:<8g} validation {_fmt(result)}")
 
 
 def _fmt(result: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in result.items())
 
 
-def _write(path: Path, cfg, rows, choices, *, n_val: int, seed: int, rank: int) -> None:
+def _write(path: Path, cfg, rows, choices, *, n_val: int, seed: int) -> None:
     atomic_write_json(path, {
         "rule": "lowest validation loss (highest accuracy for classification) on a seeded share "
                 "of the training split; the sweep's steps, schedule and first seed",
-        "validation_examples": n_val, "seed": seed, "lora_rank": rank,
+        "validation_examples": n_val, "seed": seed,
+        "lora_ranks": list(search_ranks(cfg.ranks, cfg.alpha_policy)),
         "grid": {"full": list(cfg.lr_grid_full), "lora": list(cfg.lr_grid_lora)},
         "extend_max": EXTEND_MAX,
         "candidates": rows, "chosen": choices})

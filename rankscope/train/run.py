@@ -27,7 +27,8 @@ from rankscope.train.data import TaskData
 from rankscope.train.device import Dist, full_state, peak_memory_mb, shard_fsdp, use_bf16, \
     wrap_ddp
 from rankscope.train.evaluation import evaluate
-from rankscope.train.evidence import a_moved, delta_fro, eval_history, late_gain_share, late_step
+from rankscope.train.evidence import a_moved, delta_fro, eval_history, late_gain_share, \
+    late_step, late_train_rise
 from rankscope.train.loop import batch_order, make_optimizer, train_steps
 from rankscope.train.model_setup import build_model, trainable
 from rankscope.train.models import resolve_model
@@ -67,13 +68,15 @@ class RunPlan:
 
 
 def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, dist: Dist,
-              base_eval: dict | None = None, progress: bool = True) -> dict:
+              base_eval: dict | None = None, base_examples: dict | None = None,
+              progress: bool = True) -> dict:
     """Train one run into ``run_dir`` (resuming from its checkpoint) and return its manifest.
 
     Args:
         cfg: the sweep's SweepConfig; task: its TaskData; run: the grid cell.
         dist: this process's place in the data-parallel group.
-        base_eval: the base model's held-out metrics, when the sweep has them already.
+        base_eval: the base model's held-out metrics, when the sweep has them already, and
+            base_examples its per-example numbers (``evaluation.evaluate``).
         progress: show a step bar on stderr (main process only).
     Returns:
         The run's manifest, as written (``{}`` on processes other than the main one).
@@ -85,10 +88,14 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
     model = build_model(cfg, task, run).to(dist.device)
     # A₀, as peft drew it from the run's seed: a resumed run draws the same before loading
     initial_a = lora_a(model) if run.method == "lora" else None
-    if base_eval is None:
-        base_eval = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
+    if base_eval is None or base_examples is None:
+        base_examples = {}
+        base_eval = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16,
+                             examples=base_examples)
     tokens_per_s, metrics = _train(plan, model, progress=progress)
-    after = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16)
+    after_examples: dict = {}
+    after = evaluate(model, task.eval, kind=task.kind, device=dist.device, bf16=plan.bf16,
+                     examples=after_examples)
     metrics.append({"step": cfg.steps, "kind": "eval", **after})
     if plan.sharded:            # every process gathers; the main one saves the whole model
         state = full_state(model)
@@ -102,7 +109,11 @@ def train_run(cfg: SweepConfig, task: TaskData, run_dir: Path, run: RunId, *, di
     manifest = run_manifest(plan, updates=updates,
                             trainable_params=sum(p.numel() for _, p in trainable(model)),
                             measured={"eval_before": base_eval, "eval_after": after,
+                                      "heldout_before": base_examples,
+                                      "heldout_after": after_examples,
                                       "eval_history": eval_history(base_eval, metrics),
+                                      "late_train_rise": late_train_rise(metrics,
+                                                                         steps=cfg.steps),
                                       "wall_time_s": round(time.perf_counter() - t0, 3),
                                       "tokens_per_s": tokens_per_s})
     write_manifest(run_dir, manifest)
@@ -182,7 +193,8 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
     Args:
         updates: the tensors of ``updates.safetensors``; trainable_params: parameters that
             trained.
-        measured: eval_before, eval_after, eval_history, wall_time_s and tokens_per_s.
+        measured: eval_before, eval_after, their per-example numbers heldout_before and
+            heldout_after, eval_history, late_train_rise, wall_time_s and tokens_per_s.
     """
     cfg, task, run, dist = plan.cfg, plan.task, plan.run, plan.dist
     lora = run.method == "lora"
@@ -194,7 +206,9 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
     return {
         "run": run.name, "method": run.method, "rank": run.rank, "seed": run.seed,
         "lora_alpha": cfg.lora_alpha(run.rank) if lora else None,
-        "alpha_policy": cfg.alpha_policy if lora else None,
+        "alpha_policy": cfg.alpha_policy if lora else None, "protocol": cfg.protocol,
+        "equivalence_metric": cfg.equivalence_metric,
+        "equivalence_margin": cfg.equivalence_margin,
         "targets": list(cfg.targets) if lora else "all", "n_modules": n_modules,
         "full_scope": cfg.full_scope,
         "lr": cfg.lr_lora if lora else cfg.lr_full, "lr_searched": cfg.lr_search,
@@ -210,8 +224,10 @@ def run_manifest(plan: RunPlan, *, updates: dict[str, torch.Tensor], trainable_p
         "peak_memory_mb": round(peak_memory_mb(dist.device), 1),
         "trainable_params": trainable_params,
         "eval_before": measured["eval_before"], "eval_after": measured["eval_after"],
+        "heldout_before": measured["heldout_before"], "heldout_after": measured["heldout_after"],
         "eval_history": history, "late_step": plan.late,
         "late_gain_share": late_gain_share(history, late=plan.late, steps=cfg.steps),
+        "late_train_rise": measured["late_train_rise"],
         "snapshot_steps": sorted(plan.snapshot_steps),
         "delta_fro": delta_fro(updates), "a_moved": a_moved(updates) if lora else None,
         **planted, **provenance(),

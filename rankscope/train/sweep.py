@@ -15,11 +15,12 @@ from rankscope.store.atomic import atomic_write_text
 from rankscope.store.lock import folder_lock, run_lock
 from rankscope.store.runs import PLANTED, SWEEP_FILE, finished_manifest, read_tensors, \
     tensor_hash, write_updates
-from rankscope.train.config import SweepConfig, changed_fields, dump_yaml, to_dict
+from rankscope.train.config import SweepConfig, changed_fields, dump_yaml, replace, to_dict
 from rankscope.train.data import TaskData, prepare
 from rankscope.train.device import leave_dist, setup_dist, use_bf16
 from rankscope.train.evaluation import base_evaluation
 from rankscope.train.model_setup import check_targets, load_task_model
+from rankscope.train.lr_search import rate_for, search
 from rankscope.train.run import train_run
 from rankscope.train.run_folder import claim_run_dir, run_config_text
 
@@ -38,9 +39,10 @@ def claim_sweep_dir(out: Path, cfg: SweepConfig) -> None:
     except OSError as e:
         raise InputError(f"output folder {out} is not writable ({e.strerror})") from None
     path = out / SWEEP_FILE
-    # labels, not values: the device a run used is in its manifest, and a profile is compared
-    # by the values it set (the same YAML run by ``rankscope run`` and by ``figures`` is one sweep)
-    labels = ("device", "profile")
+    # labels, not values: the device a run used is in its manifest, and a profile or protocol is
+    # compared by the values it set (the same YAML run by ``rankscope run`` and by ``figures`` is
+    # one sweep; so is one α = 2r sweep that two papers' figures read)
+    labels = ("device", "profile", "protocol")
     mine = {k: v for k, v in to_dict(cfg).items() if k not in labels}
     if path.exists():
         old = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
@@ -123,14 +125,15 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, shard: tuple[int, int] | Non
     main = dist.main                    # a torchrun's ranks are one sweep: its main holds locks
     if shard is None:                   # one process trains the folder's runs
         with folder_lock(out) if main else contextlib.nullcontext():
-            cfg, base_eval = _setup(cfg, task, base, out, dist=dist, log=log)
+            cfg, rates, base_eval = _setup(cfg, task, base, out, dist=dist, log=log)
             del base
-            return _train_runs(cfg, task, out, runs, base_eval, dist=dist, progress=progress,
-                               log=log)
+            return _train_runs(cfg, task, out, runs, base_eval, rates=rates, dist=dist,
+                               progress=progress, log=log)
     with folder_lock(out, wait=True) if main else contextlib.nullcontext():
-        cfg, base_eval = _setup(cfg, task, base, out, dist=dist, log=log)
+        cfg, rates, base_eval = _setup(cfg, task, base, out, dist=dist, log=log)
     del base
-    return _train_runs(cfg, task, out, runs, base_eval, dist=dist, progress=progress, log=log)
+    return _train_runs(cfg, task, out, runs, base_eval, rates=rates, dist=dist,
+                       progress=progress, log=log)
 
 
 def shard_runs(runs: list, shard: tuple[int, int] | None) -> list:
@@ -150,21 +153,24 @@ def shard_runs(runs: list, shard: tuple[int, int] | None) -> list:
 def _setup(cfg: SweepConfig, task: TaskData, base, out: Path, *, dist, log):
     """What every run of the folder shares: the teacher, the base model's held-out metrics, the
     learning rates (searched once, then read back). Returns (the config at those rates, the
-    base evaluation)."""
+    searched LoRA ranks' rates (``lr_search.search``; empty without a search), the base
+    evaluation as (metrics, per-example numbers))."""
     if dist.main:
         record_teacher(out, task)
-    base_eval = base_evaluation(base, task, out, device=dist.device,
-                                bf16=use_bf16(cfg.bf16, dist.device), write=dist.main)
+    examples: dict = {}
+    metrics = base_evaluation(base, task, out, device=dist.device, examples=examples,
+                              bf16=use_bf16(cfg.bf16, dist.device), write=dist.main)
+    rates = {}
     if cfg.lr_search:
-        from rankscope.train.lr_search import search
+        cfg, rates = search(cfg, task, out, device=dist.device,
+                            bf16=use_bf16(cfg.bf16, dist.device), main=dist.main,
+                            log=log if dist.main else lambda s: None)
+    return cfg, rates, (metrics, examples)
 
-        cfg = search(cfg, task, out, device=dist.device, bf16=use_bf16(cfg.bf16, dist.device),
-                     main=dist.main, log=log if dist.main else lambda s: None)
-    return cfg, base_eval
 
-
-def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_eval: dict, *,
-                dist, progress: bool, log: Callable[[str], None]) -> list[dict]:
+def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_eval: tuple, *,
+                rates: dict[int, float], dist, progress: bool,
+                log: Callable[[str], None]) -> list[dict]:
     from tqdm.auto import tqdm
 
     if dist.main and (mixed := precision_line(out, cfg.runs(), use_bf16(cfg.bf16, dist.device))):
@@ -176,12 +182,15 @@ def _train_runs(cfg: SweepConfig, task: TaskData, out: Path, runs: list, base_ev
         run_dir = out / run.name
         done = finished_manifest(run_dir)
         if done is None:
-            claim_run_dir(run_dir, run_config_text(cfg, run))    # made, or the same config
+            run_cfg = replace(cfg, lr_lora=rate_for(run.rank, rates)) \
+                if rates and run.method == "lora" else cfg
+            claim_run_dir(run_dir, run_config_text(run_cfg, run))    # made, or the same config
             with run_lock(run_dir) if dist.main else contextlib.nullcontext():
                 done = finished_manifest(run_dir)     # another process may have finished it
                 if done is None:
-                    done = train_run(cfg, task, run_dir, run, dist=dist, base_eval=base_eval,
-                                     progress=progress)
+                    done = train_run(run_cfg, task, run_dir, run, dist=dist,
+                                     base_eval=base_eval[0],
+                                     base_examples=base_eval[1], progress=progress)
                     if dist.main:
                         log(summary_line(done))
         elif dist.main:

@@ -10,6 +10,7 @@ import yaml
 from rankscope.train.config import PROFILES, SweepConfig, build_sweep, dump_yaml, load_yaml, replace, \
     to_dict
 from rankscope.errors import InputError
+from rankscope.train.lr_search import search_rank
 from rankscope.store.runs import RunId, run_name
 from rankscope.train.loop import batch_order, lr_lambda
 
@@ -329,3 +330,19 @@ def test_a_sweep_folder_is_the_same_sweep_whatever_profile_label_set_its_values(
     claim_sweep_dir(tmp_path, replace(labelled, profile=None))
     with pytest.raises(InputError, match=r"differs in: steps\)"):
         claim_sweep_dir(tmp_path, replace(labelled, profile=None, steps=8))
+
+
+def test_a_protocol_names_its_alpha_policy_and_the_profiles_follow_hu():
+    for name in ("quick", "cpu-paper", "paper"):
+        cfg = build_sweep(profile=name)
+        assert (cfg.protocol, cfg.alpha_policy, len(cfg.seeds)) == ("hu2021", "fixed", 3)
+        assert cfg.alpha == search_rank(cfg.ranks)      # α = the rank the rate is tuned at
+    with pytest.raises(InputError, match="protocol: hu2021 trains with alpha_policy fixed"):
+        SweepConfig(model="m", task="qa", protocol="hu2021", alpha_policy="scaled")
+    with pytest.raises(InputError, match="protocol: unknown 'hu'"):
+        SweepConfig(model="m", task="qa", protocol="hu")
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="equivalence_margin"):
+            SweepConfig(model="m", task="qa", equivalence_margin=bad)
+    with pytest.raises(InputError, match="equivalence_metric: unknown 'f1'"):
+        SweepConfig(model="m", task="qa", equivalence_metric="f1")

@@ -13,8 +13,8 @@ from rankscope.errors import InputError
 from rankscope.train.config import build_sweep
 from rankscope.train.data import TaskData
 from rankscope.train import lr_search
-from rankscope.train.lr_search import EXTEND_MAX, beyond, choose, search, search_rank, \
-    validation_split
+from rankscope.train.lr_search import EXTEND_MAX, beyond, choose, rate_for, search, search_rank, \
+    search_ranks, validation_split
 from rankscope.train.planted import DistillSplit
 from rankscope.train.sweep import run_sweep
 
@@ -92,24 +92,25 @@ def test_the_search_follows_the_best_rate_past_its_grid_and_flags_it_when_capped
     best = {"full": 3e-3, "lora": 1.0}
     tried: list[tuple[str, float]] = []
 
-    def fake_try(cfg, val, rows, *, method, lr, **_):
+    def fake_try(cfg, val, rows, *, method, lr, rank, **_):
         tried.append((method, lr))
         loss = abs(math.log10(lr) - math.log10(best[method]))
-        rows.append({"method": method, "rank": None, "lr": lr, "validation": {"loss": loss},
-                     "last_train_loss": loss, "score": loss})
+        rows.append({"method": method, "rank": rank if method == "lora" else None, "lr": lr,
+                     "validation": {"loss": loss}, "last_train_loss": loss, "score": loss})
 
     monkeypatch.setattr(lr_search, "_try", fake_try)
     monkeypatch.setattr(lr_search, "validation_split", lambda task, **_: task)
     cfg = build_sweep(overrides=dict(task="news", lr_search=True, ranks=(4,),
                                      lr_grid_full=(1e-4, 3e-4, 1e-3),
                                      lr_grid_lora=(1e-4, 1e-3)))
-    out = search(cfg, _task(32), tmp_path, device=torch.device("cpu"), bf16=False,
-                 log=lambda line: None)
+    out, rates = search(cfg, _task(32), tmp_path, device=torch.device("cpu"), bf16=False,
+                        log=lambda line: None)
     full = [lr for m, lr in tried if m == "full"]        # 3.3e-3 wins, 1.1e-2 is worse: stop
     assert full == pytest.approx([1e-4, 3e-4, 1e-3, 1e-3 * 10 / 3, 1e-3 * 100 / 9])
     assert out.lr_full == pytest.approx(1e-3 * 10 / 3)
     lora = [lr for m, lr in tried if m == "lora"]          # best far above: capped after two
     assert lora == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1]) and out.lr_lora == pytest.approx(0.1)
+    assert rates == pytest.approx({4: 0.1})
     record = json.loads((tmp_path / "lr_search.json").read_text())
     assert record["chosen"]["lora"]["at_edge"] is True and record["extend_max"] == EXTEND_MAX
     assert record["chosen"]["full"]["at_edge"] is False
@@ -125,16 +126,19 @@ def test_a_sweep_with_the_search_trains_at_the_chosen_rates_and_resumes_it(minil
     lines: list[str] = []
     run_sweep(cfg, tmp_path / "out", progress=False, log=lines.append)
     record = json.loads((tmp_path / "out" / "lr_search.json").read_text())
-    assert record["lora_rank"] == 4 and record["validation_examples"] == 8
-    tried = {(r["method"], r["lr"]) for r in record["candidates"]}
-    assert {("full", 1e-5), ("full", 1e-3), ("lora", 1e-4), ("lora", 3e-3)} <= tried
-    assert len(tried) <= 4 + 2 * EXTEND_MAX       # past an end of a 2-rate grid, at most twice
-    for method in ("full", "lora"):
-        rows = [r for r in record["candidates"] if r["method"] == method]
+    # α = 2r (the default policy): LoRA's rate is searched at the smallest rank too
+    assert record["lora_ranks"] == [1, 4] and record["validation_examples"] == 8
+    tried = {(r["method"], r["rank"], r["lr"]) for r in record["candidates"]}
+    assert {("full", None, 1e-5), ("full", None, 1e-3), ("lora", 1, 1e-4), ("lora", 1, 3e-3),
+            ("lora", 4, 1e-4), ("lora", 4, 3e-3)} <= tried
+    assert len(tried) <= 3 * (2 + EXTEND_MAX)   # past an end of a 2-rate grid, at most twice
+    for key, method, rank, run in (("full", "full", None, "full-s0"),
+                                   ("lora", "lora", 4, "lora-r4-s0"),
+                                   ("lora r = 1", "lora", 1, "lora-r1-s0")):
+        rows = [r for r in record["candidates"] if r["method"] == method and r["rank"] == rank]
         best = min(rows, key=lambda r: -r["validation"]["accuracy"])["score"]
-        chosen = record["chosen"][method]["lr"]
+        chosen = record["chosen"][key]["lr"]
         assert [r["score"] for r in rows if r["lr"] == chosen] == [best]
-        run = "full-s0" if method == "full" else "lora-r1-s0"
         run_cfg = yaml.safe_load((tmp_path / "out" / run / "config.yaml").read_text())
         assert run_cfg[f"lr_{method}"] == chosen
     assert sum("validation" in line for line in lines) == len(tried)
@@ -143,3 +147,12 @@ def test_a_sweep_with_the_search_trains_at_the_chosen_rates_and_resumes_it(minil
     run_sweep(cfg, tmp_path / "out", progress=False, log=again.append)
     assert not any("validation" in line for line in again)
     assert json.loads((tmp_path / "out" / "lr_search.json").read_text()) == record
+
+
+def test_fixed_alpha_searches_one_rank_and_growing_alpha_the_ends_too():
+    ranks = (1, 2, 4, 8, 16, 32, 64)
+    assert search_ranks(ranks, "fixed") == (8,)                   # Hu et al.: one rate, held
+    assert search_ranks(ranks, "scaled") == search_ranks(ranks, "rslora") == (1, 8, 64)
+    rates = {1: 1e-2, 8: 3e-3, 64: 1e-4}
+    assert [rate_for(r, rates) for r in ranks] == [1e-2, 1e-2, 3e-3, 3e-3, 3e-3, 1e-4, 1e-4]
+    assert rate_for(2, {1: 1.0, 4: 2.0}) == 1.0                   # a tie in log r: the smaller
