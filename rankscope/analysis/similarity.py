@@ -151,12 +151,12 @@ def subspace_similarity(runs: list, *, n_draws: int = 200) -> pd.DataFrame:
 
 
 def grid_pairs(runs: list, *, ranks: tuple[int, int] = (8, 64)):
-    """The pairs Hu et al. draw: r = 8 vs 64 of one seed (Fig. 3), two seeds at r = 64 (Fig. 4).
+    """The pairs Hu et al. draw: r = 8 vs 64 (Fig. 3) and two seeds at r = 64 (Fig. 4).
 
     Falls back to the closest ranks the sweep has: the largest rank and the one nearest
-    ``ranks[0]``. The rank pair is drawn from the first seed that has both ranks, the seed pair
-    from the first two seeds that have the top rank; a pair no seed completes (an unfinished
-    run) is left out.
+    ``ranks[0]``. The rank pair is drawn for every seed that has both ranks (a statistic of
+    one pair of runs moves as a change of seed does), the seed pair from the first two seeds
+    that have the top rank; a pair no seed completes (an unfinished run) is left out.
     """
     lora = [r for r in runs if r.method == "lora"]
     if not lora:
@@ -167,9 +167,8 @@ def grid_pairs(runs: list, *, ranks: tuple[int, int] = (8, 64)):
     by = {(r.rank, r.seed): r for r in lora}
     seeds_at = {k: sorted({s for (rk, s) in by if rk == k}, key=_seed_key) for k in (lo, hi)}
     out = []
-    both = [s for s in seeds_at[hi] if s in seeds_at[lo]]
-    if lo is not None and both:
-        out.append(("ranks", by[(lo, both[0])], by[(hi, both[0])]))
+    if lo is not None:
+        out += [("ranks", by[(lo, s)], by[(hi, s)]) for s in seeds_at[hi] if s in seeds_at[lo]]
     if len(seeds_at[hi]) >= 2:
         s1, s2 = seeds_at[hi][:2]
         out.append(("seeds", by[(hi, s1)], by[(hi, s2)]))
@@ -261,20 +260,36 @@ def _spans(values: list[int]) -> str:
     return ", ".join(out)
 
 
-def convergence_table(runs: list) -> pd.DataFrame:
-    """How each LoRA update approaches the full one as r grows, per module.
+def convergence_table(runs: list, *, n_draws: int = 200) -> pd.DataFrame:
+    """How each LoRA update approaches the full one as r grows, per module: scale-free numbers,
+    each beside its null (a uniformly random counterpart of the same sizes).
 
-    Columns: rel_dist = ‖ΔW_r − ΔW_full‖_F / ‖ΔW_full‖_F; phi_full_{left,right} = φ of the top-r
-    directions of both; energy_share = share of ‖ΔW_full‖_F² inside ΔW_r's column space;
-    phi_next_{left,right} = φ(ΔW_r, ΔW_r', r, r) with r' the next larger rank of the same seed.
-    The full run is the one of the LoRA run's seed, or the first full run when that seed has
-    none. Every φ here is on ΔW's singular vectors (ordered by the update's own energy), also between
-    two ranks, so that full and LoRA rows are measured alike.
+    Against the full update (``_against_full``): fro_cos = ⟨ΔW_r, ΔW_full⟩_F / (‖ΔW_r‖_F
+    ‖ΔW_full‖_F); phi_full_{left,right} = φ(ΔW_r, ΔW_full, k, k), k = min(r, both ranks);
+    energy_share = share of ‖ΔW_full‖_F² inside ΔW_r's column space; rel_dist = ‖ΔW_r −
+    ΔW_full‖_F / ‖ΔW_full‖_F, not scale-free (≥ 1 whenever ‖ΔW_r‖ ≥ 2‖ΔW_full‖: it reads the
+    rates); full_fro_norm. Between ranks: phi_next_{left,right} = φ(ΔW_r, ΔW_r', k, k), r' the
+    next larger rank of the same seed. Every φ is on ΔW's singular vectors, so that full and
+    LoRA rows are measured alike. The full run is the LoRA run's seed's, else the first one;
+    it should adapt the same modules (``full_scope: targets``).
+
+    Nulls: fro_cos_null_q99 = 99% quantile of |cos| against a random direction of R^n,
+    n = d_out·d_in (cos² ~ Beta(1/2, (n − 1)/2), exact); {phi_full,phi_next}_{side}_null_q95
+    and _q99 = φ(k, k)'s quantiles for n = d_out (left) or d_in (right) (``_null``: exact for
+    k = 1, else ``n_draws`` seeded Haar draws); energy_share_null = p/d_out, the expected share
+    in a random p-dim column subspace (p = ΔW_r's singular vectors), exact for any ΔW_full;
+    energy_share_null_q99 = its 99% quantile for this ΔW_full's spectrum (``_energy_null_q99``).
+
+    Returns:
+        One row per LoRA run and module: ``run, method, rank, seed, layer, module, name,
+        fro_norm`` and the columns above (NaN without a full or next-rank twin; fro_cos NaN
+        when ΔW_r = 0).
     """
     full = {r.seed: r for r in runs if r.method == "full"}
     lora = sorted((r for r in runs if r.method == "lora"), key=lambda r: (_seed_key(r.seed), r.rank))
     nxt = {(a.run): b for a, b in zip(lora, lora[1:]) if a.seed == b.seed}
     rows, dense_full, last = [], {}, None   # module → ΔW_full in float64, of the full run f
+    nulls = {"phi": {}, "energy": {}, "n_draws": n_draws}   # caches of the null draws, by size
     for r in lora:
         f = full.get(r.seed, next(iter(full.values()), None))
         if f is not last:   # runs come seed by seed: each full ΔW is made once
@@ -284,26 +299,69 @@ def convergence_table(runs: list) -> pd.DataFrame:
                    "layer": d.layer, "module": d.module, "name": name, "fro_norm": d.fro}
             df = f.modules.get(name) if f else None
             if df is not None:
-                row.update(_against_full(d, df, r.rank, dense_full))
+                row.update(_against_full(d, df, r.rank, dense_full, nulls))
             n = nxt.get(r.run)
             if n is not None and name in n.modules:
                 k = min(r.rank, d.S.numel())
                 for side in SIDES:
                     row[f"phi_next_{side}"] = phi(frame(d, side)[:, :k],
                                                   frame(n.modules[name], side)[:, :k], k, k)
+                    row.update(_phi_nulls(f"phi_next_{side}", frame(d, side).shape[0], k, nulls))
             rows.append(row)
     return nullable_ints(pd.DataFrame(rows), ID_INTS)
 
 
-def _against_full(d, df, rank: int, cache: dict) -> dict:
-    """rel_dist, phi_full_{side}, energy_share and full_fro_norm of one LoRA module ``d``
-    against the full run's ``df`` (both ``decompose.Decomp``)."""
+def _phi_nulls(col: str, n: int, k: int, nulls: dict) -> dict:
+    """``col``_null_q95 and _null_q99: φ(k, k)'s null quantiles in R^n (``_null``)."""
+    q95, q99 = _null(n, k, k, nulls["phi"], nulls["n_draws"])
+    return {f"{col}_null_q95": q95, f"{col}_null_q99": q99}
+
+
+def _against_full(d, df, rank: int, cache: dict, nulls: dict) -> dict:
+    """fro_cos, phi_full_{side}, energy_share, rel_dist and full_fro_norm of one LoRA module
+    ``d`` against the full run's ``df`` (both ``decompose.Decomp``), each with its null
+    (``convergence_table``)."""
     if df.name not in cache:
         cache[df.name] = df.dense()  # (d_out, d_in) ΔW_full in float64
-    row = {"rel_dist": relative_fro_distance(d.dense(), cache[df.name])}
+    x, y = d.dense(), cache[df.name]  # (d_out, d_in) each
+    norms = float(torch.linalg.vector_norm(x)) * float(torch.linalg.vector_norm(y))
+    row = {"fro_cos": float((x * y).sum()) / norms if norms else float("nan"),  # ΔW_r = 0: none
+           "fro_cos_null_q99": _fro_cos_q99(x.numel())}
     k = min(rank, d.S.numel(), df.S.numel())
     for side in SIDES:
-        row[f"phi_full_{side}"] = phi(frame(d, side)[:, :k], frame(df, side)[:, :k], k, k)
+        fa, fb = frame(d, side), frame(df, side)
+        row[f"phi_full_{side}"] = phi(fa[:, :k], fb[:, :k], k, k)
+        row.update(_phi_nulls(f"phi_full_{side}", fa.shape[0], k, nulls))
+    p = d.U.shape[1]
     row["energy_share"] = energy_in_subspace(d.U, df.U, df.S)
+    row["energy_share_null"] = p / d.U.shape[0]
+    row["energy_share_null_q99"] = _energy_null_q99(df.S, d.U.shape[0], p, nulls)
+    row["rel_dist"] = relative_fro_distance(x, y)
     row["full_fro_norm"] = df.fro
     return row
+
+
+def _fro_cos_q99(n: int) -> float:
+    """99% quantile of |cos| between a fixed vector and a uniformly random one in R^n:
+    cos² ~ Beta(1/2, (n − 1)/2), so it is the root of that Beta's 99% quantile (1 when n = 1)."""
+    from scipy.stats import beta
+
+    return 1.0 if n == 1 else float(np.sqrt(beta.ppf(0.99, 0.5, (n - 1) / 2)))
+
+
+def _energy_null_q99(S: torch.Tensor, n: int, p: int, nulls: dict) -> float:
+    """99% quantile of the share of an update's energy (singular values S) inside a uniformly
+    random p-dim subspace of R^n.
+
+    For a Haar frame Q (n, p), the share ‖QᵀU diag(S)‖_F² / Σ S² has the law of Σ_i w_i ‖Qᵀe_i‖²,
+    w_i = σ_i²/Σ S² (rotate U onto the first axes): so one set of ``n_draws`` seeded draws of
+    the projector's diagonal per (n, p) serves every update of that size. Its mean is p/n.
+    """
+    key = (n, p)
+    draws = nulls["energy"]
+    if key not in draws:
+        gen = torch.Generator().manual_seed(hash(key) % 2**31)   # ints hash alike every run
+        draws[key] = torch.stack([random_orthonormal(n, p, generator=gen).square().sum(1)
+                                  for _ in range(nulls["n_draws"])]).numpy()  # (n_draws, n)
+    s2 = S.detach().double().square().numpy()  # (m,), m ≤ n; not all 0 (energy_share checked)
+    return float(np.quantile(draws[key][:, :s2.size] @ (s2 / s2.sum()), 0.99))

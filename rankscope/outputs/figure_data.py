@@ -8,12 +8,15 @@ re-drawn from its CSV alone. Each builder takes ``results`` = {sweep label: {tab
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
 from rankscope.errors import InputError
 from rankscope.outputs.plots import FLOORS, OVERALL as ALL
-from rankscope.analysis.verdict import metric_name
+from rankscope.analysis.equivalence import equivalence_scan
+from rankscope.analysis.verdict import declared_margin, loss_gain, metric_name
 
 
 
@@ -45,9 +48,17 @@ def _panels(rows: list[pd.DataFrame]) -> pd.DataFrame:
 
 SPACES = {"left": ("B", "column space (B)"), "right": ("A", "row space (A)")}
 MOVED = 0.5         # below this ‖A − A₀‖/‖A₀‖, A's row space is still mostly its random init
+DIAG = 16           # the seeds' block test: mean φ(i, i) over i ≤ 16 (Hu et al. Fig. 4's corner)
+NULL_DRAWS = 200    # seeded Haar draws behind that statistic's null quantile
 
 
 def _grids(results, pair: str, *, side: str, layer: int | None, modules):
+    """The φ(i, j) grids of ``pair`` on ``side`` at every layer the grid table holds.
+
+    Returns:
+        (rows, modules, layers): ``layers`` starts with the one drawn in full (``layer``, or
+        the middle one), then the others in order.
+    """
     g = _table(_one(results), "subspace_grid", "a φ(i, j) heatmap")
     g = g[(g["pair"] == pair) & (g["side"] == side)]
     if "basis" in g:        # one trained basis per side (A, not A − A₀, on the row space)
@@ -55,11 +66,12 @@ def _grids(results, pair: str, *, side: str, layer: int | None, modules):
     if g.empty:
         raise InputError(f"no φ(i, j) grid for a pair of {pair} on the {side} side: the sweep "
                          f"needs {'two ranks' if pair == 'ranks' else 'two seeds at its top rank'}")
-    g = g[g["layer"] == _mid_layer(g, layer)]
-    modules = list(modules or dict.fromkeys(g["module"]))
-    cols = [c for c in ("module", "layer", "side", "source", "rank_1", "rank_2", "seed_1",
-                        "seed_2", "i", "j", "phi", "null_q99", "a_moved") if c in g]
-    return g[cols], modules
+    first = _mid_layer(g, layer)
+    layers = [first] + sorted(int(x) for x in g["layer"].dropna().unique() if int(x) != first)
+    modules = list(modules or dict.fromkeys(g.loc[g["layer"] == first, "module"]))
+    cols = [c for c in ("module", "name", "layer", "side", "source", "rank_1", "rank_2",
+                        "seed_1", "seed_2", "i", "j", "phi", "null_q99", "a_moved") if c in g]
+    return g[cols], modules, layers
 
 
 def _evidence(gm: pd.DataFrame, side: str) -> str:
@@ -76,43 +88,116 @@ def _evidence(gm: pd.DataFrame, side: str) -> str:
 
 
 def subspace_ranks(results, *, sides=("left", "right"), layer: int | None = None,
-                   modules: list[str] | None = None, zoom: int = 8, side: str | None = None
-                   ) -> pd.DataFrame:
+                   modules: list[str] | None = None, zoom: int = 8, side: str | None = None,
+                   layers: list[int] | None = None) -> pd.DataFrame:
     """Hu et al. Figure 3: φ(ΔW_{r1}, ΔW_{r2}, i, j) of one seed on the column space (B) and the
     row space (A), whole and zoomed (i, j ≤ zoom); each title carries φ(1, 1), its null's 99%
-    quantile and, on the row space, how far A moved from its initialisation. ``side`` (one
-    side only) is kept for experiment files that name it."""
+    quantile and, on the row space, how far A moved from its initialisation. Every other layer
+    of the grid table gets a whole panel too, so that φ(1, 1) is read over layers; ``view``
+    ("whole" or "zoom") tells the zoomed copies of the first layer's cells apart. The first
+    seed's pair is drawn at every layer; each other seed's at the first layer, so that φ(1, 1)
+    is read per seed too. ``side`` (one side only) is kept for experiment files that name it;
+    ``layers`` are the layers ``compare`` computed grids at (``pipeline.figures``)."""
     panels = []
     for sd in ((side,) if side else sides):
-        g, mods = _grids(results, "ranks", side=sd, layer=layer, modules=modules)
+        g, mods, at = _grids(results, "ranks", side=sd, layer=layer, modules=modules)
         g = g[g["source"] == "trained"]
+        seeds = sorted(g["seed_1"].dropna().unique()) if "seed_1" in g else [None]
+        cells = [(at[0], s) for s in seeds[:1]] + [(lay, seeds[0]) for lay in at[1:]] + \
+            [(at[0], s) for s in seeds[1:]]
         for m in mods:
-            gm = g[g["module"] == m]
-            r1, r2, lay = int(gm["rank_1"].iloc[0]), int(gm["rank_2"].iloc[0]), int(gm["layer"].iloc[0])
-            z, where = min(zoom, r1), f"{SPACES[sd][1]} of ΔW {m}, layer {lay}"
-            panels.append(gm.assign(plot="subspace_heatmap",
-                                    panel=f"{where}: r = {r1} vs {r2}\n{_evidence(gm, sd)}"))
-            panels.append(gm[(gm["i"] <= z) & (gm["j"] <= z)].assign(
-                plot="subspace_heatmap", panel=f"{where}: i, j ≤ {z}"))
+            for lay, seed in cells:
+                gm = g[(g["module"] == m) & (g["layer"] == lay)]
+                gm = gm[gm["seed_1"] == seed] if seed is not None else gm
+                if gm.empty:
+                    continue
+                r1, r2 = int(gm["rank_1"].iloc[0]), int(gm["rank_2"].iloc[0])
+                where = f"{SPACES[sd][1]} of ΔW {m}, layer {lay}" + \
+                    (f", seed {int(seed)}" if seed is not None and len(seeds) > 1 else "")
+                panels.append(gm.assign(plot="subspace_heatmap", view="whole", panel=(
+                    f"{where}: r = {r1} vs {r2}\n{_evidence(gm, sd)}")))
+                if (lay, seed) == cells[0]:
+                    z = min(zoom, r1)
+                    panels.append(gm[(gm["i"] <= z) & (gm["j"] <= z)].assign(
+                        plot="subspace_heatmap", view="zoom", panel=f"{where}: i, j ≤ {z}"))
     return _panels(panels)
 
 
+def _shapes(results) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each module name, from the modules table (empty without one)."""
+    mods = _one(results).get("modules")
+    if mods is None or mods.empty or not {"name", "d_out", "d_in"} <= set(mods):
+        return {}
+    first = mods.drop_duplicates("name")
+    return {n: (int(o), int(i)) for n, o, i in zip(first["name"], first["d_out"], first["d_in"])}
+
+
+@functools.lru_cache(maxsize=None)
+def diag_null_q99(n: int, k: int, n_draws: int = NULL_DRAWS) -> float:
+    """The 99% quantile of mean_{i ≤ k} φ(i, i) between two independent Haar k-frames of R^n.
+
+    φ(i, i) = ‖X_iᵀ Y_i‖_F² / i on the top-i columns (Hu et al. eq. 4); the mean over the
+    diagonal is one statistic, so its null is drawn whole (``n_draws`` seeded draws), not
+    assembled from the cells' own quantiles.
+    """
+    import torch
+
+    from rankscope.linalg.subspace import random_orthonormal
+
+    gen = torch.Generator().manual_seed(1_000_003 * n + k)
+    stats = np.empty(n_draws)
+    for t in range(n_draws):
+        x, y = (random_orthonormal(n, k, generator=gen) for _ in range(2))     # (n, k) each
+        cum = (x.T @ y).square().numpy().cumsum(axis=0).cumsum(axis=1)        # (k, k)
+        stats[t] = float(np.mean(np.diag(cum) / np.arange(1, k + 1)))
+    return float(np.quantile(stats, 0.99))
+
+
+def _diag_block(gm: pd.DataFrame, n: int | None) -> pd.DataFrame:
+    """``gm`` (one grid) with ``diag_phi`` = mean_{i ≤ k} φ(i, i), k = ``diag_k`` =
+    min(DIAG, its sizes), and ``diag_null_q99`` (NaN when n, the dimension compared, is unknown)."""
+    k = int(min(DIAG, gm["i"].max(), gm["j"].max()))
+    diag = gm[(gm["i"] == gm["j"]) & (gm["i"] <= k)]["phi"]
+    null = diag_null_q99(n, k) if n else np.nan
+    return gm.assign(diag_k=k, diag_phi=float(diag.mean()), diag_null_q99=null)
+
+
 def subspace_seeds(results, *, sides=("left", "right"), layer: int | None = None,
-                   modules: list[str] | None = None, side: str | None = None) -> pd.DataFrame:
+                   modules: list[str] | None = None, side: str | None = None,
+                   layers: list[int] | None = None) -> pd.DataFrame:
     """Hu et al. Figure 4: φ(i, j) between two seeds at the top rank on both spaces (titles as
-    in ``subspace_ranks``), and two random subspaces of the same sizes."""
-    rows = []
+    in ``subspace_ranks``, one panel per layer of the grid table), and two random subspaces of
+    the same sizes. Every row carries its grid's block statistic (``_diag_block``): the mean
+    φ(i, i) over the top-16 diagonal and its null's 99% quantile, n = d_out on the column
+    space and d_in on the row space."""
+    rows, shapes = [], _shapes(results)
     for sd in ((side,) if side else sides):
-        g, mods = _grids(results, "seeds", side=sd, layer=layer, modules=modules)
+        g, mods, layers = _grids(results, "seeds", side=sd, layer=layer, modules=modules)
         for m in mods:
-            gm = g[(g["module"] == m) & (g["source"] == "trained")]
-            s1, s2, r = int(gm["seed_1"].iloc[0]), int(gm["seed_2"].iloc[0]), int(gm["rank_1"].iloc[0])
-            rows.append(gm.assign(plot="subspace_heatmap", panel=(
-                f"{SPACES[sd][1]} of ΔW {m}, layer {int(gm['layer'].iloc[0])}: seeds {s1} vs "
-                f"{s2}, r = {r}\n{_evidence(gm, sd)}")))
-    rnd = g[(g["module"] == mods[0]) & (g["source"] == "random")]
-    rows.append(rnd.assign(plot="subspace_heatmap", panel="two random subspaces, same sizes"))
-    return _panels(rows)
+            for lay in layers:
+                gm = g[(g["module"] == m) & (g["source"] == "trained") & (g["layer"] == lay)]
+                if gm.empty:
+                    continue
+                s1, s2 = int(gm["seed_1"].iloc[0]), int(gm["seed_2"].iloc[0])
+                r = int(gm["rank_1"].iloc[0])
+                gm = _diag_block(gm, _dim(shapes, gm, sd))
+                block = (f"mean φ(i,i), i ≤ {gm['diag_k'].iloc[0]} = {gm['diag_phi'].iloc[0]:.3f}"
+                         f", null 99%: {gm['diag_null_q99'].iloc[0]:.3f}")
+                rows.append(gm.assign(plot="subspace_heatmap", panel=(
+                    f"{SPACES[sd][1]} of ΔW {m}, layer {lay}: seeds {s1} vs {s2}, r = {r}\n"
+                    f"{_evidence(gm, sd)}\n{block}")))
+    rnd = g[(g["module"] == mods[0]) & (g["source"] == "random") & (g["layer"] == layers[0])]
+    rows.append(_diag_block(rnd, _dim(shapes, rnd, sd)).assign(
+        plot="subspace_heatmap", panel="two random subspaces, same sizes"))
+    df = _panels(rows)
+    # without the modules' shapes there is no null: no column, so a check of it reads "no data"
+    return df.drop(columns="diag_null_q99") if df["diag_null_q99"].isna().all() else df
+
+
+def _dim(shapes: dict, gm: pd.DataFrame, side: str) -> int | None:
+    """The dimension φ compares on ``side``: d_out (column space) or d_in (row space)."""
+    shape = shapes.get(gm["name"].iloc[0]) if "name" in gm and len(gm) else None
+    return None if shape is None else shape[0 if side == "left" else 1]
 
 
 def _metric_rows(label: str, tables: dict, key: str) -> list[pd.DataFrame]:
@@ -125,11 +210,40 @@ def _metric_rows(label: str, tables: dict, key: str) -> list[pd.DataFrame]:
     # selection (a sweep without full runs) would make a row of it for every run
     lora = m.loc[m["method"] == "lora", ids].assign(series=label,
                                                      value=after[m["method"] == "lora"])
+    lora = lora.merge(vs_top_rank(m, tables.get("examples"), key), on="rank", how="left")
     full = m.loc[m["method"] == "full", ids].assign(series="full fine-tuning",
                                                      value=after[m["method"] == "full"])
     base = pd.DataFrame({"method": ["base"], "series": ["base model"],
                          "value": [float(m[f"before_{key}"].mean())]})
     return [lora, full, base]
+
+
+def vs_top_rank(metrics: pd.DataFrame, examples: pd.DataFrame | None, key: str) -> pd.DataFrame:
+    """Each LoRA rank against the sweep's largest one by the equivalence test
+    (``analysis.equivalence``): is the curve flat, within the margin the sweep fixed before its
+    runs? The margin is in accuracy points, or for loss a share of the largest rank's gain over
+    the base model (``verdict.loss_gain``).
+
+    Returns:
+        Per rank below the largest: ``vs_top`` (equivalent, better, worse, inconclusive),
+        ``vs_top_lo``, ``vs_top_hi`` (the 90% interval of rank − largest), ``vs_top_margin``
+        and ``equivalent_top`` (1.0 or 0.0); no rows without per-example numbers.
+    """
+    cols = ["rank", "vs_top", "vs_top_lo", "vs_top_hi", "vs_top_margin", "equivalent_top"]
+    col = "correct" if key == "accuracy" else "loss"
+    lora = examples[examples["method"] == "lora"] if examples is not None and len(examples) \
+        else pd.DataFrame()
+    if lora.empty or col not in lora or lora[col].isna().all() or lora["rank"].nunique() < 2:
+        return pd.DataFrame(columns=cols)
+    top = lora[lora["rank"] == lora["rank"].max()]
+    share = declared_margin(metrics)[1]
+    top_rank = int(lora["rank"].max())
+    margin = share if col == "correct" else share * loss_gain(examples, reference=top_rank)
+    scan = equivalence_scan(lora[lora["rank"] != lora["rank"].max()], metric=col,
+                            higher=col == "correct", margin=margin, reference=top)
+    return pd.DataFrame({"rank": scan["rank"], "vs_top": scan["status"], "vs_top_lo": scan["lo"],
+                         "vs_top_hi": scan["hi"], "vs_top_margin": scan["margin"],
+                         "equivalent_top": (scan["status"] == "equivalent").astype(float)})
 
 
 def metric_rank(results, *, panel: str | None = None, metric: str | None = None) -> pd.DataFrame:
@@ -177,54 +291,89 @@ def _by_module(df: pd.DataFrame, col: str) -> pd.DataFrame:
     return pd.concat([per, overall], ignore_index=True)
 
 
-CONVERGENCE = {       # column of the convergence table: (panel title, y label)
-    "rel_dist": ("distance to the full update",
-                 r"$\|\Delta W_r - \Delta W_{\rm full}\|_F \,/\, \|\Delta W_{\rm full}\|_F$"),
+# Column of the convergence table: (panel title, y label, {figure column: its null's column}).
+# The scale-free measures first, each with its null; the distance last: it reads the rates.
+CONVERGENCE = {
+    "fro_cos": ("Frobenius cosine with the full update",
+                r"$\cos_F(\Delta W_r, \Delta W_{\rm full})$",
+                {"null_q99": "fro_cos_null_q99"}),
     "phi_full_{side}": ("top-r directions shared with full",
-                        r"$\phi(\Delta W_r, \Delta W_{\rm full})$"),
-    "energy_share": ("full update's energy in ΔW_r's span",
-                     r"share of $\|\Delta W_{\rm full}\|_F^2$"),
+                        r"$\phi(\Delta W_r, \Delta W_{\rm full})$",
+                        {"null_q95": "phi_full_{side}_null_q95",
+                         "null_q99": "phi_full_{side}_null_q99"}),
+    "energy_share": ("energy of ΔW_full in the column space of ΔW_r",
+                     r"share of $\|\Delta W_{\rm full}\|_F^2$",
+                     {"null_mean": "energy_share_null", "null_q99": "energy_share_null_q99"}),
     "phi_next_{side}": ("neighbouring ranks r, r′",
-                        r"$\phi(\Delta W_r, \Delta W_{r'})$"),
+                        r"$\phi(\Delta W_r, \Delta W_{r'})$",
+                        {"null_q95": "phi_next_{side}_null_q95",
+                         "null_q99": "phi_next_{side}_null_q99"}),
+    "rel_dist": ("distance to the full update (scale-bound)",
+                 r"$\|\Delta W_r - \Delta W_{\rm full}\|_F \,/\, \|\Delta W_{\rm full}\|_F$",
+                 {}),
 }
 
 
 def convergence(results, *, side: str = "right") -> pd.DataFrame:
-    """Convergence as r grows: the metric, then each measure of CONVERGENCE, per module and all."""
+    """Convergence as r grows: the metric, then each measure of CONVERGENCE, per module and all.
+
+    Each row carries its null like its value (``null_mean``, ``null_q95``, ``null_q99``: the
+    median over layers, or over modules for "all modules"), so that a check compares a row with
+    its own null; ``excess`` = value − null_mean where there is a mean (the energy share over
+    chance, whose growth with r is not chance's own r/d_out).
+    """
     tables = _one(results)
     conv = _table(tables, "convergence", "the convergence figure")
     rows = [metric_rank({"LoRA": tables})]
-    for col, (title, label) in CONVERGENCE.items():
+    for col, (title, label, nulls) in CONVERGENCE.items():
         col = col.format(side=side)
         if col not in conv or conv[col].isna().all():
             continue
-        d = _by_module(conv.dropna(subset=[col]), col)
+        have = conv.dropna(subset=[col])
+        d = _by_module(have, col)
+        for out, src in nulls.items():   # the same groups in the same order as d's
+            src = src.format(side=side)
+            if src in have:
+                d[out] = _by_module(have, src)["value"].to_numpy()
+        if "null_mean" in d:
+            d["excess"] = d["value"] - d["null_mean"]
         rows.append(d.assign(plot="convergence_curves", panel=title, quantity=label))
     return _panels(rows)
 
 
 def relation(results, *, layer: int | None = None,
              modules: list[str] | None = None) -> pd.DataFrame:
-    """Hu et al. Table 7: ‖UᵀWV‖_F for ΔW's, W's and random top-r directions, and amplification."""
+    """Hu et al. Table 7: ‖UᵀWV‖_F for ΔW's, W's and random top-r directions, and amplification.
+
+    Every bar row carries its run's ``w_own`` (‖UᵀWV‖_F on W's own top-r directions) and
+    ``random_q99`` (the 99% quantile of random directions'), so that ΔW's bar is compared with
+    both rank by rank; every amplification row carries ``within_noise`` (ΔW's ‖UᵀWV‖_F not above
+    ``random_q99``: its amplification is that of a random direction, no evidence).
+    """
     rel = _table(_one(results), "relation", "ΔW vs W")
     lora = rel[rel["method"] == "lora"]
     if lora.empty:
         raise InputError("ΔW vs W needs LoRA runs in the relation table")
     lay = _mid_layer(lora, layer)
-    at = lora[lora["layer"] == lay]
+    at = lora[lora["layer"] == lay].assign(w_own=lambda d: d["w_dirs"])
+    if "random_q99" in at:          # as the relation table's amplification_within_noise
+        at = at.assign(within_noise=~(at["delta_dirs"] > at["random_q99"]))
     modules = list(modules or dict.fromkeys(at["module"]))
     names = {"delta_dirs": "ΔW's top-r", "w_dirs": "W's top-r",
              "random_expected": "random (expected)"}
+    ids = [c for c in ("rank", "seed", "module", "layer", "w_fro", "w_own", "random_q99")
+           if c in at]
     rows = []
     for m in modules:
-        d = at[at["module"] == m].melt(id_vars=["rank", "seed", "module", "layer", "w_fro"],
-                                       value_vars=list(names), var_name="directions")
+        d = at[at["module"] == m].melt(id_vars=ids, value_vars=list(names), var_name="directions")
         d["directions"] = d["directions"].map(names)
         rows.append(d.assign(plot="relation_bars", panel=f"W = {m}, layer {lay}",
                              quantity=r"$\|U^\top W V\|_F$"))
     amp = at[at["module"].isin(modules)].rename(columns={"module": "series",
                                                          "amplification": "value"})
-    rows.append(amp[["method", "rank", "seed", "series", "value"]].assign(
+    keep = [c for c in ("method", "rank", "seed", "series", "value", "delta_dirs", "random_q99",
+                        "within_noise") if c in amp]
+    rows.append(amp[keep].assign(
         plot="convergence_curves", panel=f"amplification, layer {lay}",
         quantity=r"amplification $\|\Delta W\|_F \,/\, \|U^\top W V\|_F$"))
     return _panels(rows)
@@ -273,7 +422,12 @@ ENERGY_FLOORS = dict(zip(("energy_rank_90_noise", "energy_rank_90_seeddiff"), FL
 
 
 def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
-    """Biderman et al.: the full update's energy rank k_τ by layer and module (attention vs MLP)."""
+    """Biderman et al.: the full update's energy rank k_τ by layer and module (attention vs MLP).
+
+    Each by-layer row carries k_τ relative to its module: ``share_of_min_d`` = k_τ / min(d_out,
+    d_in) and, for τ = 90, ``share_of_floor`` = k₉₀ / the k₉₀ of a Gaussian matrix of its shape
+    (``energy_rank_90_noise``), so that widths compare.
+    """
     mods = _table(_one(results), "modules", "the energy-rank figure")
     full = mods[mods["method"] == "full"]
     if full.empty:
@@ -286,7 +440,13 @@ def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
             "module": [m], "group": [group], "value": [float(v)]})
             for col, group in ENERGY_FLOORS.items() if col in full
             for m, v in full.groupby("module")[col].median().dropna().items()])
-    by_layer = full[["layer", "module", "group", "seed"]].assign(value=full[f"energy_rank_{tau}"])
+    k = pd.to_numeric(full[f"energy_rank_{tau}"], errors="coerce")
+    by_layer = full[["layer", "module", "group", "seed"]].assign(value=k)
+    if {"d_out", "d_in"} <= set(full):
+        by_layer["share_of_min_d"] = k / np.minimum(full["d_out"], full["d_in"]).astype(float)
+    if tau == 90 and "energy_rank_90_noise" in full:
+        by_layer["share_of_floor"] = k / pd.to_numeric(full["energy_rank_90_noise"],
+                                                       errors="coerce")
     taus = [c for c in ("energy_rank_50", "energy_rank_90", "energy_rank_99") if c in full]
     bars = full.groupby(["group", "module"])[taus].median().reset_index().melt(
         id_vars=["group", "module"], value_vars=taus, var_name="tau")
@@ -318,8 +478,20 @@ def energy_shares(spectra: pd.DataFrame, ks) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["run", "k", "value"])
 
 
+def _median_min_d(tables: dict) -> float:
+    """The median over the full runs' updated modules of min(d_out, d_in) (NaN without them)."""
+    mods = tables.get("modules")
+    if mods is None or mods.empty or not {"d_out", "d_in", "method"} <= set(mods):
+        return np.nan
+    full = mods[mods["method"] == "full"]
+    return float(np.minimum(full["d_out"], full["d_in"]).median()) if len(full) else np.nan
+
+
 def truncation(results) -> pd.DataFrame:
-    """The truncation test: gain share of W_0 + trunc_k(ΔW) vs k, beside ΔW_full's energy share."""
+    """The truncation test: gain share of W_0 + trunc_k(ΔW) vs k, beside ΔW_full's energy share.
+
+    Every row carries ``k_share`` = k / the median module's min(d_out, d_in), so that a
+    "small k" reads the same on models of any width."""
     tables = _one(results)
     curve = _table(tables, "truncation", "the truncation figure")
     k0 = curve.loc[curve["k"] == 0, "k0_share"] if "k0_share" in curve else pd.Series(dtype=float)
@@ -337,8 +509,10 @@ def truncation(results) -> pd.DataFrame:
             e = energy_shares(full, ks)
             rows.append(e.groupby("k")["value"].mean().reset_index().assign(
                 curve=r"energy share of $\Delta W_{\rm full}$ (median module)"))
-    return _panels([pd.concat(rows, ignore_index=True).assign(
-        plot="truncation_curve", panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$" + base)])
+    df = pd.concat(rows, ignore_index=True)
+    return _panels([df.assign(
+        k_share=df["k"] / _median_min_d(tables), plot="truncation_curve",
+        panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$" + base)])
 
 
 def rank_tokens(results) -> pd.DataFrame:

@@ -170,9 +170,16 @@ def convergence_curves(df: pd.DataFrame, *, ax=None):
 
     Args:
         df: columns ``series`` (module, or "all modules"), ``method`` (``lora``), ``rank``,
-            ``seed``, ``value`` (a median over layers) and ``quantity`` (the y label).
+            ``seed``, ``value`` (a median over layers) and ``quantity`` (the y label);
+            optionally ``null_q99``, the null's 99% quantile of each row: a dotted grey line
+            at its median per rank (over the "all modules" rows when there are some).
     """
-    ax = _rank_lines(df, _axes(ax))
+    ax = _axes(ax)
+    if "null_q99" in df and df["null_q99"].notna().any():
+        rows = df[df["series"] == OVERALL] if (df["series"] == OVERALL).any() else df
+        q = rows.dropna(subset=["rank", "null_q99"]).groupby("rank")["null_q99"].median()
+        ax.plot(q.index, q.to_numpy(), color="0.5", ls=":", lw=1.0, label="random: 99% quantile")
+    ax = _rank_lines(df, ax)
     if df["value"].between(0, 1).all() and any(w in _label(df) for w in ("phi", "share")):
         ax.set_ylim(-0.02, 1.02)         # φ and energy shares live in [0, 1]
     return ax

@@ -176,3 +176,107 @@ def test_convergence_of_a_lora_update_to_the_full_one_known_by_construction():
         assert conv.loc[1, f"phi_next_{side}"] == pytest.approx(1.0, abs=1e-12)
         assert math.isnan(conv.loc[2, f"phi_next_{side}"])      # no larger rank after r = 2
     np.testing.assert_allclose(conv["full_fro_norm"], math.sqrt(14), rtol=1e-6)
+
+
+def _convergence_runs(full_dense, loras, name="model.layers.0.self_attn.q_proj"):
+    """A full run with ΔW = ``full_dense`` and one LoRA run per {rank: (B, A)} (scale 1), seed 0."""
+    d_out, d_in = full_dense.shape
+    full = ModuleDelta(name, 0, "q_proj", d_out, d_in, dense=full_dense)
+    runs = [RunDecomp("full-s0", "full", None, 0, {}, {name: decompose(full)})]
+    for r, (B, A) in loras.items():
+        lora = ModuleDelta(name, 0, "q_proj", d_out, d_in, B=B, A=A, scale=1.0)
+        runs.append(RunDecomp(f"lora-r{r}-s0", "lora", r, 0, {}, {name: decompose(lora)}))
+    return runs
+
+
+@pytest.mark.parametrize("c", [0.25, 1.0, 3.0, 40.0])
+def test_convergence_is_scale_free_where_the_distance_is_not(c):
+    """ΔW_r = c·ΔW_full (ΔW_full of rank 2, r = 2): the same directions at any scale, so
+    fro_cos = φ to full = energy share = 1 for every c, while rel_dist = |c − 1| (above 1 from
+    c = 2: it reads the step size, not the directions)."""
+    p, q = _orthonormal(12, 2, 3), _orthonormal(10, 2, 4)
+    sig = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    runs = _convergence_runs((p * sig) @ q.T, {2: (c * p * sig, q.T)})
+    row = S.convergence_table(runs, n_draws=20).iloc[0]
+    assert row["fro_cos"] == pytest.approx(1.0, abs=1e-6)   # ΔW_full's SVD is float32
+    assert row["energy_share"] == pytest.approx(1.0, abs=1e-6)
+    for side in S.SIDES:
+        assert row[f"phi_full_{side}"] == pytest.approx(1.0, abs=1e-6)
+    assert row["rel_dist"] == pytest.approx(abs(c - 1), abs=1e-6)
+
+
+def test_an_orthogonal_update_shares_nothing_with_the_full_one():
+    """ΔW_r's columns and rows orthogonal to ΔW_full's: fro_cos = 0, φ to full = 0, and none of
+    ΔW_full's energy in ΔW_r's column space; its nulls stay positive."""
+    p, q = _orthonormal(12, 4, 5), _orthonormal(10, 4, 6)
+    runs = _convergence_runs(2 * p[:, :2] @ q[:, :2].T, {2: (p[:, 2:], q[:, 2:].T)})
+    row = S.convergence_table(runs, n_draws=20).iloc[0]
+    assert row["fro_cos"] == pytest.approx(0.0, abs=1e-12)
+    assert row["energy_share"] == pytest.approx(0.0, abs=1e-12)
+    for side in S.SIDES:
+        assert row[f"phi_full_{side}"] == pytest.approx(0.0, abs=1e-12)
+    assert row["fro_cos_null_q99"] > 0 and row["energy_share_null_q99"] > 0
+
+
+def test_convergence_nulls_are_the_exact_laws_of_their_sizes():
+    """d_out = 12, d_in = 10. fro_cos: |cos| with a random direction of R^120, cos² ~
+    Beta(1/2, 119/2). φ(1, 1) in R^n: Beta(1/2, (n − 1)/2), n = 12 (left) and 10 (right); φ(2, 2):
+    the module's seeded Haar draws (``_null``). energy_share_null = r/d_out. Its 99% quantile:
+    for ΔW_full with d_out equal singular values (a partial isometry) every random r-dim
+    subspace holds exactly r/d_out of the energy; for a rank-1 ΔW_full the share is
+    Beta(r/2, (d_out − r)/2)."""
+    from scipy.stats import beta
+
+    p, q = _orthonormal(12, 12, 7), _orthonormal(10, 3, 8)
+    loras = {r: (p[:, :r], q[:, :r].T) for r in (1, 2)}
+    conv = S.convergence_table(_convergence_runs(3 * p[:, :1] @ q[:, :1].T, loras),
+                               n_draws=4000).set_index("rank")
+    np.testing.assert_allclose(conv["fro_cos_null_q99"], math.sqrt(beta.ppf(0.99, 0.5, 119 / 2)))
+    for side, n in (("left", 12), ("right", 10)):
+        assert conv.loc[1, f"phi_full_{side}_null_q99"] == pytest.approx(beta.ppf(0.99, 0.5, (n - 1) / 2))
+        assert conv.loc[1, f"phi_full_{side}_null_q95"] == pytest.approx(beta.ppf(0.95, 0.5, (n - 1) / 2))
+        assert conv.loc[1, f"phi_next_{side}_null_q99"] == conv.loc[1, f"phi_full_{side}_null_q99"]
+        assert (conv.loc[2, f"phi_full_{side}_null_q95"], conv.loc[2, f"phi_full_{side}_null_q99"]) \
+            == S._null(n, 2, 2, {}, 4000)
+    np.testing.assert_allclose(conv["energy_share_null"], [1 / 12, 2 / 12])
+    for r in (1, 2):   # rank-1 ΔW_full: exact Beta, estimated from 4000 draws
+        assert conv.loc[r, "energy_share_null_q99"] == pytest.approx(
+            beta.ppf(0.99, r / 2, (12 - r) / 2), rel=0.1)
+    flat = S.convergence_table(_convergence_runs(p @ _orthonormal(14, 12, 9).T, {
+        r: (p[:, :r], _orthonormal(14, r, 10).T) for r in (1, 3)}), n_draws=50).set_index("rank")
+    np.testing.assert_allclose(flat["energy_share_null_q99"], [1 / 12, 3 / 12], rtol=1e-5)
+    np.testing.assert_allclose(flat["energy_share"], [1 / 12, 3 / 12], rtol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_the_convergence_figure_checks_read_each_row_against_its_own_null(aligned):
+    """ΔW_full = p diag(3, 2, 1) qᵀ in R^{40×30}; LoRA r = 1, 2, 3 hold its top r terms five
+    times larger (rel_dist > 1 at every r: the old criterion failed), or directions orthogonal
+    to all of it. Aligned: φ = 1, the energy share 9/14, 13/14, 1 and fro_cos its root beat
+    their nulls, and the share's excess over r/40 grows from r = 1 to 3: every check holds.
+    Orthogonal: fro_cos, φ and the share are 0: no check holds."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from rankscope.outputs.experiments import load_experiment
+    from rankscope.outputs.figure_data import convergence
+    from rankscope.outputs.in_shape import evaluate
+
+    p, q = _orthonormal(40, 6, 11), _orthonormal(30, 6, 12)
+    sig = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    off = 0 if aligned else 3
+    loras = {r: (5 * p[:, off:off + r] * sig[:r], q[:, off:off + r].T) for r in (1, 2, 3)}
+    runs = _convergence_runs((p[:, :3] * sig) @ q[:, :3].T, loras)
+    conv = S.convergence_table(runs, n_draws=50)
+    assert (conv["rel_dist"] > 1).all()
+    if aligned:
+        np.testing.assert_allclose(conv["fro_cos"] ** 2, [9 / 14, 13 / 14, 1], rtol=1e-6)
+    metrics = pd.DataFrame([{"run": r.run, "method": r.method, "rank": r.rank, "seed": 0,
+                             "before_loss": 3.0, "after_loss": 2.0} for r in runs])
+    df = convergence({"sweep": {"convergence": conv, "metrics": metrics}}, side="right")
+    cos = df[df["panel"] == "Frobenius cosine with the full update"]
+    assert cos["null_q99"].notna().all() and "excess" in df
+    exp = load_experiment(Path(__file__).parents[2] / "experiments/paper/convergence.yaml")
+    checks = evaluate(df, list(exp.in_shape))
+    assert [c["status"] for c in checks] == ["yes" if aligned else "no"] * 4

@@ -198,18 +198,18 @@ def test_alpha_policies_draws_loss_and_update_size_per_policy_and_its_checks_rea
     from rankscope.outputs.in_shape import evaluate, reproduced
     from rankscope.outputs.experiments import load_experiment
 
-    loss = {8: 1.5, 64: 1.5}
-    results = {"α = 2r": {"metrics": _policy_metrics({8: 1.0, 64: 8.0}, loss)},
-               "fixed α = 16": {"metrics": _policy_metrics({8: 1.0, 64: 0.5}, loss)},
-               "rsLoRA": {"metrics": _policy_metrics({8: 1.0, 64: 2.8}, {8: 1.5, 64: 1.51})}}
+    loss = {4: 1.5, 64: 1.5}
+    results = {"α = 2r": {"metrics": _policy_metrics({4: 1.0, 64: 8.0}, loss)},
+               "fixed α = 8": {"metrics": _policy_metrics({4: 1.0, 64: 0.5}, loss)},
+               "rsLoRA": {"metrics": _policy_metrics({4: 1.0, 64: 2.8}, {4: 1.5, 64: 1.51})}}
     df = BUILDERS["alpha_policies"](results, metric="loss")
     fro = df[df["plot"] == "convergence_curves"].set_index(["series", "rank"])["value"]
-    assert fro.to_dict() == {("α = 2r", 8): 1.0, ("α = 2r", 64): 8.0, ("fixed α = 16", 8): 1.0,
-                             ("fixed α = 16", 64): 0.5, ("rsLoRA", 8): 1.0, ("rsLoRA", 64): 2.8}
+    assert fro.to_dict() == {("α = 2r", 4): 1.0, ("α = 2r", 64): 8.0, ("fixed α = 8", 4): 1.0,
+                             ("fixed α = 8", 64): 0.5, ("rsLoRA", 4): 1.0, ("rsLoRA", 64): 2.8}
     assert df[df["plot"] == "metric_vs_rank"]["panel"].iloc[0] == "held-out loss vs r, by α policy"
     checks = evaluate(df, list(load_experiment(f"{EXPERIMENTS}/alpha_policies.yaml").in_shape))
     assert [c["status"] for c in checks] == ["yes", "yes", "yes", "yes"]   # 1.51 ≤ 1.01 × 1.5
-    results["rsLoRA"]["metrics"] = _policy_metrics({8: 1.0, 64: 9.0}, {8: 1.5, 64: 1.6})
+    results["rsLoRA"]["metrics"] = _policy_metrics({4: 1.0, 64: 9.0}, {4: 1.5, 64: 1.6})
     checks = evaluate(BUILDERS["alpha_policies"](results, metric="loss"),
                       list(load_experiment(f"{EXPERIMENTS}/alpha_policies.yaml").in_shape))
     assert [c["status"] for c in checks] == ["yes", "yes", "no", "no"]
