@@ -93,7 +93,7 @@ def figures(experiment, all_, variant, out, runs_root, quiet):
     for f in files:
         run_experiment(f, variant=variant, out=out, runs_root=runs_root,
                        log=lambda s: click.echo(s, err=True), progress=not quiet)
-    from rankscope.outputs.in_shape import write_shape_table
+    from rankscope.outputs.shape_table import write_shape_table
 
     click.echo(f"wrote the reproduced-or-not table to {write_shape_table(out)}")
 

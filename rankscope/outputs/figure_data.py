@@ -8,200 +8,19 @@ re-drawn from its CSV alone. Each builder takes ``results`` = {sweep label: {tab
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pandas as pd
 
 from rankscope.errors import InputError
+from rankscope.outputs.figure_subspace import subspace_ranks, subspace_seeds
+from rankscope.outputs.figure_tables import mid_layer, need_table, one_sweep, panels
 from rankscope.outputs.plots import FLOORS, OVERALL as ALL
 from rankscope.analysis.equivalence import equivalence_scan
 from rankscope.analysis.verdict import declared_margin, loss_gain, metric_name
 
 
-
-def _one(results: dict) -> dict[str, pd.DataFrame]:
-    return next(iter(results.values()))
-
-
-def _table(tables: dict, name: str, what: str) -> pd.DataFrame:
-    df = tables.get(name)
-    if df is None or df.empty:
-        raise InputError(f"{what} needs the {name} table, which the results lack or is empty")
-    return df
-
-
-def _mid_layer(df: pd.DataFrame, layer: int | None) -> int:
-    layers = sorted(int(x) for x in df["layer"].dropna().unique())
-    if layer is None:
-        return layers[len(layers) // 2]
-    if layer not in layers:
-        raise InputError(f"layer {layer} is not in the results (layers: {layers})")
-    return layer
-
-
-def _panels(rows: list[pd.DataFrame]) -> pd.DataFrame:
-    front = ["plot", "panel"]
-    df = pd.concat(rows, ignore_index=True)
-    return df[front + [c for c in df.columns if c not in front]]
-
-
-SPACES = {"left": ("B", "column space (B)"), "right": ("A", "row space (A)")}
-MOVED = 0.5         # below this ‖A − A₀‖/‖A₀‖, A's row space is still mostly its random init
-DIAG = 16           # the seeds' block test: mean φ(i, i) over i ≤ 16 (Hu et al. Fig. 4's corner)
-NULL_DRAWS = 200    # seeded Haar draws behind that statistic's null quantile
-
-
-def _grids(results, pair: str, *, side: str, layer: int | None, modules):
-    """The φ(i, j) grids of ``pair`` on ``side`` at every layer the grid table holds.
-
-    Returns:
-        (rows, modules, layers): ``layers`` starts with the one drawn in full (``layer``, or
-        the middle one), then the others in order.
-    """
-    g = _table(_one(results), "subspace_grid", "a φ(i, j) heatmap")
-    g = g[(g["pair"] == pair) & (g["side"] == side)]
-    if "basis" in g:        # one trained basis per side (A, not A − A₀, on the row space)
-        g = g[g["basis"].isin([SPACES[side][0], "random"]) | (g["source"] != "trained")]
-    if g.empty:
-        raise InputError(f"no φ(i, j) grid for a pair of {pair} on the {side} side: the sweep "
-                         f"needs {'two ranks' if pair == 'ranks' else 'two seeds at its top rank'}")
-    first = _mid_layer(g, layer)
-    layers = [first] + sorted(int(x) for x in g["layer"].dropna().unique() if int(x) != first)
-    modules = list(modules or dict.fromkeys(g.loc[g["layer"] == first, "module"]))
-    cols = [c for c in ("module", "name", "layer", "side", "source", "rank_1", "rank_2",
-                        "seed_1", "seed_2", "i", "j", "phi", "null_q99", "a_moved") if c in g]
-    return g[cols], modules, layers
-
-
-def _evidence(gm: pd.DataFrame, side: str) -> str:
-    """The panel's evidence: φ(1, 1) against its null's 99% quantile, and how far A moved."""
-    top = gm[(gm["i"] == 1) & (gm["j"] == 1)]
-    text = f"φ(1,1) = {top['phi'].iloc[0]:.2f}" if len(top) else ""
-    if len(top) and "null_q99" in top and pd.notna(top["null_q99"].iloc[0]):
-        text += f", null 99%: {top['null_q99'].iloc[0]:.3f}"
-    moved = gm["a_moved"].dropna() if "a_moved" in gm else pd.Series(dtype=float)
-    if side == "right" and len(moved):
-        a = float(moved.min())
-        text += f"; A moved {a:.2f}" + (" — not moved: φ reads A's init" if a < MOVED else "")
-    return text
-
-
-def subspace_ranks(results, *, sides=("left", "right"), layer: int | None = None,
-                   modules: list[str] | None = None, zoom: int = 8, side: str | None = None,
-                   layers: list[int] | None = None) -> pd.DataFrame:
-    """Hu et al. Figure 3: φ(ΔW_{r1}, ΔW_{r2}, i, j) of one seed on the column space (B) and the
-    row space (A), whole and zoomed (i, j ≤ zoom); each title carries φ(1, 1), its null's 99%
-    quantile and, on the row space, how far A moved from its initialisation. Every other layer
-    of the grid table gets a whole panel too, so that φ(1, 1) is read over layers; ``view``
-    ("whole" or "zoom") tells the zoomed copies of the first layer's cells apart. The first
-    seed's pair is drawn at every layer; each other seed's at the first layer, so that φ(1, 1)
-    is read per seed too. ``side`` (one side only) is kept for experiment files that name it;
-    ``layers`` are the layers ``compare`` computed grids at (``pipeline.figures``)."""
-    panels = []
-    for sd in ((side,) if side else sides):
-        g, mods, at = _grids(results, "ranks", side=sd, layer=layer, modules=modules)
-        g = g[g["source"] == "trained"]
-        seeds = sorted(g["seed_1"].dropna().unique()) if "seed_1" in g else [None]
-        cells = [(at[0], s) for s in seeds[:1]] + [(lay, seeds[0]) for lay in at[1:]] + \
-            [(at[0], s) for s in seeds[1:]]
-        for m in mods:
-            for lay, seed in cells:
-                gm = g[(g["module"] == m) & (g["layer"] == lay)]
-                gm = gm[gm["seed_1"] == seed] if seed is not None else gm
-                if gm.empty:
-                    continue
-                r1, r2 = int(gm["rank_1"].iloc[0]), int(gm["rank_2"].iloc[0])
-                where = f"{SPACES[sd][1]} of ΔW {m}, layer {lay}" + \
-                    (f", seed {int(seed)}" if seed is not None and len(seeds) > 1 else "")
-                panels.append(gm.assign(plot="subspace_heatmap", view="whole", panel=(
-                    f"{where}: r = {r1} vs {r2}\n{_evidence(gm, sd)}")))
-                if (lay, seed) == cells[0]:
-                    z = min(zoom, r1)
-                    panels.append(gm[(gm["i"] <= z) & (gm["j"] <= z)].assign(
-                        plot="subspace_heatmap", view="zoom", panel=f"{where}: i, j ≤ {z}"))
-    return _panels(panels)
-
-
-def _shapes(results) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of each module name, from the modules table (empty without one)."""
-    mods = _one(results).get("modules")
-    if mods is None or mods.empty or not {"name", "d_out", "d_in"} <= set(mods):
-        return {}
-    first = mods.drop_duplicates("name")
-    return {n: (int(o), int(i)) for n, o, i in zip(first["name"], first["d_out"], first["d_in"])}
-
-
-@functools.lru_cache(maxsize=None)
-def diag_null_q99(n: int, k: int, n_draws: int = NULL_DRAWS) -> float:
-    """The 99% quantile of mean_{i ≤ k} φ(i, i) between two independent Haar k-frames of R^n.
-
-    φ(i, i) = ‖X_iᵀ Y_i‖_F² / i on the top-i columns (Hu et al. eq. 4); the mean over the
-    diagonal is one statistic, so its null is drawn whole (``n_draws`` seeded draws), not
-    assembled from the cells' own quantiles.
-    """
-    import torch
-
-    from rankscope.linalg.subspace import random_orthonormal
-
-    gen = torch.Generator().manual_seed(1_000_003 * n + k)
-    stats = np.empty(n_draws)
-    for t in range(n_draws):
-        x, y = (random_orthonormal(n, k, generator=gen) for _ in range(2))     # (n, k) each
-        cum = (x.T @ y).square().numpy().cumsum(axis=0).cumsum(axis=1)        # (k, k)
-        stats[t] = float(np.mean(np.diag(cum) / np.arange(1, k + 1)))
-    return float(np.quantile(stats, 0.99))
-
-
-def _diag_block(gm: pd.DataFrame, n: int | None) -> pd.DataFrame:
-    """``gm`` (one grid) with ``diag_phi`` = mean_{i ≤ k} φ(i, i), k = ``diag_k`` =
-    min(DIAG, its sizes), and ``diag_null_q99`` (NaN when n, the dimension compared, is unknown)."""
-    k = int(min(DIAG, gm["i"].max(), gm["j"].max()))
-    diag = gm[(gm["i"] == gm["j"]) & (gm["i"] <= k)]["phi"]
-    null = diag_null_q99(n, k) if n else np.nan
-    return gm.assign(diag_k=k, diag_phi=float(diag.mean()), diag_null_q99=null)
-
-
-def subspace_seeds(results, *, sides=("left", "right"), layer: int | None = None,
-                   modules: list[str] | None = None, side: str | None = None,
-                   layers: list[int] | None = None) -> pd.DataFrame:
-    """Hu et al. Figure 4: φ(i, j) between two seeds at the top rank on both spaces (titles as
-    in ``subspace_ranks``, one panel per layer of the grid table), and two random subspaces of
-    the same sizes. Every row carries its grid's block statistic (``_diag_block``): the mean
-    φ(i, i) over the top-16 diagonal and its null's 99% quantile, n = d_out on the column
-    space and d_in on the row space."""
-    rows, shapes = [], _shapes(results)
-    for sd in ((side,) if side else sides):
-        g, mods, layers = _grids(results, "seeds", side=sd, layer=layer, modules=modules)
-        for m in mods:
-            for lay in layers:
-                gm = g[(g["module"] == m) & (g["source"] == "trained") & (g["layer"] == lay)]
-                if gm.empty:
-                    continue
-                s1, s2 = int(gm["seed_1"].iloc[0]), int(gm["seed_2"].iloc[0])
-                r = int(gm["rank_1"].iloc[0])
-                gm = _diag_block(gm, _dim(shapes, gm, sd))
-                block = (f"mean φ(i,i), i ≤ {gm['diag_k'].iloc[0]} = {gm['diag_phi'].iloc[0]:.3f}"
-                         f", null 99%: {gm['diag_null_q99'].iloc[0]:.3f}")
-                rows.append(gm.assign(plot="subspace_heatmap", panel=(
-                    f"{SPACES[sd][1]} of ΔW {m}, layer {lay}: seeds {s1} vs {s2}, r = {r}\n"
-                    f"{_evidence(gm, sd)}\n{block}")))
-    rnd = g[(g["module"] == mods[0]) & (g["source"] == "random") & (g["layer"] == layers[0])]
-    rows.append(_diag_block(rnd, _dim(shapes, rnd, sd)).assign(
-        plot="subspace_heatmap", panel="two random subspaces, same sizes"))
-    df = _panels(rows)
-    # without the modules' shapes there is no null: no column, so a check of it reads "no data"
-    return df.drop(columns="diag_null_q99") if df["diag_null_q99"].isna().all() else df
-
-
-def _dim(shapes: dict, gm: pd.DataFrame, side: str) -> int | None:
-    """The dimension φ compares on ``side``: d_out (column space) or d_in (row space)."""
-    shape = shapes.get(gm["name"].iloc[0]) if "name" in gm and len(gm) else None
-    return None if shape is None else shape[0 if side == "left" else 1]
-
-
 def _metric_rows(label: str, tables: dict, key: str) -> list[pd.DataFrame]:
-    m = _table(tables, "metrics", "metric vs r")
+    m = need_table(tables, "metrics", "metric vs r")
     if f"after_{key}" not in m:
         raise InputError(f"metric vs r: the runs have no held-out {key} (they have "
                          f"{', '.join(c.removeprefix('after_') for c in m if c.startswith('after_'))})")
@@ -254,12 +73,12 @@ def metric_rank(results, *, panel: str | None = None, metric: str | None = None)
         metric: the held-out quantity drawn: ``loss`` (every task has it), or by default the
             task's own metric (accuracy for classification, loss otherwise).
     """
-    key = metric or metric_name(_table(_one(results), "metrics", "metric vs r"))[0]
+    key = metric or metric_name(need_table(one_sweep(results), "metrics", "metric vs r"))[0]
     rows = [r for label, tables in results.items() for r in _metric_rows(label, tables, key)]
     df = pd.concat(rows, ignore_index=True)
     df = df.drop_duplicates(subset=["method", "series", "rank", "seed", "value"])
     title = (panel or "held-out {} vs LoRA rank").replace("{}", key)
-    return _panels([df.assign(plot="metric_vs_rank", panel=title, quantity=f"held-out {key}")])
+    return panels([df.assign(plot="metric_vs_rank", panel=title, quantity=f"held-out {key}")])
 
 
 def alpha_policies(results, *, metric: str | None = None) -> pd.DataFrame:
@@ -268,7 +87,7 @@ def alpha_policies(results, *, metric: str | None = None) -> pd.DataFrame:
     smaller one, rsLoRA (s = α/√r) lies between."""
     rows = []
     for label, tables in results.items():
-        m = _table(tables, "metrics", "‖ΔW‖ vs r")
+        m = need_table(tables, "metrics", "‖ΔW‖ vs r")
         lora = m[m["method"] == "lora"]
         rows.append(lora[["method", "rank", "seed"]].assign(series=label,
                                                             value=lora["delta_fro_median"]))
@@ -277,7 +96,7 @@ def alpha_policies(results, *, metric: str | None = None) -> pd.DataFrame:
         subset=["method", "series", "rank", "seed", "value"]).assign(
         plot="convergence_curves", panel=r"$\|\Delta W_r\|_F$ vs r, by α policy",
         quantity=r"$\|\Delta W\|_F$ (median module)")
-    return _panels([metric_rank(results, metric=metric, panel="held-out {} vs r, by α policy"),
+    return panels([metric_rank(results, metric=metric, panel="held-out {} vs r, by α policy"),
                     fro])
 
 
@@ -322,8 +141,8 @@ def convergence(results, *, side: str = "right") -> pd.DataFrame:
     its own null; ``excess`` = value − null_mean where there is a mean (the energy share over
     chance, whose growth with r is not chance's own r/d_out).
     """
-    tables = _one(results)
-    conv = _table(tables, "convergence", "the convergence figure")
+    tables = one_sweep(results)
+    conv = need_table(tables, "convergence", "the convergence figure")
     rows = [metric_rank({"LoRA": tables})]
     for col, (title, label, nulls) in CONVERGENCE.items():
         col = col.format(side=side)
@@ -338,7 +157,7 @@ def convergence(results, *, side: str = "right") -> pd.DataFrame:
         if "null_mean" in d:
             d["excess"] = d["value"] - d["null_mean"]
         rows.append(d.assign(plot="convergence_curves", panel=title, quantity=label))
-    return _panels(rows)
+    return panels(rows)
 
 
 def relation(results, *, layer: int | None = None,
@@ -350,11 +169,11 @@ def relation(results, *, layer: int | None = None,
     both rank by rank; every amplification row carries ``within_noise`` (ΔW's ‖UᵀWV‖_F not above
     ``random_q99``: its amplification is that of a random direction, no evidence).
     """
-    rel = _table(_one(results), "relation", "ΔW vs W")
+    rel = need_table(one_sweep(results), "relation", "ΔW vs W")
     lora = rel[rel["method"] == "lora"]
     if lora.empty:
         raise InputError("ΔW vs W needs LoRA runs in the relation table")
-    lay = _mid_layer(lora, layer)
+    lay = mid_layer(lora, layer)
     at = lora[lora["layer"] == lay].assign(w_own=lambda d: d["w_dirs"])
     if "random_q99" in at:          # as the relation table's amplification_within_noise
         at = at.assign(within_noise=~(at["delta_dirs"] > at["random_q99"]))
@@ -376,13 +195,13 @@ def relation(results, *, layer: int | None = None,
     rows.append(amp[keep].assign(
         plot="convergence_curves", panel=f"amplification, layer {lay}",
         quantity=r"amplification $\|\Delta W\|_F \,/\, \|U^\top W V\|_F$"))
-    return _panels(rows)
+    return panels(rows)
 
 
 def intruders(results, *, eps: list[float] | None = None, eps_module: float = 0.5,
               modules: list[str] | None = None) -> pd.DataFrame:
     """Shuttleworth et al.: intruder dimensions per module vs r for several ε, and per module."""
-    t = _table(_one(results), "intruders", "the intruder figure")
+    t = need_table(one_sweep(results), "intruders", "the intruder figure")
     modules = list(modules or dict.fromkeys(t[t["method"] == "lora"]["module"]))
     t = t[t["module"].isin(modules)]        # full runs: only the modules LoRA adapts
     if t.empty:
@@ -398,7 +217,7 @@ def intruders(results, *, eps: list[float] | None = None, eps_module: float = 0.
     per_mod = at.groupby(ids + ["module"], dropna=False)["count"].mean().reset_index()
     per_mod = per_mod.rename(columns={"module": "series"})
     q = f"intruders in top {k}, per module"
-    return _panels([
+    return panels([
         per_eps.rename(columns={"count": "value"}).assign(
             plot="intruder_counts", panel="intruder dimensions vs r, by ε", quantity=q),
         per_mod.rename(columns={"count": "value"}).assign(
@@ -428,7 +247,7 @@ def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
     d_in) and, for τ = 90, ``share_of_floor`` = k₉₀ / the k₉₀ of a Gaussian matrix of its shape
     (``energy_rank_90_noise``), so that widths compare.
     """
-    mods = _table(_one(results), "modules", "the energy-rank figure")
+    mods = need_table(one_sweep(results), "modules", "the energy-rank figure")
     full = mods[mods["method"] == "full"]
     if full.empty:
         raise InputError("the energy-rank figure needs a full fine-tuning run")
@@ -451,7 +270,7 @@ def energy(results, *, tau: int = 90, lora_rank: int = 16) -> pd.DataFrame:
     bars = full.groupby(["group", "module"])[taus].median().reset_index().melt(
         id_vars=["group", "module"], value_vars=taus, var_name="tau")
     bars["tau"] = "$k_{" + bars["tau"].str.rsplit("_", n=1).str[1] + "}$"
-    return _panels([
+    return panels([
         pd.concat([by_layer, ref]).assign(
             plot="energy_rank", panel=f"energy rank of the full update, τ = {tau / 100:g}",
             quantity=f"energy rank $k_{{{tau}}}$"),
@@ -492,8 +311,8 @@ def truncation(results) -> pd.DataFrame:
 
     Every row carries ``k_share`` = k / the median module's min(d_out, d_in), so that a
     "small k" reads the same on models of any width."""
-    tables = _one(results)
-    curve = _table(tables, "truncation", "the truncation figure")
+    tables = one_sweep(results)
+    curve = need_table(tables, "truncation", "the truncation figure")
     k0 = curve.loc[curve["k"] == 0, "k0_share"] if "k0_share" in curve else pd.Series(dtype=float)
     base = f" (k = 0 baseline: {k0.median():.0%} of the gain)" if k0.notna().any() else ""
     curve = curve[curve["k"] > 0]                       # shares are measured from k = 0
@@ -510,7 +329,7 @@ def truncation(results) -> pd.DataFrame:
             rows.append(e.groupby("k")["value"].mean().reset_index().assign(
                 curve=r"energy share of $\Delta W_{\rm full}$ (median module)"))
     df = pd.concat(rows, ignore_index=True)
-    return _panels([df.assign(
+    return panels([df.assign(
         k_share=df["k"] / _median_min_d(tables), plot="truncation_curve",
         panel=r"truncation test: $W_0 + {\rm trunc}_k(\Delta W)$" + base)])
 
@@ -519,7 +338,7 @@ def rank_tokens(results) -> pd.DataFrame:
     """Biderman et al.: k₉₀ of the update against the training tokens behind it, full
     fine-tuning by module group (median over modules and seeds) and LoRA by rank, each full
     group's Gaussian k₉₀ floor beside it (``analysis.snapshots``)."""
-    t = _table(_one(results), "snapshots", "rank vs tokens (a sweep trained with snapshots)")
+    t = need_table(one_sweep(results), "snapshots", "rank vs tokens (a sweep trained with snapshots)")
     if t.empty:
         raise InputError("rank vs tokens needs a sweep trained with snapshots (config "
                          "'snapshots': shares of the steps)")
@@ -534,7 +353,7 @@ def rank_tokens(results) -> pd.DataFrame:
     floor = full.groupby("series")["noise_k90"].median().reset_index()
     floor = floor.assign(series="Gaussian k₉₀ floor, " + floor["series"].str.rsplit(", ", n=1).str[1],
                          method="floor", value=floor["noise_k90"]).drop(columns="noise_k90")
-    return _panels([pd.concat([lines, floor], ignore_index=True).assign(
+    return panels([pd.concat([lines, floor], ignore_index=True).assign(
         plot="rank_vs_tokens", panel=r"energy rank $k_{90}$ of $\Delta W$ as training goes on",
         quantity=r"$k_{90}$ (median module)")])
 

@@ -12,7 +12,8 @@ from study_fixtures import PAPER
 from rankscope.errors import InputError
 from rankscope.outputs.experiments import load_experiment
 from rankscope.outputs.in_shape import (caption_note, check_criteria, evaluate, figure_gates,
-                                        reproduced, shape_table, spearman, write_shape_table)
+                                        reproduced, spearman)
+from rankscope.outputs.shape_table import shape_table, write_shape_table
 
 GRID = pd.DataFrame({       # φ(1, 1) of two modules on two sides, with their nulls
     "panel": ["q left", "q right", "v left", "v right"],
@@ -429,7 +430,7 @@ def _seed_tables(q_shared: bool) -> dict:
 
 
 def test_fig4_is_a_block_test_and_its_random_pair_a_sanity_check():
-    from rankscope.outputs.figure_data import diag_null_q99, subspace_seeds
+    from rankscope.outputs.figure_subspace import diag_null_q99, subspace_seeds
 
     df = subspace_seeds(_seed_tables(q_shared=True))
     q = df[(df["module"] == "q_proj") & (df["source"] == "trained")]
@@ -446,7 +447,7 @@ def test_fig4_is_a_block_test_and_its_random_pair_a_sanity_check():
 def test_the_block_statistics_null_by_construction():
     from scipy.stats import beta
 
-    from rankscope.outputs.figure_data import diag_null_q99
+    from rankscope.outputs.figure_subspace import diag_null_q99
 
     mean = np.mean(np.arange(1, 17) / 384)               # E φ(i, i) = i/n
     assert mean < diag_null_q99(384, 16) < 3 * mean
@@ -472,7 +473,7 @@ def _rank_tables(phi11: dict) -> dict:
 
 
 def test_fig3_reads_phi11_over_layers_not_at_one():
-    from rankscope.outputs.figure_data import subspace_ranks
+    from rankscope.outputs.figure_subspace import subspace_ranks
 
     df = subspace_ranks(_rank_tables({1: 0.6, 3: 0.7, 5: 0.45}))
     assert set(df["layer"]) == {1, 3, 5} and df["panel"].nunique() == 2 * 2 * (2 + 2)
