@@ -196,10 +196,14 @@ def equivalence(metrics: pd.DataFrame, examples: pd.DataFrame | None,
                     f"every LoRA rank up to r = {int(scan['rank'].max())} is worse than full "
                     f"fine-tuning beyond the margin; {head}"), per_rank
     w = widest.sort_values("detectable").iloc[0]
+    where = (f"its difference {w['diff']:+.3g} already lies beyond the margin, so more data "
+             "would more likely show it worse than equivalent; a larger rank may match"
+             if abs(w["diff"]) >= margin else
+             f"about {int(w['n_needed'])} held-out examples (or more seeds) would narrow it to "
+             "the margin")
     return _row("equivalence", "inconclusive", None, LOW_RANK, gate,
-                f"intervals too wide to tell: the narrowest inconclusive one (r = {int(w['rank'])}) "
-                f"could show ±{w['detectable']:.3g}; about {int(w['n_needed'])} held-out examples "
-                f"(or more seeds) would narrow it to the {head}"), per_rank
+                f"no rank decided: the narrowest inconclusive interval (r = {int(w['rank'])}) "
+                f"could show ±{w['detectable']:.3g}, and {where}; {head}"), per_rank
 
 
 def stability(metrics: pd.DataFrame, examples: pd.DataFrame | None) -> dict:

@@ -23,8 +23,9 @@ NEXT = {   # (test, status) → what to run next
                                         "held-out metric at 80% of the learning-rate schedule",
     ("LoRA gained", "fail"): "some LoRA runs did not improve: run more steps or raise the LoRA "
                              "learning rate",
-    ("equivalence", "inconclusive"): "narrow the equivalence intervals: at least two seeds, and "
-                                     "as many held-out examples as the equivalence note names",
+    ("equivalence", "inconclusive"): "decide the equivalence test: at least two seeds, as many "
+                                     "held-out examples as its note names, or ranks above the "
+                                     "largest where the differences lie beyond the margin",
     ("LoRA stable", "fail"): "a LoRA run trained unstably: search its learning rate at the "
                              "smallest and largest ranks too, or hold α constant in r (Hu et "
                              "al.'s protocol)",

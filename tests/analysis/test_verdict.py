@@ -163,7 +163,20 @@ def test_a_noisier_rank_does_not_pass_more_easily():
         got = status(table, "equivalence r = 4")
         assert got == ("worse" if noise < 1 else "inconclusive"), noise
         assert status(table, "equivalence") != "pass"
-    assert "held-out examples (or more seeds) would narrow it" in \
+    # its difference (−0.055) lies beyond the margin: more data would not make it equivalent
+    assert "already lies beyond the margin" in table.set_index("test").loc["equivalence", "note"]
+
+
+def test_a_wide_interval_around_a_small_difference_says_how_many_examples_would_decide_it():
+    """LoRA = full + 0.01 ± 1 on alternate examples: a mean gap inside the margin, an interval
+    far wider than it."""
+    m = metrics(full=(2.0, 2.0), lora={4: (2.0, 2.0)}, noise=0.0)
+    ex = m.attrs["examples"]
+    lora = ex["method"] == "lora"
+    ex.loc[lora, "loss"] += 0.01 + np.where(ex.loc[lora, "example"] % 2 == 0, 1.0, -1.0)
+    _, table = verdict_table(frames(m, phi=0.6))
+    assert status(table, "equivalence r = 4") == "inconclusive"
+    assert "held-out examples (or more seeds) would narrow it to the margin" in \
         table.set_index("test").loc["equivalence", "note"]
 
 
