@@ -29,7 +29,9 @@ def _metric_rows(label: str, tables: dict, key: str) -> list[pd.DataFrame]:
     # selection (a sweep without full runs) would make a row of it for every run
     lora = m.loc[m["method"] == "lora", ids].assign(series=label,
                                                      value=after[m["method"] == "lora"])
-    lora = lora.merge(vs_top_rank(m, tables.get("examples"), key), on="rank", how="left")
+    top = vs_top_rank(m, tables.get("examples"), key)
+    if len(top):                # runs without per-example numbers have no equivalence columns
+        lora = lora.merge(top.astype({"rank": lora["rank"].dtype}), on="rank", how="left")
     full = m.loc[m["method"] == "full", ids].assign(series="full fine-tuning",
                                                      value=after[m["method"] == "full"])
     base = pd.DataFrame({"method": ["base"], "series": ["base model"],

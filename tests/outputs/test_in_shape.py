@@ -556,3 +556,35 @@ def test_the_table_says_what_was_not_read_and_a_failed_sanity_check():
     assert "sanity, not evidence: w → no" in row
     assert row.endswith("| not read: w (no rows); a sanity check did not hold (the pipeline, not "
                         "the paper): w |")
+
+
+def test_tables_6_and_18_read_flat_as_every_rank_equivalent_to_the_largest():
+    """Per-example held-out losses built so that r = 4 and 16 sit on r = 64's loss and r = 1
+    lies 0.3 above it: the equivalence columns say so, and the flat check follows them."""
+    from rankscope.outputs.figure_data import metric_rank
+
+    rng = np.random.default_rng(0)
+    hard = rng.normal(0, 0.3, 300)
+    means = {("base", None): 3.0, ("full", None): 1.0, ("lora", 1): 1.3, ("lora", 4): 1.0,
+             ("lora", 16): 1.0, ("lora", 64): 1.0}
+    ex, rows = [], []
+    for (method, rank), mean in means.items():
+        for seed in ([None] if method == "base" else (0, 1, 2)):
+            loss = mean + hard + rng.normal(0, 0.02, 300)
+            ex.append(pd.DataFrame({"method": method, "rank": rank, "seed": seed,
+                                    "example": np.arange(300), "loss": loss}))
+            if method != "base":
+                rows.append({"run": f"{method}-{rank}-{seed}", "method": method, "rank": rank,
+                             "seed": seed, "before_loss": 3.0, "after_loss": float(loss.mean()),
+                             "equivalence_margin": 0.03})
+    tables = {"metrics": pd.DataFrame(rows), "examples": pd.concat(ex, ignore_index=True)}
+    df = metric_rank({"{Wq, Wv}": tables}, metric="loss")
+    by_rank = df[df["method"] == "lora"].groupby("rank")["vs_top"].first().dropna()
+    assert by_rank.to_dict() == {1: "worse", 4: "equivalent", 16: "equivalent"}
+    margin = df["vs_top_margin"].dropna().iloc[0]
+    assert margin == pytest.approx(0.03 * 2.0, rel=0.02)          # 3% of r = 64's gain
+    assert [c["status"] for c in evaluate(df, _paper_checks("table18_loss_vs_rank"))] == \
+        ["yes", "yes"]
+    tables["examples"].loc[(tables["examples"]["rank"] == 16), "loss"] += 0.2   # off the plateau
+    df = metric_rank({"{Wq, Wv}": tables}, metric="loss")
+    assert _statuses("table18_loss_vs_rank", df)[0] == "no"
