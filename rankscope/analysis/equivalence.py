@@ -156,6 +156,15 @@ def equivalence_scan(examples: pd.DataFrame, *, metric: str, higher: bool, margi
     return out
 
 
+def against_rank(examples: pd.DataFrame, rank: int, *, metric: str, higher: bool,
+                 margin: float) -> pd.DataFrame:
+    """``equivalence_scan`` of every other LoRA rank against LoRA at ``rank`` (the smallest, to
+    find a rank that trained worse; the largest, to ask whether a curve is flat)."""
+    lora = examples[examples["method"] == "lora"]
+    return equivalence_scan(lora[lora["rank"] != rank], metric=metric, higher=higher,
+                            margin=margin, reference=lora[lora["rank"] == rank])
+
+
 def smallest_equivalent(scan: pd.DataFrame, *, better_counts: bool) -> int | None:
     """The smallest rank that is equivalent (or better, where ``better_counts``), else None."""
     ok = scan["status"].eq("equivalent") | (better_counts & scan["status"].eq("better"))

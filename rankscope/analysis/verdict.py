@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from rankscope.analysis.equivalence import equivalence_scan, smallest_equivalent
+from rankscope.analysis.equivalence import against_rank, equivalence_scan, smallest_equivalent
 
 PLATEAU_MAX = 0.15      # share of full fine-tuning's gain allowed in the last fifth of its
                         # learning-rate schedule (rankscope.train.evidence.late_step)
@@ -217,11 +217,8 @@ def stability(metrics: pd.DataFrame, examples: pd.DataFrame | None) -> dict:
     worse = []
     if examples is not None and len(examples) and (examples["method"] == "lora").any():
         col, higher, margin = equivalence_setup(metrics, examples)
-        ranks = examples.loc[examples["method"] == "lora", "rank"].dropna()
-        low = examples[(examples["method"] == "lora") & (examples["rank"] == ranks.min())]
-        scan = equivalence_scan(examples[(examples["method"] == "lora")
-                                         & (examples["rank"] != ranks.min())],
-                                metric=col, higher=higher, margin=margin, reference=low)
+        smallest = int(examples.loc[examples["method"] == "lora", "rank"].min())
+        scan = against_rank(examples, smallest, metric=col, higher=higher, margin=margin)
         worse = [f"r = {int(r)}" for r in scan.loc[scan["status"] == "worse", "rank"]]
     if rise.isna().all() and not worse and (examples is None or examples.empty):
         return _row("LoRA stable", "skipped", note="the runs record neither their training "

@@ -15,7 +15,7 @@ from rankscope.errors import InputError
 from rankscope.outputs.figure_subspace import subspace_ranks, subspace_seeds
 from rankscope.outputs.figure_tables import mid_layer, need_table, one_sweep, panels
 from rankscope.outputs.plots import FLOORS, OVERALL as ALL
-from rankscope.analysis.equivalence import equivalence_scan
+from rankscope.analysis.equivalence import against_rank
 from rankscope.analysis.verdict import declared_margin, loss_gain, metric_name
 
 
@@ -56,12 +56,10 @@ def vs_top_rank(metrics: pd.DataFrame, examples: pd.DataFrame | None, key: str) 
         else pd.DataFrame()
     if lora.empty or col not in lora or lora[col].isna().all() or lora["rank"].nunique() < 2:
         return pd.DataFrame(columns=cols)
-    top = lora[lora["rank"] == lora["rank"].max()]
+    top = int(lora["rank"].max())
     share = declared_margin(metrics)[1]
-    top_rank = int(lora["rank"].max())
-    margin = share if col == "correct" else share * loss_gain(examples, reference=top_rank)
-    scan = equivalence_scan(lora[lora["rank"] != lora["rank"].max()], metric=col,
-                            higher=col == "correct", margin=margin, reference=top)
+    margin = share if col == "correct" else share * loss_gain(examples, reference=top)
+    scan = against_rank(examples, top, metric=col, higher=col == "correct", margin=margin)
     return pd.DataFrame({"rank": scan["rank"], "vs_top": scan["status"], "vs_top_lo": scan["lo"],
                          "vs_top_hi": scan["hi"], "vs_top_margin": scan["margin"],
                          "equivalent_top": (scan["status"] == "equivalent").astype(float)})
